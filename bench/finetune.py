@@ -1,0 +1,54 @@
+"""The supervised stage (fine-tuning, or training from random init) and the test-split evaluation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bench import data as datasets
+from bench import models
+from bench.data.views import cutmix, eval_view, mixed_cross_entropy, mixup
+from bench.engine import Method, fit, predict
+from bench.errors import UserError
+
+
+class Classifier(Method):
+    """Label-smoothed cross-entropy on mixed images: Mixup on even epochs, CutMix on odd ones (official main_deit.py)."""
+
+    def __init__(self, backbone, cfg):
+        super().__init__(backbone, cfg)
+        self.epoch = 0
+
+    def start_epoch(self, epoch):
+        self.epoch = epoch
+
+    def loss(self, views, index, label, progress):
+        mixing = self.cfg["mixing"]
+        if self.epoch % 2 == 0:
+            x, perm, lam = mixup(views[0], mixing["mixup_alpha"])
+        else:
+            x, perm, lam = cutmix(views[0], mixing["cutmix_alpha"])
+        return mixed_cross_entropy(self.encoder(x), label, perm, lam, self.cfg["label_smoothing"])
+
+
+def top1(model, test, resolution, resize_ratio):
+    pred = predict(model, test.images, lambda x: eval_view(x, resolution, resize_ratio))
+    return (pred == test.labels).float().mean().item()
+
+
+def run(cfg: dict, run_dir: Path, init: Path | None, data_root=None):
+    """Fine-tune from `init` (a previous stage's exported weights) or from random init; test top-1."""
+    res = cfg["resolution"]
+    size = datasets.store_size(res)
+    train = datasets.load(cfg["data"], "train", size, data_root)
+    test = datasets.load(cfg["data"], "test", size, data_root)
+    if train.classes != test.classes:
+        raise UserError(f"{cfg['data']}: train and test splits have different classes")
+    torch.manual_seed(cfg["seed"])
+    model = models.create(cfg["backbone"], res, len(train.classes), cfg["drop_path"], cfg["model_kwargs"])
+    if init is not None:
+        models.load_into(model, torch.load(init, map_location="cpu", weights_only=False), cfg["backbone"])
+    last = fit(Classifier(model, cfg), train, cfg, run_dir, desc=f"finetune {cfg['data']} {res}px")
+    torch.save(models.export(model, cfg["backbone"], res), run_dir / "weights.pt")
+    return {"top1": top1(model, test, res, cfg["eval_resize"]), "train_loss": last.get("loss"),
+            "train_images_per_s": last.get("images_per_s"), "train_size": len(train), "test_size": len(test)}

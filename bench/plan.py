@@ -1,0 +1,209 @@
+"""Table spec + preset + CLI filters -> Jobs.
+
+A Job is a frozen, fully resolved config (every number that affects training) and the sha256 of it. A
+fine-tuning job's config names its parent's hash as `init`, so a hash covers the whole chain of stages. The
+same job planned by two tables is one job.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from bench import data as datasets
+from bench.errors import UserError
+from methods import METHODS
+
+PRESET_DIR = Path(str(resources.files("bench") / "presets"))
+
+
+@dataclass
+class Job:
+    hash: str
+    config: dict
+    parent: str | None = None
+    cells: list = field(default_factory=list)  # [(table, row id, column)] this job's result fills
+    skip: str | None = None                    # why the job cannot run (shown in dry-run and report)
+    method: str = ""                           # the table row's method (a fine-tuning config names only `init`)
+
+    @property
+    def short(self):
+        return self.hash[:10]
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def load_tables() -> dict:
+    return yaml.safe_load((resources.files("bench") / "tables.yaml").read_text())
+
+
+def table(name: str) -> dict:
+    tables = load_tables()
+    if name not in tables:
+        raise UserError(f"unknown table '{name}': choose from {', '.join(tables)}")
+    return tables[name]
+
+
+def _merge(base, over):
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def preset_names():
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str, overrides=()) -> dict:
+    """A preset by name (bench/presets/NAME.yaml) or path, its `base` merged under it, then `--set` overrides."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown preset '{name}': choose from {', '.join(preset_names())} or a .yaml path")
+    raw = yaml.safe_load(path.read_text()) or {}
+    preset = _merge(load_preset(raw.pop("base")), raw) if "base" in raw else raw
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item}: expected KEY=VALUE, e.g. pretrain.epochs=2")
+        *parents, last = key.split(".")
+        node = preset
+        for k in parents:
+            node = node.setdefault(_key(node, k), {})
+        node[_key(node, last)] = yaml.safe_load(value)
+    preset["name"] = path.stem
+    return preset
+
+
+def _key(node, k):
+    """YAML maps such as finetune.stages are keyed by ints (224, 448); `--set` gives strings."""
+    return int(k) if k.isdigit() and int(k) in node else k
+
+
+def _pick(value, fallback):
+    return fallback if value is None else value
+
+
+def _crops_label(views):
+    return "+".join(f"{c['count']}x{c['size']}" for c in views["crops"])
+
+
+def _pretrain_config(row, preset, data, seed):
+    bb = preset["backbones"][row["backbone"]]
+    pre = preset["pretrain"]
+    return {
+        "stage": "pretrain", "method": row["method"], "backbone": row["backbone"], "model_kwargs": bb["kwargs"],
+        "data": data, "resolution": pre["resolution"],
+        "epochs": _pick(pre["epochs"], row.get("pretrain_epochs")), "batch_size": pre["batch_size"],
+        "lr": _pick(pre["lr"], bb["lr"]), "warmup_epochs": _pick(pre["warmup_epochs"], bb["warmup_epochs"]),
+        "weight_decay": pre["weight_decay"], "drop_path": pre["drop_path"],
+        "method_cfg": preset["methods"].get(row["method"], {}), "seed": seed,
+    }
+
+
+def _finetune_config(row, preset, data, stage, init, seed):
+    bb = preset["backbones"][row["backbone"]]
+    ft = preset["finetune"]
+    st = ft["stages"][stage["res"]]
+    res = ft["resolution"].get(stage["res"], stage["res"])
+    views = copy.deepcopy(ft["views"])
+    for c in views["crops"]:
+        c["size"] = _pick(c["size"], res)
+    return {
+        "stage": "finetune", "backbone": row["backbone"], "model_kwargs": bb["kwargs"], "data": data,
+        "resolution": res, "epochs": _pick(ft["epochs"], stage["epochs"]), "batch_size": st["batch_size"],
+        "lr": _pick(st["lr"], bb["lr"]), "warmup_epochs": _pick(st["warmup_epochs"], bb["warmup_epochs"]),
+        "weight_decay": ft["weight_decay"], "drop_path": ft["drop_path"],
+        "label_smoothing": ft["label_smoothing"], "mixing": ft["mixing"], "views": views,
+        "eval_resize": ft["eval_resize"], "init": init, "seed": seed,
+    }
+
+
+def columns(spec: dict, preset: dict) -> list:
+    return list(preset.get("datasets") or spec["columns"])
+
+
+def _check_choice(kind, given, valid, extra=""):
+    bad = [g for g in given if g not in valid]
+    if bad:
+        raise UserError(f"unknown {kind} '{bad[0]}' for this table: choose from {', '.join(valid)}{extra}")
+
+
+def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds=(0,)):
+    """Every job the table needs under `preset`, parents before children, deduplicated by hash."""
+    spec = table(table_name)
+    rows = spec["rows"]
+    _check_choice("method", methods or [], sorted({r["method"] for r in rows}))
+    _check_choice("backbone", backbones or [], sorted({r["backbone"] for r in rows}))
+    cols = columns(spec, preset)
+    if datasets_:
+        for d in datasets_:
+            if not d.startswith("folder:"):
+                datasets.info(d)  # names the valid choices when unknown
+        cols = list(datasets_)
+    jobs: dict[str, Job] = {}
+
+    def add(config, parent, skip):
+        h = config_hash(config)
+        return jobs.setdefault(h, Job(h, config, parent, [], skip, row["method"]))
+
+    for row in rows:
+        if methods and row["method"] not in methods or backbones and row["backbone"] not in backbones:
+            continue
+        method = METHODS.get(row["method"])
+        skip = None if method else f"method '{row['method']}' is not implemented yet"
+        if row["backbone"] not in preset["backbones"]:
+            skip = skip or f"preset '{preset['name']}' has no settings for backbone {row['backbone']}"
+        for col in cols:
+            for seed in seeds:
+                parent = None
+                if skip is None and method.pretrains:
+                    pdata = row.get("pretrain_data")
+                    pdata = preset["pretrain_data"].get(pdata, pdata) or col
+                    pskip = None
+                    if not (pdata.startswith("folder:") or pdata in datasets.DATASETS):
+                        pskip = f"pretraining set '{pdata}' is not defined"
+                    parent = add(_pretrain_config(row, preset, pdata, seed), None, pskip)
+                job_skip = skip or (parent.skip if parent else None)
+                if job_skip:  # a placeholder so the dry-run and the report can say why the cell is empty
+                    job = add({"stage": "skipped", "table": table_name, "row": row["id"], "data": col,
+                               "seed": seed}, None, job_skip)
+                else:
+                    for stage in row.get("finetune", spec["finetune"]):
+                        job = add(_finetune_config(row, preset, col, stage, parent.hash if parent else "random",
+                                                   seed), parent.hash if parent else None, None)
+                        parent = job
+                job.cells.append((table_name, row["id"], col))
+    return list(jobs.values())
+
+
+def describe(job: Job) -> dict:
+    """The resolved recipe of a job as short fields for the dry-run and `bench status`."""
+    c = job.config
+    if job.skip:
+        return {"stage": "skipped", "row": c["row"], "data": c["data"]}
+    out = {"stage": c["stage"], "method": job.method, "backbone": c["backbone"], "data": c["data"],
+           "epochs": c["epochs"], "res": c["resolution"], "batch": c["batch_size"], "lr": c["lr"],
+           "warmup": c["warmup_epochs"], "wd": c["weight_decay"]}
+    if c["stage"] == "pretrain":
+        mc = c["method_cfg"]
+        if "views" in mc:
+            out["crops"] = _crops_label(mc["views"])
+        for k in ("label_smoothing", "cutmix_beta"):
+            if k in mc:
+                out[{"label_smoothing": "ls", "cutmix_beta": "cutmix"}[k]] = mc[k]
+    else:
+        out["crops"] = _crops_label(c["views"])
+        m = c["mixing"]
+        out["mixing"] = f"mixup{m['mixup_alpha']}/cutmix{m['cutmix_alpha']}"
+        out["ls"] = c["label_smoothing"]
+        out["init"] = c["init"][:10]
+    out["seed"] = c["seed"]
+    return out

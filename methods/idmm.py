@@ -1,0 +1,29 @@
+"""IDMM: parametric instance discrimination with multi-crop, CutMix and label smoothing (Cao et al., ECCV 2022).
+
+Each training image is its own class: an N-way linear classifier (with bias, no projection head, no feature
+normalisation, no temperature) sits on the backbone's pooled feature. The two large crops form group A and
+the four small crops group B; each group gets its own CutMix and the loss is CE(A) + CE(B).
+"""
+import torch
+
+from bench.data.views import cutmix, mixed_cross_entropy
+from bench.engine import Method
+
+
+class IDMM(Method):
+    summary = "instance discrimination, N-way classifier, 2+4 crops, CutMix per crop group, label smoothing"
+    defaults_source = "official IDMM scripts (run_deit_tiny_instance_discrimination_flowers.sh)"
+
+    def __init__(self, backbone, feature_dim, num_instances, num_classes, cfg):
+        super().__init__(backbone, cfg)
+        # the backbone's own Linear(embed_dim, N) in the official code; kept apart so fine-tuning drops it
+        self.classifier = torch.nn.Linear(feature_dim, num_instances)
+
+    def loss(self, views, index, label, progress):
+        total = 0.0
+        for group in views:  # group A (2 large crops), group B (4 small crops)
+            target = index.repeat(len(group) // len(index))
+            x, perm, lam = cutmix(group, self.cfg["cutmix_beta"])
+            logits = self.classifier(self.encoder(x))
+            total = total + mixed_cross_entropy(logits, target, perm, lam, self.cfg["label_smoothing"])
+        return total
