@@ -58,6 +58,8 @@ def cmd_run(args):
     from bench.launch import local
 
     runnable = [j for j in jobs if not j.skip]
+    for spec in sorted({j.config["data"] for j in runnable}):
+        datasets.check_available(spec, args.data_root)
     done = sum(store.state(j.hash) == "done" for j in runnable)
     skipped = len(jobs) - len(runnable)
     print(f"{args.table} / {preset['name']}: {len(runnable)} jobs, {done} done already"
@@ -79,7 +81,7 @@ def cmd_report(args):
     out_dir = Path(args.out)
     for name in tables:
         text = report.render(name, store, args.format, args.preset)
-        print(text)
+        sys.stdout.write(text)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{name}.{report.FORMATS[args.format]}").write_text(text)
     return 0

@@ -77,9 +77,20 @@ def load_preset(name: str, overrides=()) -> dict:
         node = preset
         for k in parents:
             node = node.setdefault(_key(node, k), {})
-        node[_key(node, last)] = yaml.safe_load(value)
+        node[_key(node, last)] = _scalar(value)
     preset["name"] = path.stem
     return preset
+
+
+def _scalar(text):
+    """A YAML value, with 3e-3 read as a number (YAML 1.1 wants 3.0e-3)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _key(node, k):

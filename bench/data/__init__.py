@@ -119,6 +119,18 @@ def store_size(resolution: int) -> int:
     return math.ceil(resolution * 8 / 7)
 
 
+def check_available(spec: str, root=None):
+    """Fail before any training when a dataset a plan needs cannot be read (a missing folder, no reader)."""
+    d = info(spec)
+    if spec.startswith("folder:"):
+        for split in ("train", "test"):
+            if not (Path(spec[len("folder:"):]) / split).is_dir():
+                raise UserError(f"{spec}: {Path(spec[len('folder:'):]) / split} is missing "
+                                f"(a folder dataset needs train/<class>/ and test/<class>/)")
+    elif d.reader is None:
+        raise UserError(f"dataset '{spec}' has no reader in this version of bench")
+
+
 @functools.lru_cache(maxsize=8)
 def load(spec: str, split: str, size: int, root: str | None = None) -> ImageSet:
     d = info(spec)

@@ -1,0 +1,24 @@
+import pytest
+import timm
+import torch
+
+from bench.data import ImageSet
+
+# The demo recipe cut to one epoch per stage: enough to run every code path, fast on 2 CPU cores.
+FAST = ["--set", "pretrain.epochs=1", "--set", "finetune.epochs=1"]
+
+
+@pytest.fixture
+def tiny_vit():
+    def make(num_classes=0, img_size=16):
+        torch.manual_seed(0)
+        return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=img_size, patch_size=4,
+                                 embed_dim=32, depth=1, num_heads=2, num_classes=num_classes)
+    return make
+
+
+@pytest.fixture
+def tiny_images():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 24, 24), dtype=torch.uint8, generator=g)
+    return ImageSet(images, torch.arange(12) % 3, ["a", "b", "c"], "random")

@@ -1,0 +1,62 @@
+"""The CLI end to end, as a user types it: real digits, real training steps, real records, the report."""
+import json
+import subprocess
+import sys
+
+from conftest import FAST
+
+
+def bench(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_demo_comparison_idmm_and_random_through_to_the_report(tmp_path):
+    res = str(tmp_path / "results")
+    run = bench("run", "--table", "comparison", "--preset", "demo", "--methods", "random", "idmm",
+                "--results", res, *FAST)
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")]
+    assert sorted(r["stage"] for r in records) == ["finetune", "finetune", "pretrain"]
+    for r in records:
+        assert r["status"] == "done" and r["versions"]["torch"] and r["hardware"]["cpus"] and r["wall_time_s"] > 0
+    finals = [r for r in records if r["stage"] == "finetune"]
+    assert all(0 <= r["metrics"]["top1"] <= 1 and r["metrics"]["test_size"] == 540 for r in finals)
+    pre = next(r for r in records if r["stage"] == "pretrain")
+    assert pre["metrics"]["train_size"] == 1257  # IDMM's N
+
+    again = bench("run", "--table", "comparison", "--preset", "demo", "--methods", "random", "idmm",
+                  "--results", res, *FAST)
+    assert again.returncode == 0 and "nothing to train" in again.stderr
+
+    rep = bench("report", "--format", "markdown", "--results", res, "--out", str(tmp_path / "reports"))
+    assert rep.returncode == 0, rep.stderr
+    for r in finals:
+        row = "IDMM" if r["method"] == "idmm" else "random init."
+        line = next(line for line in rep.stdout.splitlines() if row in line)
+        assert f"{100 * r['metrics']['top1']:.1f}" in line
+    assert (tmp_path / "reports" / "comparison.md").read_text() == rep.stdout
+
+    status = bench("status", "--results", res)
+    assert status.returncode == 0 and status.stdout.count("done") == 3
+
+
+def test_dry_run_lists_the_paper_recipe():
+    out = bench("run", "--table", "comparison", "--preset", "paper", "--methods", "idmm", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    pre = [line for line in out.stdout.splitlines() if "stage=pretrain" in line]
+    assert len(pre) == 7
+    for line in pre:
+        assert "epochs=800" in line and "batch=256" in line and "crops=2x112+4x112" in line and "pending" in line
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    for args in (["run", "--table", "nope"], ["run", "--methods", "nope"], ["run", "--preset", "nope"],
+                 ["run", "--datasets", "nope"], ["run", "--set", "novalue"], ["report", "--format", "pdf"],
+                 ["run", "--preset", "demo", "--datasets", f"folder:{tmp_path}/missing", "--results",
+                  str(tmp_path / "r")]):
+        out = bench(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("bench: error:"), (args, out.stderr)
+    assert "comparison, transfer, sota, imagenet" in bench("run", "--table", "nope").stderr
+    assert "idmm" in bench("run", "--methods", "nope").stderr

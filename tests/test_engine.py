@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+
+from bench.engine import Method, NonFiniteLoss, fit, lr_factor
+from bench.finetune import Classifier
+
+CFG = {"epochs": 2, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 1, "weight_decay": 1e-3, "seed": 0}
+VIEWS = {"crops": [{"count": 1, "size": 16, "scale": [0.2, 1.0]}], "flip": 0.5, "jitter": [0.4, 0.4, 0.4, 0.1],
+         "jitter_p": 0.5, "grayscale_p": 0.2}
+FT = {**CFG, "views": VIEWS, "mixing": {"mixup_alpha": 0.5, "cutmix_alpha": 0.5}, "label_smoothing": 0.1}
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_to_zero():
+    assert lr_factor(0, 10, 100) == 0 and lr_factor(5, 10, 100) == 0.5 and lr_factor(10, 10, 100) == 1
+    assert lr_factor(55, 10, 100) == pytest.approx(0.5) and lr_factor(100, 10, 100) == pytest.approx(0)
+
+
+def test_fit_trains_logs_and_a_finished_run_is_not_retrained(tmp_path, tiny_vit, tiny_images):
+    model = Classifier(tiny_vit(3), FT)
+    before = [p.clone() for p in model.parameters()]
+    fit(model, tiny_images, FT, tmp_path)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [0, 1] and lines[-1]["lr"] == pytest.approx(0)
+    again = Classifier(tiny_vit(3), FT)
+    fit(again, tiny_images, FT, tmp_path)  # loads the final checkpoint, trains nothing
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_interrupted_run_resumes_bit_identical(tmp_path, tiny_vit, tiny_images, monkeypatch):
+    import bench.engine as engine
+
+    ref = Classifier(tiny_vit(3), FT)
+    fit(ref, tiny_images, FT, tmp_path / "ref")
+
+    calls = {"n": 0}
+    real = engine.make_views
+
+    def stop_after_three(images, spec):  # a SIGTERM arriving during step 3 of epoch 0
+        calls["n"] += 1
+        if calls["n"] == 3:
+            import os
+            import signal
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(images, spec)
+
+    monkeypatch.setattr(engine, "make_views", stop_after_three)
+    broken = Classifier(tiny_vit(3), FT)
+    with pytest.raises(engine.Interrupted):
+        fit(broken, tiny_images, FT, tmp_path / "run")
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert (ck["epoch"], ck["step"]) == (0, 3)
+    monkeypatch.setattr(engine, "make_views", real)
+    resumed = Classifier(tiny_vit(3), FT)
+    fit(resumed, tiny_images, FT, tmp_path / "run")
+    for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+class _Exploding(Method):
+    def loss(self, views, index, label, progress):
+        return self.encoder(views[0]).sum() * float("nan")
+
+
+def test_non_finite_loss_stops_the_job(tmp_path, tiny_vit, tiny_images):
+    with pytest.raises(NonFiniteLoss, match="nan at epoch 0 step 0"):
+        fit(_Exploding(tiny_vit(3), {"views": VIEWS}), tiny_images, CFG, tmp_path)

@@ -1,0 +1,69 @@
+import json
+
+import pytest
+
+from bench import plan as planner
+from bench.errors import UserError
+from bench.results import Store
+
+
+def test_config_hash_is_stable_and_key_order_free():
+    # a literal: if this changes, every stored result silently stops matching its job
+    assert planner.config_hash({"a": 1, "b": [1, 2], "c": {"d": 0.5}}) == "052908e35693c377"
+    assert planner.config_hash({"c": {"d": 0.5}, "b": [1, 2], "a": 1}) == planner.config_hash(
+        {"a": 1, "b": [1, 2], "c": {"d": 0.5}})
+
+
+def test_plan_is_deterministic_and_chains_parents():
+    preset = planner.load_preset("demo")
+    a = planner.plan("comparison", preset, methods=["idmm", "random"])
+    b = planner.plan("comparison", planner.load_preset("demo"), methods=["random", "idmm"])
+    assert [j.hash for j in a] == [j.hash for j in b]
+    pre = next(j for j in a if j.config["stage"] == "pretrain")
+    fine = next(j for j in a if j.parent == pre.hash)
+    assert fine.config["init"] == pre.hash and fine.cells == [("comparison", "deit_tiny/idmm", "digits")]
+    assert [j.hash for j in a].index(pre.hash) < [j.hash for j in a].index(fine.hash)
+
+
+def test_a_recipe_change_changes_the_job_and_its_children_only():
+    base = {j.cells[0][1] if j.cells else "pre": j.hash
+            for j in planner.plan("comparison", planner.load_preset("demo"), methods=["idmm", "random"])}
+    changed = {j.cells[0][1] if j.cells else "pre": j.hash
+               for j in planner.plan("comparison", planner.load_preset("demo", ["methods.idmm.label_smoothing=0"]),
+                                     methods=["idmm", "random"])}
+    assert base["pre"] != changed["pre"] and base["deit_tiny/idmm"] != changed["deit_tiny/idmm"]
+    assert base["deit_tiny/random"] == changed["deit_tiny/random"]
+
+
+def test_seeds_multiply_jobs_and_unknown_names_are_user_errors():
+    jobs = planner.plan("comparison", planner.load_preset("demo"), methods=["idmm"], seeds=[0, 1, 2])
+    assert len(jobs) == 6 and len({j.hash for j in jobs}) == 6
+    with pytest.raises(UserError, match="choose from"):
+        planner.plan("comparison", planner.load_preset("demo"), methods=["nope"])
+    with pytest.raises(UserError, match="unknown table 'nope'"):
+        planner.table("nope")
+    with pytest.raises(UserError, match="unknown preset"):
+        planner.load_preset("nope")
+
+
+def test_paper_preset_resolves_the_authors_recipe():
+    jobs = planner.plan("comparison", planner.load_preset("paper"), methods=["idmm"])
+    pre = [j for j in jobs if j.config["stage"] == "pretrain"]
+    assert {j.config["data"] for j in pre} == {"flowers102", "pets", "dtd", "indoor67", "cub200", "aircraft", "cars"}
+    c = pre[0].config
+    assert (c["epochs"], c["batch_size"], c["resolution"], c["lr"], c["warmup_epochs"]) == (800, 256, 112, 5e-4, 2)
+    assert planner.describe(pre[0])["crops"] == "2x112+4x112"
+    assert c["method_cfg"]["views"]["crops"][1]["scale"] == [0.05, 0.4]
+
+
+def test_store_round_trip_is_atomic(tmp_path):
+    store = Store(tmp_path)
+    assert store.get("abc") is None and store.state("abc") == "pending"
+    rec = {"hash": "abc", "status": "done", "metrics": {"top1": 0.5}, "config": {"lr": 1e-3}}
+    store.put(rec)
+    assert store.get("abc") == rec and store.state("abc") == "done"
+    assert [p.name for p in tmp_path.iterdir()] == ["abc.json"]  # no temporary file left behind
+    assert json.loads((tmp_path / "abc.json").read_text()) == rec
+    store.run_dir("def").mkdir(parents=True)
+    (store.run_dir("def") / "checkpoint.pt").write_bytes(b"x")
+    assert store.state("def") == "partial"
