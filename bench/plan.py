@@ -198,7 +198,7 @@ def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds
 def describe(job: Job) -> dict:
     """The resolved recipe of a job as short fields for the dry-run and `bench status`."""
     c = job.config
-    if job.skip:
+    if c["stage"] == "skipped":
         return {"stage": "skipped", "row": c["row"], "data": c["data"]}
     out = {"stage": c["stage"], "method": job.method, "backbone": c["backbone"], "data": c["data"],
            "epochs": c["epochs"], "res": c["resolution"], "batch": c["batch_size"], "lr": c["lr"],

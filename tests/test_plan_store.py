@@ -67,3 +67,17 @@ def test_store_round_trip_is_atomic(tmp_path):
     store.run_dir("def").mkdir(parents=True)
     (store.run_dir("def") / "checkpoint.pt").write_bytes(b"x")
     assert store.state("def") == "partial"
+
+
+@pytest.mark.parametrize("table", ["comparison", "transfer", "sota", "imagenet"])
+@pytest.mark.parametrize("preset", ["paper", "demo"])
+def test_every_table_plans_and_describes_under_every_preset(table, preset):
+    spec = planner.table(table)
+    jobs = planner.plan(table, planner.load_preset(preset))
+    cells = {c for j in jobs for c in j.cells}
+    cols = planner.columns(spec, planner.load_preset(preset))
+    assert cells == {(table, r["id"], c) for r in spec["rows"] for c in cols}  # every cell is accounted for
+    for j in jobs:
+        assert planner.describe(j)["stage"] in ("pretrain", "finetune", "skipped")
+    for r in spec["rows"]:
+        assert len(r["paper"]) == len(spec["columns"])

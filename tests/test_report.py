@@ -23,7 +23,7 @@ def test_markdown_puts_reproduced_beside_paper_and_dashes_for_missing(tmp_path):
     assert "80.1 (79.9)" in idmm and "80.1 (66.4)" in idmm  # every column of the paper preset
     simclr = next(line for line in md.splitlines() if "SimCLR" in line)
     assert "— (71.1)" in simclr
-    assert "preset: paper" in md and "14 results" in md
+    assert "preset: paper" in md and "14 jobs" in md
 
 
 def test_latex_bolds_the_best_per_column_and_escapes(tmp_path):

@@ -35,9 +35,10 @@ def _variants(store, table_name):
 
 
 def _chain(job, by_hash):
+    """The job and its ancestors, first stage first."""
     stages = []
     while job is not None:
-        stages.append(job.config)
+        stages.append(job)
         job = by_hash.get(job.parent)
     return stages[::-1]
 
@@ -82,9 +83,9 @@ def gather(table_name, store, preset_name=None):
                 if job.skip:
                     skips[row_id] = job.skip
                 else:
-                    recipes.setdefault(row_id, _recipe(_chain(job, by_hash)))
-                if rec is not None:
-                    used.append(rec)
+                    chain = _chain(job, by_hash)
+                    recipes.setdefault(row_id, _recipe([j.config for j in chain]))
+                    used += [r for r in map(store.get, (j.hash for j in chain)) if r is not None]
                 top1 = rec["metrics"].get("top1") if rec and rec["status"] == "done" else None
                 rows.append({"row": row_id, "column": col, "seed": job.config["seed"],
                              "top1": None if top1 is None else 100 * top1,
@@ -152,7 +153,7 @@ def _footer(used, skips, preset):
         hw = sorted({r["hardware"].get("gpu") or f"{r['hardware']['cpus']} CPUs ({r['hardware']['machine']})"
                      for r in used})
         wall = sum(r.get("wall_time_s", 0) for r in {r["hash"]: r for r in used}.values())
-        lines.append(f"{len({r['hash'] for r in used})} results of preset '{preset}', "
+        lines.append(f"{len({r['hash'] for r in used})} jobs of preset '{preset}', "
                      f"run on {', '.join(hw)}, {wall / 60:.1f} min of training and evaluation in total.")
     lines += [f"{row}: {why}" for row, why in skips.items()]
     return lines
