@@ -30,6 +30,8 @@ def _plan_args(p):
     p.add_argument("--datasets", nargs="+", metavar="D", help="columns to run: registered names or folder:DIR")
     p.add_argument("--backbones", nargs="+", metavar="B", help="only these rows' backbones")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S")
+    p.add_argument("--init-weights", nargs="+", default=[], metavar="[BACKBONE=]FILE",
+                   help="ImageNet weights for the 'IN super.' rows, instead of timm's download")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset value, e.g. --set pretrain.epochs=2 (changes the job hashes)")
     _store_args(p)
@@ -37,7 +39,8 @@ def _plan_args(p):
 
 def _jobs(args):
     preset = planner.load_preset(args.preset, args.set)
-    return preset, planner.plan(args.table, preset, args.methods, args.datasets, args.backbones, args.seeds)
+    return preset, planner.plan(args.table, preset, args.methods, args.datasets, args.backbones, args.seeds,
+                                args.init_weights)
 
 
 def _job_table(jobs, store):
@@ -124,7 +127,7 @@ def cmd_data(args):
     root = datasets.data_root(args.data_root)
     rows = []
     for d in datasets.DATASETS.values():
-        where = "embedded" if d.name == "digits" else ("found" if (root / d.name).is_dir() else "missing")
+        where = "embedded" if d.name.startswith("digits") else ("found" if (root / d.name).is_dir() else "missing")
         rows.append([d.name, d.classes, d.train, d.test, where, d.note])
     print(f"data root: {root}")
     print(tabulate(rows, ["dataset", "classes", "train", "test", "status", "split"], tablefmt="plain"))

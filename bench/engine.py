@@ -49,6 +49,25 @@ class Method(torch.nn.Module):
     def backbone(self):
         return self.encoder
 
+    def embed(self, views, encoder=None):
+        """Features of all crops of all groups, in view order; crops of one size share one forward pass."""
+        encoder = encoder or self.encoder
+        sizes = sorted({v.shape[-1] for v in views})
+        if len(sizes) == 1:
+            return encoder(torch.cat(views))
+        feats = {s: encoder(torch.cat([v for v in views if v.shape[-1] == s])) for s in sizes}
+        out, used = [], dict.fromkeys(sizes, 0)
+        for v in views:
+            s = v.shape[-1]
+            out.append(feats[s][used[s]:used[s] + len(v)])
+            used[s] += len(v)
+        return torch.cat(out)
+
+
+def cosine_ramp(start, end, progress):
+    """From `start` at progress 0 to `end` at progress 1 along a half cosine (momentum schedules)."""
+    return end - (end - start) * 0.5 * (1 + math.cos(math.pi * progress))
+
 
 class NonFiniteLoss(RuntimeError):
     pass
@@ -99,7 +118,8 @@ def _stop_requests():
 def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
     """Train `model` on `data` for cfg['epochs']; resume from run_dir/checkpoint.pt when it exists.
 
-    cfg: epochs, batch_size, lr, warmup_epochs, weight_decay, seed. Returns the last epoch's metrics."""
+    cfg: epochs, batch_size, lr, warmup_epochs, weight_decay, seed; optional weight_decay_end (cosine schedule
+    of the weight decay, DINO) and clip_grad (max gradient norm). Returns the last epoch's metrics."""
     dev = device()
     run_dir.mkdir(parents=True, exist_ok=True)
     model.to(dev)
@@ -152,6 +172,11 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                         raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch} step {step}")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    if cfg.get("clip_grad"):
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
+                    if cfg.get("weight_decay_end") is not None:
+                        for g in opt.param_groups:
+                            g["weight_decay"] = cosine_ramp(cfg["weight_decay"], cfg["weight_decay_end"], progress)
                     opt.step()
                     sched.step()
                     model.after_step(progress)

@@ -28,7 +28,10 @@ class Classifier(Method):
             x, perm, lam = mixup(views[0], mixing["mixup_alpha"])
         else:
             x, perm, lam = cutmix(views[0], mixing["cutmix_alpha"])
-        return mixed_cross_entropy(self.encoder(x), label, perm, lam, self.cfg["label_smoothing"])
+        return mixed_cross_entropy(self.logits(x), label, perm, lam, self.cfg["label_smoothing"])
+
+    def logits(self, x):
+        return self.encoder(x)  # a timm model with its classifier head
 
 
 def top1(model, test, resolution, resize_ratio):
@@ -36,8 +39,8 @@ def top1(model, test, resolution, resize_ratio):
     return (pred == test.labels).float().mean().item()
 
 
-def run(cfg: dict, run_dir: Path, init: Path | None, data_root=None):
-    """Fine-tune from `init` (a previous stage's exported weights) or from random init; test top-1."""
+def run(cfg: dict, run_dir: Path, init: dict | None, data_root=None):
+    """Fine-tune from `init` (weights as models.export gives them) or from random init; test top-1."""
     res = cfg["resolution"]
     size = datasets.store_size(res)
     train = datasets.load(cfg["data"], "train", size, data_root)
@@ -47,7 +50,7 @@ def run(cfg: dict, run_dir: Path, init: Path | None, data_root=None):
     torch.manual_seed(cfg["seed"])
     model = models.create(cfg["backbone"], res, len(train.classes), cfg["drop_path"], cfg["model_kwargs"])
     if init is not None:
-        models.load_into(model, torch.load(init, map_location="cpu", weights_only=False), cfg["backbone"])
+        models.load_into(model, init, cfg["backbone"])
     last = fit(Classifier(model, cfg), train, cfg, run_dir, desc=f"finetune {cfg['data']} {res}px")
     torch.save(models.export(model, cfg["backbone"], res), run_dir / "weights.pt")
     return {"top1": top1(model, test, res, cfg["eval_resize"]), "train_loss": last.get("loss"),

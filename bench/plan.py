@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import timm
 import yaml
 
 from bench import data as datasets
@@ -30,6 +31,7 @@ class Job:
     cells: list = field(default_factory=list)  # [(table, row id, column)] this job's result fills
     skip: str | None = None                    # why the job cannot run (shown in dry-run and report)
     method: str = ""                           # the table row's method (a fine-tuning config names only `init`)
+    init_path: str | None = None               # a weights file to start from (its content hash is in `init`)
 
     @property
     def short(self):
@@ -108,14 +110,16 @@ def _crops_label(views):
 
 def _pretrain_config(row, preset, data, seed):
     bb = preset["backbones"][row["backbone"]]
-    pre = preset["pretrain"]
-    return {
+    method_cfg = copy.deepcopy(preset["methods"].get(row["method"], {}))
+    pre = {**preset["pretrain"], **method_cfg.pop("pretrain", {})}  # a method's own optimiser settings win
+    extra = {k: pre[k] for k in ("weight_decay_end", "clip_grad") if k in pre}
+    return {**extra,
         "stage": "pretrain", "method": row["method"], "backbone": row["backbone"], "model_kwargs": bb["kwargs"],
         "data": data, "resolution": pre["resolution"],
         "epochs": _pick(pre["epochs"], row.get("pretrain_epochs")), "batch_size": pre["batch_size"],
         "lr": _pick(pre["lr"], bb["lr"]), "warmup_epochs": _pick(pre["warmup_epochs"], bb["warmup_epochs"]),
         "weight_decay": pre["weight_decay"], "drop_path": pre["drop_path"],
-        "method_cfg": preset["methods"].get(row["method"], {}), "seed": seed,
+        "method_cfg": method_cfg, "seed": seed,
     }
 
 
@@ -137,6 +141,45 @@ def _finetune_config(row, preset, data, stage, init, seed):
     }
 
 
+def file_digest(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _imagenet_init(backbone, preset, init_weights):
+    """(init label for the hash, weights file or None, skip reason or None) of an "IN super." row."""
+    if backbone in init_weights:
+        if init_weights[backbone].startswith("file:"):  # already digested (the report re-planning a record)
+            return init_weights[backbone], None, None
+        path = Path(init_weights[backbone]).expanduser()
+        if not path.is_file():
+            raise UserError(f"--init-weights: {path} is not a file")
+        return f"file:{file_digest(path)}", str(path), None
+    if preset["methods"].get("in_supervised", {}).get("weights") != "timm":
+        return None, None, f"preset '{preset['name']}' uses no ImageNet weights: pass --init-weights {backbone}=FILE"
+    from bench.models import imagenet_weights_missing
+
+    why = imagenet_weights_missing(backbone)
+    return (None, None, why) if why else (f"timm:{backbone}", None, None)
+
+
+def parse_init_weights(items, backbones):
+    """`--init-weights [BACKBONE=]FILE ...` -> {backbone: file}; a bare FILE needs exactly one backbone."""
+    out = {}
+    for item in items or []:
+        name, sep, path = item.rpartition("=")
+        if not sep:
+            if len(backbones) != 1:
+                raise UserError(f"--init-weights {item}: say which backbone it is for, "
+                                f"as BACKBONE=FILE ({', '.join(sorted(backbones))})")
+            name, path = next(iter(backbones)), item
+        out[name] = path
+    return out
+
+
 def columns(spec: dict, preset: dict) -> list:
     return list(preset.get("datasets") or spec["columns"])
 
@@ -147,10 +190,13 @@ def _check_choice(kind, given, valid, extra=""):
         raise UserError(f"unknown {kind} '{bad[0]}' for this table: choose from {', '.join(valid)}{extra}")
 
 
-def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds=(0,)):
+def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds=(0,), init_weights=()):
     """Every job the table needs under `preset`, parents before children, deduplicated by hash."""
     spec = table(table_name)
     rows = spec["rows"]
+    in_rows = {r["backbone"] for r in rows if r["method"] == "in_supervised"
+               and (not backbones or r["backbone"] in backbones)}
+    init_weights = parse_init_weights(init_weights, in_rows)
     _check_choice("method", methods or [], sorted({r["method"] for r in rows}))
     _check_choice("backbone", backbones or [], sorted({r["backbone"] for r in rows}))
     cols = columns(spec, preset)
@@ -170,8 +216,13 @@ def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds
             continue
         method = METHODS.get(row["method"])
         skip = None if method else f"method '{row['method']}' is not implemented yet"
+        if not timm.is_model(row["backbone"]):
+            skip = skip or f"backbone {row['backbone']} is not in this version of bench"
         if row["backbone"] not in preset["backbones"]:
             skip = skip or f"preset '{preset['name']}' has no settings for backbone {row['backbone']}"
+        init, init_path = "random", None
+        if skip is None and getattr(method, "imagenet_init", False):
+            init, init_path, skip = _imagenet_init(row["backbone"], preset, init_weights)
         for col in cols:
             for seed in seeds:
                 parent = None
@@ -188,8 +239,10 @@ def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds
                                "seed": seed}, None, job_skip)
                 else:
                     for stage in row.get("finetune", spec["finetune"]):
-                        job = add(_finetune_config(row, preset, col, stage, parent.hash if parent else "random",
+                        job = add(_finetune_config(row, preset, col, stage, parent.hash if parent else init,
                                                    seed), parent.hash if parent else None, None)
+                        if parent is None:
+                            job.init_path = init_path
                         parent = job
                 job.cells.append((table_name, row["id"], col))
     return list(jobs.values())

@@ -22,7 +22,7 @@ def test_demo_comparison_idmm_and_random_through_to_the_report(tmp_path):
     finals = [r for r in records if r["stage"] == "finetune"]
     assert all(0 <= r["metrics"]["top1"] <= 1 and r["metrics"]["test_size"] == 540 for r in finals)
     pre = next(r for r in records if r["stage"] == "pretrain")
-    assert pre["metrics"]["train_size"] == 1257  # IDMM's N
+    assert pre["metrics"]["train_size"] == 807  # IDMM's N
 
     again = bench("run", "--table", "comparison", "--preset", "demo", "--methods", "random", "idmm",
                   "--results", res, *FAST)

@@ -38,19 +38,24 @@ class DatasetInfo:
     note: str = ""
 
 
-def _digits(root, split, size):
-    """scikit-learn's 1,797 8x8 digits, a fixed stratified 70/30 split, upscaled to `size` px, grey -> RGB."""
+def _digits(root, split, size, extra=False):
+    """scikit-learn's 1,797 8x8 digits upscaled to `size` px, grey -> RGB, in three fixed stratified parts:
+    test (30%, 540), `digits_extra` (450, the demo's stand-in for SIN-10k) and train (the other 807)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
     idx = np.arange(len(d.target))
-    train_idx, test_idx = train_test_split(idx, test_size=0.3, stratify=d.target, random_state=0)
-    pick = np.sort(train_idx if split == "train" else test_idx)
+    rest, test_idx = train_test_split(idx, test_size=0.3, stratify=d.target, random_state=0)
+    train_idx, extra_idx = train_test_split(rest, test_size=450, stratify=d.target[rest], random_state=0)
+    if extra and split != "train":
+        raise UserError("digits_extra is a pretraining set: it has no test split")
+    pick = np.sort(extra_idx if extra else train_idx if split == "train" else test_idx)
     x = torch.from_numpy(d.images[pick]).float().div(16.0).unsqueeze(1)  # [N, 1, 8, 8] in [0, 1]
     x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
     x = (x * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    return ImageSet(x, torch.from_numpy(d.target[pick]).long(), [str(i) for i in range(10)], "digits")
+    return ImageSet(x, torch.from_numpy(d.target[pick]).long(), [str(i) for i in range(10)],
+                    "digits_extra" if extra else "digits")
 
 
 def _decode(path: Path, size: int) -> torch.Tensor:
@@ -88,7 +93,9 @@ def _folder(root, split, size):
 
 
 DATASETS = {d.name: d for d in [
-    DatasetInfo("digits", 10, 1257, 540, _digits, "embedded: scikit-learn load_digits, stratified 70/30 split, seed 0"),
+    DatasetInfo("digits", 10, 807, 540, _digits, "embedded: scikit-learn load_digits, stratified split, seed 0"),
+    DatasetInfo("digits_extra", 10, 450, 0, functools.partial(_digits, extra=True),
+                "embedded: 450 other digits, the demo's stand-in for SIN-10k"),
     DatasetInfo("flowers102", 102, 2040, 6149, note="Oxford Flowers102, train + val"),
     DatasetInfo("pets", 37, 3680, 3669, note="Oxford-IIIT Pets, trainval"),
     DatasetInfo("dtd", 47, 3760, 1880, note="DTD split 1, train + val"),

@@ -121,7 +121,7 @@ def make_views(images, spec):
         idx = torch.arange(b, device=x.device, dtype=x.dtype).repeat(g["count"])
         crops = roi_align(x, torch.cat([idx[:, None], boxes], 1), output_size=g["size"],
                           spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-        groups.append(normalize(augment(crops, spec)))
+        groups.append(normalize(augment(crops, {**spec, **g})))  # a group may override the method's strengths
     return groups
 
 

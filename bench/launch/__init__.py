@@ -29,6 +29,20 @@ def pretrain(cfg, run_dir, data_root=None):
             "train_size": len(train)}
 
 
+def _init_weights(job, store):
+    """What a fine-tuning job starts from: its parent's weights, a file, timm's ImageNet weights, or nothing."""
+    if job.parent:
+        path = store.weights(job.parent)
+        if not path.exists():
+            raise UserError(f"job {job.short} needs the weights of {job.parent[:10]}, which are missing")
+        return models.read_weights(path, job.config["backbone"])
+    if job.init_path:
+        return models.read_weights(job.init_path, job.config["backbone"])
+    if job.config["init"].startswith("timm:"):
+        return models.imagenet_weights(job.config["backbone"])
+    return None
+
+
 def execute(job, store: Store, preset_name="", overrides=(), data_root=None):
     """Run `job` to a record. A user error propagates (nothing is recorded: fix and re-run); a non-finite loss
     leaves a failed record that says so; a signal leaves a checkpoint and no record."""
@@ -43,10 +57,7 @@ def execute(job, store: Store, preset_name="", overrides=(), data_root=None):
         if cfg["stage"] == "pretrain":
             metrics = pretrain(cfg, run_dir, data_root)
         else:
-            init = store.weights(job.parent) if job.parent else None
-            if init is not None and not init.exists():
-                raise UserError(f"job {job.short} needs the weights of {job.parent[:10]}, which are missing")
-            metrics = finetune.run(cfg, run_dir, init, data_root)
+            metrics = finetune.run(cfg, run_dir, _init_weights(job, store), data_root)
         record.update(status="done", metrics=metrics)
     except NonFiniteLoss as e:
         record.update(status="failed", error=str(e), metrics={})

@@ -1,6 +1,10 @@
 """Backbones by timm name, and weight transfer between stages (pretrain 112 -> fine-tune 224 -> 448)."""
 from __future__ import annotations
 
+import functools
+import os
+import socket
+
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -19,14 +23,71 @@ _PREFIXES = ("module.", "_orig_mod.", "encoder.", "backbone.")
 
 
 def create(name, resolution, num_classes, drop_path=0.0, kwargs=None):
-    """A randomly initialised timm model built for `resolution` px with a `num_classes`-way head."""
+    """A randomly initialised timm model built for `resolution` px with a `num_classes`-way head.
+
+    Models with absolute position embeddings are built at that size; the others (PVTv2) take any size."""
+    if not timm.is_model(name):
+        raise UserError(f"unknown backbone '{name}': see timm.list_models()")
+    args = dict(pretrained=False, num_classes=num_classes, drop_path_rate=drop_path, **(kwargs or {}))
     try:
-        return timm.create_model(name, pretrained=False, img_size=resolution, num_classes=num_classes,
-                                 drop_path_rate=drop_path, **(kwargs or {}))
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise UserError(f"unknown backbone '{name}': see timm.list_models()") from None
-        raise
+        return timm.create_model(name, img_size=resolution, **args)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+        return timm.create_model(name, **args)
+
+
+def _hf_cached(hf_id):
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(hf_id, f), str) for f in ("model.safetensors", "pytorch_model.bin"))
+
+
+@functools.lru_cache(maxsize=1)
+def _online():
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def imagenet_weights_missing(name):
+    """Why timm's ImageNet weights for `name` cannot be had here, or None when they can."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:
+        cfg = None
+    hf_id = getattr(cfg, "hf_hub_id", None)
+    if not hf_id:
+        return f"timm has no ImageNet weights for {name}: pass --init-weights {name}=FILE"
+    if _hf_cached(hf_id) or _online():
+        return None
+    return f"offline, and timm's ImageNet weights for {name} are not in the local cache: pass --init-weights {name}=FILE"
+
+
+def imagenet_weights(name):
+    """timm's ImageNet weights for `name`, in the form stages hand to each other."""
+    model = timm.create_model(name, pretrained=True)
+    return {"backbone": name, "resolution": model.pretrained_cfg["input_size"][-1], "state_dict": model.state_dict()}
+
+
+def read_weights(path, name):
+    """A weights file: one of ours, or a plain state dict (optionally under 'model' / 'state_dict'), taken as `name`."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise UserError(f"cannot read weights file {path}: {e}") from None
+    if isinstance(obj, dict) and "backbone" in obj and "state_dict" in obj:
+        return obj
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds no state dict")
+    return {"backbone": name, "resolution": None, "state_dict": obj}
 
 
 def export(model, name, resolution):

@@ -47,14 +47,15 @@ def _recipe(stages):
     """The derived row fields of one planned chain (pretrain?, finetune, finetune, ...)."""
     ft = [c for c in stages if c["stage"] == "finetune"]
     pre = [c["epochs"] for c in stages if c["stage"] == "pretrain"]
-    return {"pretrain_epochs": pre[0] if pre else 0,
+    data = [c["data"] for c in stages if c["stage"] == "pretrain"]
+    return {"pretrain_data": data[0] if data else "-", "pretrain_epochs": pre[0] if pre else 0,
             "finetune_res": "→".join(str(c["resolution"]) for c in ft),
             "finetune_epochs": "→".join(str(c["epochs"]) for c in ft)}
 
 
 def _paper_recipe(row, spec):
     ft = row.get("finetune", spec["finetune"])
-    return {"pretrain_epochs": row.get("pretrain_epochs", 0),
+    return {"pretrain_data": row.get("pretrain_data", "-"), "pretrain_epochs": row.get("pretrain_epochs", 0),
             "finetune_res": "→".join(str(s["res"]) for s in ft),
             "finetune_epochs": "→".join(str(s["epochs"]) for s in ft)}
 
@@ -72,7 +73,9 @@ def gather(table_name, store, preset_name=None):
         seeds = sorted({r["seed"] for r in recs}) or [0]
         cols = planner.columns(planner.table(table_name), preset)
         cols += sorted({r["config"]["data"] for r in recs if r["stage"] == "finetune"} - set(cols))
-        jobs = planner.plan(table_name, preset, datasets_=cols, seeds=seeds)
+        files = sorted({f"{r['config']['backbone']}={r['config']['init']}" for r in recs
+                        if r["stage"] == "finetune" and r["config"]["init"].startswith("file:")})
+        jobs = planner.plan(table_name, preset, datasets_=cols, seeds=seeds, init_weights=files)
         by_hash = {j.hash: j for j in jobs}
         rows, skips, used, recipes = [], {}, [], {}
         for job in jobs:

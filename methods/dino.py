@@ -1,0 +1,53 @@
+"""DINO (Caron et al., 2021): self-distillation from a momentum teacher with a centred, sharpened target."""
+import copy
+import warnings
+
+import torch
+from lightly.loss import DINOLoss
+from lightly.models.modules import DINOProjectionHead
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+
+from bench.engine import Method, cosine_ramp
+
+
+class DINO(Method):
+    summary = "self-distillation: student on all crops, EMA teacher on the 2 global crops, centring"
+    defaults_source = "authors' DINO_exp (2 global + 2 local crops at 112, out 65536, teacher T 0.04, m 0.996 -> 1)"
+
+    def __init__(self, backbone, feature_dim, num_instances, num_classes, cfg):
+        super().__init__(backbone, cfg)
+        with warnings.catch_warnings():  # lightly's head still uses torch's deprecated weight_norm
+            warnings.simplefilter("ignore", FutureWarning)
+            self.head = DINOProjectionHead(feature_dim, cfg["hidden_dim"], cfg["bottleneck_dim"], cfg["out_dim"])
+            self.teacher_head = DINOProjectionHead(feature_dim, cfg["hidden_dim"], cfg["bottleneck_dim"],
+                                                   cfg["out_dim"])
+        self.teacher = copy.deepcopy(backbone)
+        self.teacher_head.load_state_dict(self.head.state_dict())
+        deactivate_requires_grad(self.teacher)
+        deactivate_requires_grad(self.teacher_head)
+        # the centre is a buffer of the loss: it lives in the state dict, hence in every checkpoint
+        self.criterion = DINOLoss(output_dim=cfg["out_dim"], center_momentum=cfg["center_momentum"])
+
+    def start_epoch(self, epoch):
+        # freeze the last layer for the first epochs (its weight_g stays frozen when normalised)
+        self.head.last_layer.weight_v.requires_grad = epoch >= self.cfg["freeze_last_layer"]
+
+    def teacher_temp(self, progress):
+        """Linear warmup from warmup_teacher_temp to teacher_temp over the first warmup fraction of training."""
+        c = self.cfg
+        frac = min(1.0, progress / c["warmup_teacher_temp_frac"]) if c["warmup_teacher_temp_frac"] else 1.0
+        return c["warmup_teacher_temp"] + frac * (c["teacher_temp"] - c["warmup_teacher_temp"])
+
+    def loss(self, views, index, label, progress):
+        n_global = self.cfg["global_crops"]
+        b = len(index)
+        student = self.head(self.embed(views)).chunk(sum(len(v) for v in views) // b)  # global crops first
+        with torch.no_grad():
+            # each global crop is a group of its own (their blur and solarisation differ)
+            teacher = self.teacher_head(self.teacher(torch.cat(views[:n_global]))).chunk(n_global)
+        return self.criterion(list(teacher), list(student), teacher_temp=self.teacher_temp(progress))
+
+    def after_step(self, progress):
+        m = cosine_ramp(self.cfg["momentum"], 1.0, progress)
+        update_momentum(self.encoder, self.teacher, m)
+        update_momentum(self.head, self.teacher_head, m)

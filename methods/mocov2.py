@@ -1,0 +1,34 @@
+"""MoCo v2 (Chen et al., 2020): a momentum key encoder and a queue of past keys as negatives."""
+import copy
+
+import torch
+from lightly.loss import NTXentLoss
+from lightly.models.modules import MoCoProjectionHead
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+
+from bench.engine import Method
+
+
+class MoCoV2(Method):
+    summary = "contrastive with a momentum key encoder and a queue of negatives (lightly memory bank)"
+    defaults_source = "MoCo v2 paper defaults (head 2048-128, T 0.2, queue 65536, m 0.999); no ViT settings released"
+
+    def __init__(self, backbone, feature_dim, num_instances, num_classes, cfg):
+        super().__init__(backbone, cfg)
+        self.head = MoCoProjectionHead(feature_dim, cfg["hidden_dim"], cfg["out_dim"])
+        self.key_encoder = copy.deepcopy(backbone)
+        self.key_head = copy.deepcopy(self.head)
+        deactivate_requires_grad(self.key_encoder)
+        deactivate_requires_grad(self.key_head)
+        self.criterion = NTXentLoss(temperature=cfg["temperature"], memory_bank_size=(cfg["queue"], cfg["out_dim"]))
+
+    def loss(self, views, index, label, progress):
+        x_q, x_k = torch.cat(views).chunk(2)
+        q = self.head(self.encoder(x_q))
+        with torch.no_grad():
+            k = self.key_head(self.key_encoder(x_k))
+        return self.criterion(q, k)
+
+    def after_step(self, progress):
+        update_momentum(self.encoder, self.key_encoder, self.cfg["momentum"])
+        update_momentum(self.head, self.key_head, self.cfg["momentum"])
