@@ -108,6 +108,12 @@ def _crops_label(views):
     return "+".join(f"{c['count']}x{c['size']}" for c in views["crops"])
 
 
+def _split(spec):
+    """The registered split sizes go into the hash: a redefined split must not reuse old results."""
+    d = datasets.DATASETS.get(spec)
+    return f"{d.train}/{d.test}" if d else None
+
+
 def _pretrain_config(row, preset, data, seed):
     bb = preset["backbones"][row["backbone"]]
     method_cfg = copy.deepcopy(preset["methods"].get(row["method"], {}))
@@ -115,7 +121,7 @@ def _pretrain_config(row, preset, data, seed):
     extra = {k: pre[k] for k in ("weight_decay_end", "clip_grad") if k in pre}
     return {**extra,
         "stage": "pretrain", "method": row["method"], "backbone": row["backbone"], "model_kwargs": bb["kwargs"],
-        "data": data, "resolution": pre["resolution"],
+        "data": data, "split": _split(data), "resolution": pre["resolution"],
         "epochs": _pick(pre["epochs"], row.get("pretrain_epochs")), "batch_size": pre["batch_size"],
         "lr": _pick(pre["lr"], bb["lr"]), "warmup_epochs": _pick(pre["warmup_epochs"], bb["warmup_epochs"]),
         "weight_decay": pre["weight_decay"], "drop_path": pre["drop_path"],
@@ -133,6 +139,7 @@ def _finetune_config(row, preset, data, stage, init, seed):
         c["size"] = _pick(c["size"], res)
     return {
         "stage": "finetune", "backbone": row["backbone"], "model_kwargs": bb["kwargs"], "data": data,
+        "split": _split(data),
         "resolution": res, "epochs": _pick(ft["epochs"], stage["epochs"]), "batch_size": st["batch_size"],
         "lr": _pick(st["lr"], bb["lr"]), "warmup_epochs": _pick(st["warmup_epochs"], bb["warmup_epochs"]),
         "weight_decay": ft["weight_decay"], "drop_path": ft["drop_path"],

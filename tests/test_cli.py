@@ -60,3 +60,46 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("bench: error:"), (args, out.stderr)
     assert "comparison, transfer, sota, imagenet" in bench("run", "--table", "nope").stderr
     assert "idmm" in bench("run", "--methods", "nope").stderr
+
+
+def test_imagenet_init_row_is_skipped_without_weights_and_runs_from_a_file(tmp_path):
+    import timm
+    import torch
+
+    args = ["--table", "sota", "--preset", "demo", "--methods", "in_supervised",
+            "--backbones", "deit_tiny_patch16_224", "--results", str(tmp_path / "r"), *FAST]
+    dry = bench("run", *args, "--dry-run")
+    assert dry.returncode == 0 and "skipped: preset 'demo' uses no ImageNet weights" in dry.stdout
+
+    # a local state dict, as a user would pass timm's or their own ImageNet weights (built at another size)
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=4,
+                              num_heads=4, num_classes=1000)
+    torch.save(model.state_dict(), tmp_path / "in1k.pth")
+    run = bench("run", *args, "--init-weights", str(tmp_path / "in1k.pth"))
+    assert run.returncode == 0, run.stderr
+    (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
+    assert rec["status"] == "done" and rec["config"]["init"].startswith("file:")
+    rep = bench("report", "--table", "sota", "--results", str(tmp_path / "r"), "--out", str(tmp_path / "rep"))
+    line = next(line for line in rep.stdout.splitlines() if "DeiT-Tiny" in line and "IN super." in line)
+    assert f"{100 * rec['metrics']['top1']:.1f}" in line
+
+    wrong = bench("run", *args, "--init-weights", str(tmp_path / "nope.pth"))
+    assert wrong.returncode == 2 and "is not a file" in wrong.stderr
+
+
+def test_transfer_demo_pretrains_on_the_stand_in_and_fine_tunes_on_digits(tmp_path):
+    res = str(tmp_path / "r")
+    run = bench("run", "--table", "transfer", "--preset", "demo", "--backbones", "pvt_v2_b0",
+                "--methods", "idmm", "supervised", "--results", res, *FAST)
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
+    pre = [r for r in records if r["stage"] == "pretrain"]
+    fine = [r for r in records if r["stage"] == "finetune"]
+    assert {r["config"]["data"] for r in pre} == {"digits_extra"} and {r["metrics"]["train_size"] for r in pre} == {450}
+    assert {r["config"]["data"] for r in fine} == {"digits"} and len(fine) == 2
+    rep = bench("report", "--table", "transfer", "--results", res, "--out", str(tmp_path / "rep"))
+    for r in fine:
+        row = "IDMM" if r["method"] == "idmm" else "supervised"
+        line = next(line for line in rep.stdout.splitlines() if "PVTv2-B0" in line and f"| {row} " in line)
+        assert "digits_extra (sin10k)" in line and f"{100 * r['metrics']['top1']:.1f}" in line

@@ -80,3 +80,29 @@ def test_blur_with_tiny_sigma_is_identity_and_large_sigma_smooths():
     smooth = views._blur(x, torch.tensor([2.0, 2.0]))
     assert smooth.std() < 0.5 * x.std()
     assert torch.allclose(smooth.mean((2, 3)), x.mean((2, 3)), atol=0.05)
+
+
+@pytest.mark.parametrize("name", list(views.RANDAUGMENT_OPS))
+def test_every_randaugment_op_keeps_shape_and_range_and_acts(name):
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 16, 16) * 0.8 + 0.1
+    y = views.RANDAUGMENT_OPS[name](x, torch.full((6,), 0.9)).clamp(0, 1)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    if name != "identity":
+        assert not torch.allclose(y, x, atol=1e-3), name
+
+
+def test_equalize_spreads_the_histogram_and_posterize_quantizes():
+    x = torch.rand(2, 3, 32, 32) * 0.2 + 0.4  # a narrow range of values
+    eq = views._equalize(x)
+    assert eq.min() < 0.05 and eq.max() > 0.95
+    post = views.RANDAUGMENT_OPS["posterize"](x, torch.full((2,), 0.8))  # 3 bits dropped: multiples of 8/255
+    assert torch.allclose(torch.remainder((post * 255).round(), 8), torch.zeros(1))
+
+
+def test_randaugment_probability_gates_every_op():
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 16, 16)
+    assert torch.equal(views.randaugment(x, p=0.0), x)
+    changed = (views.randaugment(x, p=1.0) - x).abs().flatten(1).max(1).values > 1e-4
+    assert changed.float().mean() > 0.8  # identity can be drawn twice; nearly everything else changes the image

@@ -92,6 +92,8 @@ def augment(x, spec):
     if spec.get("grayscale_p", 0) > 0:
         to_grey = torch.rand(b, device=dev) < spec["grayscale_p"]
         x = torch.where(to_grey[:, None, None, None], _grey(x).expand_as(x), x)
+    if spec.get("randaugment"):
+        x = randaugment(x, **spec["randaugment"])
     if spec.get("blur_p", 0) > 0:
         blur = torch.rand(b, device=dev) < spec["blur_p"]
         if blur.any():
@@ -172,3 +174,103 @@ def mixed_cross_entropy(logits, target, perm, lam, label_smoothing=0.0):
     """lam * CE(logits, y) + (1 - lam) * CE(logits, y[perm]), each with label smoothing."""
     ce = lambda y: F.cross_entropy(logits, y, label_smoothing=label_smoothing)  # noqa: E731
     return lam * ce(target) + (1 - lam) * ce(target[perm])
+
+
+# --- RandAugment, batched -----------------------------------------------------------------------------------
+# UDA-style (as in the official fine-tuning): for every image two ops drawn from the list below, each applied
+# with probability p at a magnitude drawn uniformly from [lo, hi] out of 10. The ops act on the subset of the
+# batch that drew them, with per-sample magnitudes, so there is no per-image Python. The official code's exact
+# list of 15 ops was not available to us: these are UDA's 14 image ops plus Cutout.
+
+def _blend(a, b, factor):
+    return (b + (a - b) * factor[:, None, None, None]).clamp(0, 1)
+
+
+def _signed(level):
+    return level * torch.where(torch.rand_like(level) < 0.5, -1.0, 1.0)
+
+
+def _affine(x, theta):
+    """Warp by per-sample 2x3 matrices (normalised coordinates); uncovered pixels are mid-grey, as UDA fills."""
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    warped = F.grid_sample(torch.cat([x, torch.ones_like(x[:, :1])], 1), grid, align_corners=False)
+    img, cover = warped[:, :3], warped[:, 3:]
+    return img + (1 - cover) * 0.5
+
+
+def _theta(n, device, a=1.0, b=0.0, c=0.0, d=0.0, e=1.0, f=0.0):
+    t = torch.zeros(n, 2, 3, device=device)
+    for (i, j), v in zip([(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)], [a, b, c, d, e, f]):
+        t[:, i, j] = v
+    return t
+
+
+def _equalize(x):
+    n, c, h, w = x.shape
+    idx = (x * 255).round().long().clamp(0, 255).view(n, c, -1)
+    hist = torch.zeros(n, c, 256, device=x.device).scatter_add_(2, idx, torch.ones_like(idx, dtype=torch.float))
+    cdf = hist.cumsum(2)
+    cdf_min = torch.where(hist > 0, cdf, torch.full_like(cdf, float(h * w))).min(2, keepdim=True).values
+    lut = ((cdf - cdf_min) / (h * w - cdf_min).clamp(min=1)).clamp(0, 1)
+    return lut.gather(2, idx).view(n, c, h, w)
+
+
+def _cutout(x, level):
+    n, _, h, w = x.shape
+    side = (level * 0.5 * min(h, w)).round().long().clamp(min=1)[:, None, None]
+    cy = torch.randint(h, (n, 1, 1), device=x.device)
+    cx = torch.randint(w, (n, 1, 1), device=x.device)
+    ys, xs = torch.arange(h, device=x.device)[None, :, None], torch.arange(w, device=x.device)[None, None, :]
+    hole = ((ys - cy).abs() <= side // 2) & ((xs - cx).abs() <= side // 2)
+    return torch.where(hole[:, None], torch.full_like(x, 0.5), x)
+
+
+_SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13
+
+
+def _sharpen(x, factor):
+    k = _SMOOTH.to(x.device, x.dtype).expand(3, 1, 3, 3)
+    return _blend(x, F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=3), factor)
+
+
+RANDAUGMENT_OPS = {  # op(images, level in (0, 1]) -> images
+    "identity": lambda x, v: x,
+    "autocontrast": lambda x, v: ((x - x.amin((2, 3), keepdim=True))
+                                  / (x.amax((2, 3), keepdim=True) - x.amin((2, 3), keepdim=True)).clamp(min=1e-3)),
+    "equalize": lambda x, v: _equalize(x),
+    "rotate": lambda x, v: _affine(x, _rotation(_signed(v) * math.radians(30))),
+    "solarize": lambda x, v: torch.where(x >= (1 - v)[:, None, None, None], 1 - x, x),
+    "color": lambda x, v: _blend(x, _grey(x).expand_as(x), 0.1 + 1.8 * v),
+    "posterize": lambda x, v: torch.floor(x * 255 / (2 ** (v * 4).floor())[:, None, None, None])
+    * (2 ** (v * 4).floor())[:, None, None, None] / 255,
+    "contrast": lambda x, v: _blend(x, _grey(x).mean((2, 3), keepdim=True).expand_as(x), 0.1 + 1.8 * v),
+    "brightness": lambda x, v: _blend(x, torch.zeros_like(x), 0.1 + 1.8 * v),
+    "sharpness": lambda x, v: _sharpen(x, 0.1 + 1.8 * v),
+    "shear_x": lambda x, v: _affine(x, _theta(len(x), x.device, b=_signed(v) * 0.3)),
+    "shear_y": lambda x, v: _affine(x, _theta(len(x), x.device, d=_signed(v) * 0.3)),
+    "translate_x": lambda x, v: _affine(x, _theta(len(x), x.device, c=_signed(v) * 0.6)),  # up to 30% of the side
+    "translate_y": lambda x, v: _affine(x, _theta(len(x), x.device, f=_signed(v) * 0.6)),
+    "cutout": _cutout,
+}
+
+
+def _rotation(angle):
+    c, s = torch.cos(angle), torch.sin(angle)
+    t = torch.zeros(len(angle), 2, 3, device=angle.device)
+    t[:, 0, 0], t[:, 0, 1], t[:, 1, 0], t[:, 1, 1] = c, -s, s, c
+    return t
+
+
+def randaugment(x, ops=2, p=0.5, magnitude=(1, 9)):
+    names = list(RANDAUGMENT_OPS)
+    for _ in range(ops):
+        pick = torch.randint(len(names), (len(x),), device=x.device)
+        on = torch.rand(len(x), device=x.device) < p
+        level = torch.randint(magnitude[0], magnitude[1] + 1, (len(x),), device=x.device).float() / 10
+        out = x.clone()
+        for k, name in enumerate(names):
+            sel = on & (pick == k)
+            if sel.any():
+                out[sel] = RANDAUGMENT_OPS[name](x[sel], level[sel]).clamp(0, 1).to(x.dtype)
+        x = out
+    return x

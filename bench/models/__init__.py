@@ -108,15 +108,16 @@ def _strip(key):
 def load_into(model, saved, name):
     """Load a previous stage's weights into `model` (same backbone, any resolution, any head).
 
-    Wrapper prefixes are stripped, a head of another shape is dropped, and learned absolute position
-    embeddings are resampled bicubically to the new token grid."""
+    Wrapper prefixes are stripped, a head of another shape is dropped, learned absolute position embeddings
+    are resampled bicubically to the new token grid (DeiT), fixed sinusoidal ones are kept as the model built
+    them for its resolution (T2T-ViT); PVTv2 has none."""
     if saved["backbone"] != name:
         raise UserError(f"checkpoint is a {saved['backbone']}, cannot load it into a {name}")
     own = model.state_dict()
     state = {}
     for k, v in saved["state_dict"].items():
         k = _strip(k)
-        if k not in own:
+        if k not in own or (k == "pos_embed" and getattr(model, "fixed_pos_embed", False)):
             continue
         if k == "pos_embed" and v.shape != own[k].shape:
             prefix = getattr(model, "num_prefix_tokens", 1)
@@ -125,7 +126,7 @@ def load_into(model, saved, name):
         if v.shape != own[k].shape:  # the pretraining head (N instances) vs the classifier
             continue
         state[k] = v
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and not (k == "pos_embed" and getattr(model, "fixed_pos_embed", 0))]
     if any(not k.startswith("head") for k in missing):
         raise UserError(f"checkpoint of {name} lacks weights: {', '.join(missing[:5])}")
     model.load_state_dict(state, strict=False)

@@ -173,7 +173,7 @@ def render(table_name, store, fmt="markdown", preset_name=None):
             rows = [line + [c["value"] + (f" ({c['paper']})" if c["paper"] is not None else "") for c in cells]
                     for line, cells in body]
             note = "Top-1 (%) on the test split, and the recipe's numbers: reproduced (paper)."
-            parts.append("\n".join([f"### {title}", "", tabulate(rows, header, tablefmt="pipe"), "", note]
+            parts.append("\n".join([f"### {title}", "", tabulate(rows, header, tablefmt="pipe", disable_numparse=True), "", note]
                                    + [f"- {f}" for f in footer]))
         else:
             env = jinja2.Environment(loader=jinja2.FileSystemLoader(

@@ -1,0 +1,126 @@
+"""Every baseline: one real training step, its self-written loss against a hand computation, its state."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightly.loss import NTXentLoss
+
+from bench import plan as planner
+from bench.data.views import make_views
+from methods import METHODS
+from methods.mocov3 import mocov3_loss
+from methods.supcon import supcon_loss
+
+PRETRAINING = [name for name, m in METHODS.items() if m.pretrains]
+
+
+def _method(name, tiny_vit, n=12, classes=3):
+    cfg = planner.load_preset("demo")["methods"][name]
+    cfg = {k: v for k, v in cfg.items() if k != "pretrain"}
+    return METHODS[name](tiny_vit(), 32, n, classes, cfg)
+
+
+@pytest.mark.parametrize("name", PRETRAINING)
+def test_one_step_gives_a_finite_loss_and_moves_the_backbone(name, tiny_vit, tiny_images):
+    torch.manual_seed(0)
+    method = _method(name, tiny_vit)
+    method.start_epoch(1)
+    blocks = copy.deepcopy(method.encoder.blocks.state_dict())
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
+    index = torch.arange(len(tiny_images))
+    loss = method.loss(make_views(tiny_images.images, method.views), index, tiny_images.labels, 0.5)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    opt.step()
+    method.after_step(0.5)
+    assert any(not torch.equal(blocks[k], v) for k, v in method.encoder.blocks.state_dict().items())
+
+
+def test_supcon_with_one_image_per_label_is_nt_xent():
+    torch.manual_seed(0)
+    z0, z1 = torch.randn(6, 8), torch.randn(6, 8)
+    labels = torch.arange(6).repeat(2)  # each image's only positive is its other view
+    expected = NTXentLoss(temperature=0.5)(z0, z1)
+    assert supcon_loss(torch.cat([z0, z1]), labels, 0.5).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_supcon_with_several_positives_matches_the_formula_written_out():
+    torch.manual_seed(1)
+    f = torch.randn(7, 5)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 0])
+    z = F.normalize(f, dim=1)
+    t = 0.3
+    terms = []
+    for i in range(7):
+        positives = [p for p in range(7) if p != i and labels[p] == labels[i]]
+        if not positives:
+            continue  # anchor 5 (label 2) has no positive and does not count
+        denom = sum(torch.exp(z[i] @ z[a] / t) for a in range(7) if a != i)
+        terms.append(-sum(torch.log(torch.exp(z[i] @ z[p] / t) / denom) for p in positives) / len(positives))
+    expected = sum(terms) / len(terms)
+    assert len(terms) == 6
+    assert supcon_loss(f, labels, t).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_mocov3_loss_matches_the_formula_written_out():
+    torch.manual_seed(2)
+    q, k, t = torch.randn(4, 6), torch.randn(4, 6), 0.2
+    qn, kn = q / q.norm(dim=1, keepdim=True), k / k.norm(dim=1, keepdim=True)
+    ce = [-torch.log(torch.exp(qn[i] @ kn[i] / t) / sum(torch.exp(qn[i] @ kn[j] / t) for j in range(4)))
+          for i in range(4)]
+    expected = sum(ce) / 4 * 2 * t
+    assert mocov3_loss(q, k, t).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert mocov3_loss(q, q, t) < mocov3_loss(q, k, t)  # aligned keys cost less
+
+
+@pytest.mark.parametrize("name,online,target", [("mocov2", ["encoder", "head"], ["key_encoder", "key_head"]),
+                                                ("mocov3", ["encoder", "projector"], ["key_encoder", "key_projector"]),
+                                                ("dino", ["encoder", "head"], ["teacher", "teacher_head"])])
+def test_momentum_encoder_moves_by_exactly_the_ema(name, online, target, tiny_vit):
+    method = _method(name, tiny_vit)
+    with torch.no_grad():  # make online and target differ, as after some training
+        for p in method.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    before = {t: copy.deepcopy(getattr(method, t).state_dict()) for t in target}
+    progress = 0.3
+    method.after_step(progress)
+    from bench.engine import cosine_ramp
+    m = method.cfg["momentum"] if name == "mocov2" else cosine_ramp(method.cfg["momentum"], 1.0, progress)
+    for o, t in zip(online, target):
+        src = dict(getattr(method, o).named_parameters())
+        for k, v in getattr(method, t).named_parameters():
+            assert torch.allclose(v, m * before[t][k] + (1 - m) * src[k], atol=1e-6), (t, k)
+
+
+def test_mocov3_keeps_the_patch_projection_frozen(tiny_vit, tiny_images):
+    method = _method("mocov3", tiny_vit)
+    proj = copy.deepcopy(method.encoder.patch_embed.proj.state_dict())
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-2)
+    method.loss(make_views(tiny_images.images, method.views), torch.arange(12), tiny_images.labels, 0).backward()
+    opt.step()
+    for k, v in method.encoder.patch_embed.proj.state_dict().items():
+        assert torch.equal(v, proj[k])
+
+
+def test_dino_centre_updates_and_comes_back_from_a_checkpoint(tmp_path, tiny_vit, tiny_images):
+    from bench.engine import fit
+
+    method = _method("dino", tiny_vit)
+    assert torch.count_nonzero(method.criterion.center) == 0
+    cfg = {"epochs": 1, "batch_size": 6, "lr": 1e-3, "warmup_epochs": 0, "weight_decay": 0.04,
+           "weight_decay_end": 0.4, "clip_grad": 3.0, "seed": 0}
+    fit(method, tiny_images, cfg, tmp_path)
+    centre = method.criterion.center.clone()
+    assert torch.count_nonzero(centre) > 0
+    restored = _method("dino", tiny_vit)
+    restored.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"])
+    assert torch.equal(restored.criterion.center, centre)
+
+
+def test_dino_freezes_the_last_layer_in_its_first_epochs(tiny_vit):
+    method = _method("dino", tiny_vit)
+    method.start_epoch(0)
+    assert not method.head.last_layer.weight_v.requires_grad
+    method.start_epoch(method.cfg["freeze_last_layer"])
+    assert method.head.last_layer.weight_v.requires_grad
