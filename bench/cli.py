@@ -44,9 +44,14 @@ def _jobs(args):
 
 
 def _job_table(jobs, store):
+    by_hash = {j.hash: j for j in jobs}
     rows = []
     for j in jobs:
         d = planner.describe(j)
+        if j.cells and not j.skip:  # a cell's final job: the whole chain, as the table's columns give it
+            r = planner.recipe([c.config for c in planner.chain(j, by_hash)])
+            d["chain"] = f"{r['finetune_res']}/{r['finetune_epochs']}"
+            d["cells"] = ",".join(f"{t}:{row}:{col}" for t, row, col in j.cells)
         state = "skipped: " + j.skip if j.skip else store.state(j.hash)
         rows.append([j.short, "  ".join(f"{k}={v}" for k, v in d.items()), state])
     return tabulate(rows, ["hash", "recipe", "state"], tablefmt="plain")
@@ -61,16 +66,19 @@ def cmd_run(args):
     from bench.launch import local
 
     runnable = [j for j in jobs if not j.skip]
-    for spec in sorted({j.config["data"] for j in runnable}):
+    todo = [j for j in runnable if store.state(j.hash) != "done"]
+    for spec in sorted({j.config["data"] for j in todo}):  # missing data fails here, before any training
         datasets.check_available(spec, args.data_root)
-    done = sum(store.state(j.hash) == "done" for j in runnable)
+    done = len(runnable) - len(todo)
     skipped = len(jobs) - len(runnable)
     print(f"{args.table} / {preset['name']}: {len(runnable)} jobs, {done} done already"
           + (f", {skipped} cells skipped" if skipped else ""), file=sys.stderr)
     if done == len(runnable):
         print(f"all {done} jobs are done; nothing to train", file=sys.stderr)
         return 0
-    ran, failed = local.run(jobs, store, preset["name"], args.set, args.data_root)
+    data_opts = {"root": args.data_root, "skip_bad": args.skip_bad,
+                 "cache_dir": None if args.no_cache else str(Path(args.results) / "cache")}
+    ran, failed = local.run(jobs, store, preset["name"], args.set, data_opts)
     print(f"finished {ran - failed} of {ran} jobs" + (f", {failed} failed (see bench status)" if failed else "")
           + f"; results in {args.results}", file=sys.stderr)
     return 1 if failed else 0
@@ -123,14 +131,70 @@ def cmd_methods(args):
     return 0
 
 
-def cmd_data(args):
+def cmd_data_list(args):
     root = datasets.data_root(args.data_root)
     rows = []
     for d in datasets.DATASETS.values():
-        where = "embedded" if d.name.startswith("digits") else ("found" if (root / d.name).is_dir() else "missing")
-        rows.append([d.name, d.classes, d.train, d.test, where, d.note])
-    print(f"data root: {root}")
-    print(tabulate(rows, ["dataset", "classes", "train", "test", "status", "split"], tablefmt="plain"))
+        if d.reader is not None:
+            where = "embedded"
+        else:
+            try:
+                datasets.split_files(d.name, "train", args.data_root)
+                where = "found"
+            except UserError:
+                where = "missing"
+        rows.append([d.name, d.classes, d.train, d.test or "-", where, d.layout or "-", d.note])
+    print(f"data root: {root}  (--data-root DIR or $BENCH_DATA_ROOT)")
+    print(tabulate(rows, ["dataset", "classes", "train", "test", "status", "expected layout", "split"],
+                   tablefmt="plain"))
+    return 0
+
+
+def cmd_data_check(args):
+    d = datasets.info(args.name)
+    if d.reader is not None:
+        print(f"{d.name}: embedded, train {d.train}, test {d.test}")
+        return 0
+    found = {}
+    for split in ("train", "test") if d.test else ("train",):
+        files, labels, classes, _ = datasets.split_files(d.name, split, args.data_root)
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:
+            raise UserError(f"{d.name} {split}: {len(missing)} listed images are missing, e.g. {missing[0]}")
+        found[split] = (len(files), len(set(labels)))
+    expected = {"train": d.train, "test": d.test}
+    wrong = [f"{s} has {n} images, the paper's split has {expected[s]}" for s, (n, _) in found.items() if n != expected[s]]
+    wrong += [f"{s} has {c} classes, expected {d.classes}" for s, (_, c) in found.items() if c != d.classes]
+    if wrong:
+        raise UserError(f"{d.name}: " + "; ".join(wrong))
+    print(f"{d.name}: ok, " + ", ".join(f"{s} {n} images / {c} classes" for s, (n, c) in found.items()))
+    return 0
+
+
+def cmd_data_download(args):
+    d = datasets.info(args.name)
+    root = datasets.data_root(args.data_root)
+    if d.reader is not None:
+        print(f"{d.name} is embedded: nothing to download")
+        return 0
+    if d.name not in datasets.DOWNLOADS:
+        print(f"{d.name}: bench cannot download it. Get the official files from {datasets.OFFICIAL[d.name]}\n"
+              f"and lay them out as {root}/{d.layout}")
+        return 0
+    import torchvision.datasets as tvd
+
+    try:
+        getattr(tvd, datasets.DOWNLOADS[d.name])(str(root), download=True)
+    except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError
+        raise UserError(f"downloading {d.name} to {root} failed ({type(e).__name__}: {e}); offline? "
+                        f"put the official files under {root}/{d.layout}") from None
+    print(f"{d.name}: downloaded to {root}")
+    return 0
+
+
+def cmd_data_make_sin10k(args):
+    out = datasets.make_sin10k(args.imagenet, datasets.data_root(args.data_root), args.seed)
+    print(f"wrote {out} ({sum(1 for _ in open(out)) - 1} images, seed {args.seed})")
     return 0
 
 
@@ -143,6 +207,8 @@ def build_parser():
     _plan_args(r)
     r.add_argument("--dry-run", action="store_true", help="print the jobs and their state, run nothing")
     r.add_argument("--data-root", metavar="DIR", help="where the datasets live (default $BENCH_DATA_ROOT or ~/data)")
+    r.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed in the records)")
+    r.add_argument("--no-cache", action="store_true", help="do not keep decoded datasets under RESULTS/cache")
     r.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="render a table from the records, paper numbers beside")
@@ -160,11 +226,20 @@ def build_parser():
     m = sub.add_parser("methods", help="the pretraining methods and where their defaults come from")
     m.set_defaults(func=cmd_methods)
 
-    d = sub.add_parser("data", help="datasets")
+    d = sub.add_parser("data", help="datasets: list | check NAME | download NAME | make-sin10k")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    dl = dsub.add_parser("list", help="registered datasets and whether they are under the data root")
-    dl.add_argument("--data-root", metavar="DIR")
-    dl.set_defaults(func=cmd_data)
+    for name, func, text in [("list", cmd_data_list, "registered datasets and whether they are under the data root"),
+                             ("check", cmd_data_check, "verify a dataset's split sizes against the paper's"),
+                             ("download", cmd_data_download, "download with torchvision, or say where to get it"),
+                             ("make-sin10k", cmd_data_make_sin10k, "pick 10 images per ImageNet class, seeded")]:
+        dp = dsub.add_parser(name, help=text)
+        dp.add_argument("--data-root", metavar="DIR", help="default $BENCH_DATA_ROOT or ~/data")
+        if name in ("check", "download"):
+            dp.add_argument("name")
+        if name == "make-sin10k":
+            dp.add_argument("--imagenet", required=True, metavar="DIR", help="holds train/<wnid>/*.JPEG")
+            dp.add_argument("--seed", type=int, default=0)
+        dp.set_defaults(func=func)
     return p
 
 

@@ -39,12 +39,12 @@ def top1(model, test, resolution, resize_ratio):
     return (pred == test.labels).float().mean().item()
 
 
-def run(cfg: dict, run_dir: Path, init: dict | None, data_root=None):
+def run(cfg: dict, run_dir: Path, init: dict | None, data_opts: dict):
     """Fine-tune from `init` (weights as models.export gives them) or from random init; test top-1."""
     res = cfg["resolution"]
     size = datasets.store_size(res)
-    train = datasets.load(cfg["data"], "train", size, data_root)
-    test = datasets.load(cfg["data"], "test", size, data_root)
+    train = datasets.load(cfg["data"], "train", size, **data_opts)
+    test = datasets.load(cfg["data"], "test", size, **data_opts)
     if train.classes != test.classes:
         raise UserError(f"{cfg['data']}: train and test splits have different classes")
     torch.manual_seed(cfg["seed"])
@@ -54,4 +54,5 @@ def run(cfg: dict, run_dir: Path, init: dict | None, data_root=None):
     last = fit(Classifier(model, cfg), train, cfg, run_dir, desc=f"finetune {cfg['data']} {res}px")
     torch.save(models.export(model, cfg["backbone"], res), run_dir / "weights.pt")
     return {"top1": top1(model, test, res, cfg["eval_resize"]), "train_loss": last.get("loss"),
-            "train_images_per_s": last.get("images_per_s"), "train_size": len(train), "test_size": len(test)}
+            "train_images_per_s": last.get("images_per_s"), "train_size": len(train), "test_size": len(test),
+            "data": {"train": train.meta, "test": test.meta}}

@@ -255,6 +255,25 @@ def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds
     return list(jobs.values())
 
 
+def chain(job, by_hash):
+    """The job and its ancestors, first stage first."""
+    stages = []
+    while job is not None:
+        stages.append(job)
+        job = by_hash.get(job.parent)
+    return stages[::-1]
+
+
+def recipe(stages):
+    """The derived row fields of one planned chain (pretrain?, finetune, finetune, ...)."""
+    ft = [c for c in stages if c["stage"] == "finetune"]
+    pre = [c["epochs"] for c in stages if c["stage"] == "pretrain"]
+    data = [c["data"] for c in stages if c["stage"] == "pretrain"]
+    return {"pretrain_data": data[0] if data else "-", "pretrain_epochs": pre[0] if pre else 0,
+            "finetune_res": "→".join(str(c["resolution"]) for c in ft),
+            "finetune_epochs": "→".join(str(c["epochs"]) for c in ft)}
+
+
 def describe(job: Job) -> dict:
     """The resolved recipe of a job as short fields for the dry-run and `bench status`."""
     c = job.config
@@ -262,7 +281,7 @@ def describe(job: Job) -> dict:
         return {"stage": "skipped", "row": c["row"], "data": c["data"]}
     out = {"stage": c["stage"], "method": job.method, "backbone": c["backbone"], "data": c["data"],
            "epochs": c["epochs"], "res": c["resolution"], "batch": c["batch_size"], "lr": c["lr"],
-           "warmup": c["warmup_epochs"], "wd": c["weight_decay"]}
+           "warmup": c["warmup_epochs"], "wd": c["weight_decay"], "drop_path": c["drop_path"]}
     if c["stage"] == "pretrain":
         mc = c["method_cfg"]
         if "views" in mc:
@@ -273,7 +292,10 @@ def describe(job: Job) -> dict:
     else:
         out["crops"] = _crops_label(c["views"])
         m = c["mixing"]
-        out["mixing"] = f"mixup{m['mixup_alpha']}/cutmix{m['cutmix_alpha']}"
+        out["mixing"] = f"mixup{m['mixup_alpha']}-even/cutmix{m['cutmix_alpha']}-odd"
+        ra = c["views"].get("randaugment")
+        if ra:
+            out["randaug"] = f"{ra['ops']}ops-p{ra['p']}-m{ra['magnitude'][0]}-{ra['magnitude'][1]}"
         out["ls"] = c["label_smoothing"]
         out["init"] = c["init"][:10]
     out["seed"] = c["seed"]

@@ -81,3 +81,38 @@ def test_every_table_plans_and_describes_under_every_preset(table, preset):
         assert planner.describe(j)["stage"] in ("pretrain", "finetune", "skipped")
     for r in spec["rows"]:
         assert len(r["paper"]) == len(spec["columns"])
+
+
+def _cell_chain(table, row_id, column, methods, backbones):
+    jobs = planner.plan(table, planner.load_preset("paper"), methods=methods, datasets_=[column], backbones=backbones)
+    by_hash = {j.hash: j for j in jobs}
+    final = next(j for j in jobs if (table, row_id, column) in j.cells)
+    return [j.config for j in planner.chain(final, by_hash)]
+
+
+def test_paper_sota_idmm_cell_is_the_authors_224_to_448_recipe():
+    pre, ft224, ft448 = _cell_chain("sota", "deit_tiny/idmm", "flowers102", ["idmm"], ["deit_tiny_patch16_224"])
+    assert (pre["stage"], pre["epochs"], pre["batch_size"], pre["resolution"], pre["lr"], pre["warmup_epochs"],
+            pre["weight_decay"], pre["drop_path"]) == ("pretrain", 800, 256, 112, 5e-4, 2, 1e-3, 0.1)
+    assert pre["method_cfg"]["label_smoothing"] == 0.1 and pre["method_cfg"]["cutmix_beta"] == 0.5
+    assert (ft224["resolution"], ft224["epochs"], ft224["batch_size"], ft224["lr"], ft224["warmup_epochs"]) == (
+        224, 800, 256, 5e-4, 2)
+    assert (ft448["resolution"], ft448["epochs"], ft448["batch_size"], ft448["lr"]) == (448, 100, 128, 5e-5)
+    for ft in (ft224, ft448):
+        assert ft["label_smoothing"] == 0.1 and ft["drop_path"] == 0.1 and ft["weight_decay"] == 1e-3
+        assert ft["mixing"] == {"mixup_alpha": 0.5, "cutmix_alpha": 0.5, "schedule": "mixup_even_cutmix_odd"}
+        assert ft["views"]["crops"] == [{"count": 1, "size": ft["resolution"], "scale": [0.08, 1.0]}]
+        assert ft["views"]["jitter"] == [0.4, 0.4, 0.4, 0.1] and ft["views"]["jitter_p"] == 0.4
+        assert ft["views"]["randaugment"] == {"ops": 2, "p": 0.5, "magnitude": [1, 9]}
+        assert round(ft["resolution"] * ft["eval_resize"]) == {224: 256, 448: 512}[ft["resolution"]]
+    assert ft224["init"] == planner.config_hash(pre) and ft448["init"] == planner.config_hash(ft224)
+
+
+def test_paper_pvt_and_t2t_cells_use_their_own_lr_and_warmup():
+    (ft,) = _cell_chain("sota", "pvt_v2_b0/random", "cub200", ["random"], ["pvt_v2_b0"])
+    assert (ft["lr"], ft["warmup_epochs"], ft["epochs"], ft["init"]) == (1e-3, 10, 800, "random")
+    pre, ft224, ft448 = _cell_chain("sota", "t2t_vit_7/idmm", "cars", ["idmm"], ["t2t_vit_7"])
+    assert (pre["lr"], pre["warmup_epochs"], ft224["lr"], ft224["warmup_epochs"], ft448["lr"]) == (
+        1e-3, 10, 1e-3, 10, 5e-5)
+    (ft,) = _cell_chain("sota", "deit_base/random", "dtd", ["random"], ["deit_base_patch16_224"])
+    assert (ft["resolution"], ft["epochs"], ft["lr"]) == (224, 800, 5e-4)

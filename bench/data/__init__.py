@@ -5,9 +5,12 @@ Every reader returns an `ImageSet`; the engine's batched view maker crops from i
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
-from dataclasses import dataclass
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ class ImageSet:
     labels: torch.Tensor  # int64 [N]; for pretraining the instance index is the row number
     classes: list
     name: str
+    meta: dict = field(default_factory=dict)  # what a result should record about the data (skipped files, ...)
 
     def __len__(self):
         return len(self.labels)
@@ -34,8 +38,10 @@ class DatasetInfo:
     classes: int
     train: int  # the paper's training-split size = N of IDMM's N-way classifier
     test: int
-    reader: object = None  # (root, split, size) -> ImageSet; None: no reader yet
+    lister: object = None  # (root, split) -> (files, labels, classes, meta): the official split files, read
+    layout: str = ""       # where the files are expected under the data root
     note: str = ""
+    reader: object = None  # (root, split, size) -> ImageSet, for data that is not files (digits)
 
 
 def _digits(root, split, size, extra=False):
@@ -58,6 +64,200 @@ def _digits(root, split, size, extra=False):
                     "digits_extra" if extra else "digits")
 
 
+# --- listers: the official split files -> (files, labels, classes, meta) ------------------------------------
+
+def _verify_checksums():
+    """Flowers102's official files are checked against torchvision's MD5s unless BENCH_VERIFY_CHECKSUMS=0
+    (for miniature or modified copies, such as the test fixtures)."""
+    return os.environ.get("BENCH_VERIFY_CHECKSUMS", "1") != "0"
+
+
+def _torchvision(cls_name, parts, layout, **kwargs):
+    def lister(root, split):
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, cls_name)
+        if cls_name == "Flowers102" and not _verify_checksums():
+            cls = type("Flowers102Unverified", (cls,), {"_check_integrity": lambda self: self._images_folder.is_dir()})
+        files, labels, classes = [], [], None
+        for part in parts[split]:
+            try:
+                ds = cls(str(root), split=part, **kwargs)
+            except RuntimeError as e:
+                hint = " (or their checksums differ from the official files)" if cls_name == "Flowers102" else ""
+                raise UserError(f"{cls_name} not found under {root}: expected {layout}{hint}") from e
+            except (FileNotFoundError, KeyError) as e:
+                raise UserError(f"{cls_name} under {root}: missing or broken split file: {e}") from None
+            pairs = ds._samples if hasattr(ds, "_samples") else zip(
+                getattr(ds, "_image_files", None) or ds._images, ds._labels)
+            for f, label in pairs:
+                files.append(Path(f))
+                labels.append(int(label))
+            classes = list(ds.classes)
+        return files, labels, classes, {}
+    return lister
+
+
+def _read_lines(path: Path):
+    try:
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise UserError(f"split file {path} is missing") from None
+
+
+def _indoor67(root, split):
+    base = Path(root) / "indoor67"
+    lines = _read_lines(base / {"train": "TrainImages.txt", "test": "TestImages.txt"}[split])
+    classes = sorted({line.split("/")[0] for line in _read_lines(base / "TrainImages.txt")})
+    index = {c: i for i, c in enumerate(classes)}
+    return [base / "Images" / line for line in lines], [index[line.split("/")[0]] for line in lines], classes, {}
+
+
+def _cub(root, split):
+    base = Path(root) / "CUB_200_2011"
+    images = dict(line.split(" ", 1) for line in _read_lines(base / "images.txt"))
+    labels = dict(line.split() for line in _read_lines(base / "image_class_labels.txt"))
+    is_train = dict(line.split() for line in _read_lines(base / "train_test_split.txt"))
+    classes = [line.split(" ", 1)[1] for line in _read_lines(base / "classes.txt")]
+    want = "1" if split == "train" else "0"
+    ids = [i for i in images if is_train[i] == want]
+    return [base / "images" / images[i] for i in ids], [int(labels[i]) - 1 for i in ids], classes, {}
+
+
+def _image_folder(split_dir: Path):
+    if not split_dir.is_dir():
+        raise UserError(f"{split_dir} is missing: expected <class>/ folders of images there")
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    files = [(f, c) for c, name in enumerate(classes)
+             for f in sorted((split_dir / name).iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+    if not files:
+        raise UserError(f"no images under {split_dir}/<class>/")
+    return [f for f, _ in files], [c for _, c in files], classes, {}
+
+
+def _folder(root, split):
+    """Any folder laid out as DIR/train/<class>/* and DIR/test/<class>/*."""
+    return _image_folder(Path(root) / split)
+
+
+def _imagenet(root, split):
+    return _image_folder(Path(root) / "imagenet" / {"train": "train", "test": "val"}[split])
+
+
+SIN10K_LIST = "sin10k/files.txt"
+
+
+def _sin10k(root, split):
+    if split != "train":
+        raise UserError("sin10k is a pretraining set: it has no test split")
+    path = Path(root) / SIN10K_LIST
+    if not path.is_file():
+        raise UserError(f"{path} is missing: make it with `bench data make-sin10k --imagenet DIR --seed 0`")
+    header, *lines = _read_lines(path)
+    meta = dict(item.split("=", 1) for item in header.lstrip("# ").split())
+    classes = sorted({line.split("/")[0] for line in lines})
+    index = {c: i for i, c in enumerate(classes)}
+    files = [Path(meta["imagenet"]) / "train" / line for line in lines]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return files, [index[line.split("/")[0]] for line in lines], classes, {**meta, "list_sha256": digest}
+
+
+def make_sin10k(imagenet: Path, root: Path, seed: int, per_class: int = 10) -> Path:
+    """Pick `per_class` images of every ImageNet-1k training class with a seeded RNG; write the list."""
+    train = Path(imagenet).expanduser() / "train"
+    if not train.is_dir():
+        raise UserError(f"{train} is missing: --imagenet should hold train/<wnid>/*.JPEG")
+    rng = random.Random(seed)
+    lines = []
+    for wnid in sorted(p.name for p in train.iterdir() if p.is_dir()):
+        files = sorted(f.name for f in (train / wnid).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        if len(files) < per_class:
+            raise UserError(f"{train / wnid} has {len(files)} images, fewer than {per_class}")
+        lines += [f"{wnid}/{name}" for name in rng.sample(files, per_class)]
+    out = Path(root).expanduser() / SIN10K_LIST
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# imagenet={train.parent.resolve()} seed={seed} per_class={per_class}\n" + "\n".join(lines) + "\n")
+    return out
+
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+DATASETS = {d.name: d for d in [
+    DatasetInfo("digits", 10, 807, 540, note="embedded: scikit-learn load_digits, stratified split, seed 0",
+                reader=_digits),
+    DatasetInfo("digits_extra", 10, 450, 0, note="embedded: 450 other digits, the demo's stand-in for SIN-10k",
+                reader=functools.partial(_digits, extra=True)),
+    DatasetInfo("flowers102", 102, 2040, 6149, _torchvision("Flowers102", {"train": ["train", "val"], "test": ["test"]},
+                "flowers-102/{jpg/, imagelabels.mat, setid.mat}"), "flowers-102/", "Oxford Flowers102, train + val"),
+    DatasetInfo("pets", 37, 3680, 3669, _torchvision("OxfordIIITPet", {"train": ["trainval"], "test": ["test"]},
+                "oxford-iiit-pet/{images/, annotations/trainval.txt, annotations/test.txt}"), "oxford-iiit-pet/",
+                "Oxford-IIIT Pets, trainval"),
+    DatasetInfo("dtd", 47, 3760, 1880, _torchvision("DTD", {"train": ["train", "val"], "test": ["test"]},
+                "dtd/dtd/{images/, labels/train1.txt, ...}", partition=1), "dtd/dtd/", "DTD split 1, train + val"),
+    DatasetInfo("indoor67", 67, 5360, 1340, _indoor67, "indoor67/{Images/, TrainImages.txt, TestImages.txt}",
+                "MIT Indoor67, TrainImages.txt / TestImages.txt"),
+    DatasetInfo("cub200", 200, 5994, 5794, _cub, "CUB_200_2011/{images/, images.txt, image_class_labels.txt, "
+                "train_test_split.txt, classes.txt}", "CUB-200-2011, train_test_split.txt"),
+    DatasetInfo("aircraft", 100, 6667, 3333, _torchvision("FGVCAircraft", {"train": ["trainval"], "test": ["test"]},
+                "fgvc-aircraft-2013b/data/{images/, variants.txt, images_variant_trainval.txt, ...}",
+                annotation_level="variant"), "fgvc-aircraft-2013b/", "FGVC-Aircraft variants, trainval"),
+    DatasetInfo("cars", 196, 8144, 8041, _torchvision("StanfordCars", {"train": ["train"], "test": ["test"]},
+                "stanford_cars/{cars_train/, cars_test/, devkit/, cars_test_annos_withlabels.mat}"),
+                "stanford_cars/", "Stanford Cars"),
+    DatasetInfo("sin10k", 1000, 10000, 0, _sin10k, SIN10K_LIST + " (bench data make-sin10k)",
+                "10 images per ImageNet-1k class"),
+    DatasetInfo("imagenet", 1000, 1281167, 50000, _imagenet, "imagenet/{train,val}/<wnid>/", "ImageNet-1k train / val"),
+]}
+
+DOWNLOADS = {  # torchvision's downloaders; the others print where the official files are
+    "flowers102": "Flowers102", "pets": "OxfordIIITPet", "dtd": "DTD", "aircraft": "FGVCAircraft",
+}
+OFFICIAL = {
+    "indoor67": "https://web.mit.edu/torralba/www/indoor.html (indoorCVPR_09.tar, TrainImages.txt, TestImages.txt)",
+    "cub200": "https://www.vision.caltech.edu/datasets/cub_200_2011/ (CUB_200_2011.tgz)",
+    "cars": "https://ai.stanford.edu/~jkrause/cars/car_dataset.html (mirrors: torchvision's StanfordCars docs)",
+    "sin10k": "made from ImageNet: bench data make-sin10k --imagenet DIR --seed 0",
+    "imagenet": "https://image-net.org/download (ILSVRC2012 train and val, val sorted into <wnid>/ folders)",
+}
+
+
+def info(spec: str) -> DatasetInfo:
+    """The registry entry of a dataset spec: a registered name or `folder:DIR`."""
+    if spec.startswith("folder:"):
+        return DatasetInfo(spec, 0, 0, 0, _folder, "train/<class>/, test/<class>/", "image folder")
+    if spec not in DATASETS:
+        raise UserError(f"unknown dataset '{spec}': choose from {', '.join(DATASETS)} or folder:DIR")
+    return DATASETS[spec]
+
+
+def data_root(explicit=None) -> Path:
+    return Path(explicit or os.environ.get("BENCH_DATA_ROOT", "~/data")).expanduser()
+
+
+def store_size(resolution: int) -> int:
+    """Decoded side length: the eval resize of the largest resolution a job needs (256 for 224)."""
+    return math.ceil(resolution * 8 / 7)
+
+
+def _root_for(spec, root):
+    return spec[len("folder:"):] if spec.startswith("folder:") else str(data_root(root))
+
+
+def check_available(spec: str, root=None):
+    """Fail before any training when a dataset a plan needs cannot be found (its split files are read)."""
+    d = info(spec)
+    if d.lister is not None:
+        for split in ("train", "test") if d.test or spec.startswith("folder:") else ("train",):
+            d.lister(_root_for(spec, root), split)
+
+
+def split_files(spec: str, split: str, root=None):
+    d = info(spec)
+    if d.lister is None:
+        raise UserError(f"dataset '{spec}' is not made of files")
+    return d.lister(_root_for(spec, root), split)
+
+
 def _decode(path: Path, size: int) -> torch.Tensor:
     from PIL import Image
 
@@ -75,73 +275,53 @@ def _decode(path: Path, size: int) -> torch.Tensor:
         raise UserError(f"cannot read image {path}: {e}") from None
 
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+def _decode_all(files, size, skip_bad):
+    """Decode with a thread per core (PIL releases the GIL); a bad file stops everything unless skip_bad."""
+    def one(f):
+        try:
+            return _decode(f, size)
+        except UserError:
+            if skip_bad:
+                return None
+            raise
 
-
-def _folder(root, split, size):
-    """Any folder laid out as DIR/train/<class>/* and DIR/test/<class>/*."""
-    split_dir = Path(root) / split
-    if not split_dir.is_dir():
-        raise UserError(f"{split_dir} is missing: a folder dataset needs {root}/train/<class>/ and {root}/test/<class>/")
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-    files = [(f, c) for c, name in enumerate(classes)
-             for f in sorted((split_dir / name).iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
-    if not files:
-        raise UserError(f"no images under {split_dir}/<class>/")
-    images = torch.stack([_decode(f, size) for f, _ in files])
-    return ImageSet(images, torch.tensor([c for _, c in files]), classes, f"folder:{root}")
-
-
-DATASETS = {d.name: d for d in [
-    DatasetInfo("digits", 10, 807, 540, _digits, "embedded: scikit-learn load_digits, stratified split, seed 0"),
-    DatasetInfo("digits_extra", 10, 450, 0, functools.partial(_digits, extra=True),
-                "embedded: 450 other digits, the demo's stand-in for SIN-10k"),
-    DatasetInfo("flowers102", 102, 2040, 6149, note="Oxford Flowers102, train + val"),
-    DatasetInfo("pets", 37, 3680, 3669, note="Oxford-IIIT Pets, trainval"),
-    DatasetInfo("dtd", 47, 3760, 1880, note="DTD split 1, train + val"),
-    DatasetInfo("indoor67", 67, 5360, 1340, note="MIT Indoor67, TrainImages.txt / TestImages.txt"),
-    DatasetInfo("cub200", 200, 5994, 5794, note="CUB-200-2011, train_test_split.txt"),
-    DatasetInfo("aircraft", 100, 6667, 3333, note="FGVC-Aircraft variants, trainval"),
-    DatasetInfo("cars", 196, 8144, 8041, note="Stanford Cars"),
-    DatasetInfo("sin10k", 1000, 10000, 0, note="10 images per ImageNet-1k class"),
-    DatasetInfo("imagenet", 1000, 1281167, 50000, note="ImageNet-1k train / val"),
-]}
-
-
-def info(spec: str) -> DatasetInfo:
-    """The registry entry of a dataset spec: a registered name or `folder:DIR`."""
-    if spec.startswith("folder:"):
-        return DatasetInfo(spec, 0, 0, 0, _folder, "image folder")
-    if spec not in DATASETS:
-        raise UserError(f"unknown dataset '{spec}': choose from {', '.join(DATASETS)} or folder:DIR")
-    return DATASETS[spec]
-
-
-def data_root(explicit=None) -> Path:
-    return Path(explicit or os.environ.get("BENCH_DATA_ROOT", "~/data")).expanduser()
-
-
-def store_size(resolution: int) -> int:
-    """Decoded side length: the eval resize of the largest resolution a job needs (256 for 224)."""
-    return math.ceil(resolution * 8 / 7)
-
-
-def check_available(spec: str, root=None):
-    """Fail before any training when a dataset a plan needs cannot be read (a missing folder, no reader)."""
-    d = info(spec)
-    if spec.startswith("folder:"):
-        for split in ("train", "test"):
-            if not (Path(spec[len("folder:"):]) / split).is_dir():
-                raise UserError(f"{spec}: {Path(spec[len('folder:'):]) / split} is missing "
-                                f"(a folder dataset needs train/<class>/ and test/<class>/)")
-    elif d.reader is None:
-        raise UserError(f"dataset '{spec}' has no reader in this version of bench")
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(one, files))
 
 
 @functools.lru_cache(maxsize=8)
-def load(spec: str, split: str, size: int, root: str | None = None) -> ImageSet:
+def load(spec: str, split: str, size: int, root: str | None = None, skip_bad: bool = False,
+         cache_dir: str | None = None) -> ImageSet:
+    """One split, decoded once to uint8 [N, 3, size, size]; with `cache_dir`, kept in a file for later jobs."""
     d = info(spec)
-    if d.reader is None:
-        raise UserError(f"dataset '{spec}' has no reader in this version of bench")
-    where = spec[len("folder:"):] if spec.startswith("folder:") else str(data_root(root) / spec)
-    return d.reader(where, split, size)
+    if d.reader is not None:
+        return d.reader(root, split, size)
+    files, labels, classes, meta = d.lister(_root_for(spec, root), split)
+    cache = None
+    if cache_dir:
+        stamp = hashlib.sha256(repr([(str(f), *_stat(f)) for f in files] + [size, skip_bad]).encode()).hexdigest()
+        cache = Path(cache_dir) / f"{spec.replace('/', '_').replace(':', '_')}-{split}-{size}-{stamp[:16]}.pt"
+        if cache.is_file():
+            c = torch.load(cache, weights_only=False)
+            return ImageSet(c["images"], c["labels"], c["classes"], spec, c["meta"])
+    decoded = _decode_all(files, size, skip_bad)
+    keep = [i for i, x in enumerate(decoded) if x is not None]
+    if not keep:
+        raise UserError(f"{spec} {split}: no readable images")
+    bad = [str(files[i]) for i, x in enumerate(decoded) if x is None]
+    meta = {**meta, "files": len(files), **({"skipped_bad_images": bad} if bad else {})}
+    out = ImageSet(torch.stack([decoded[i] for i in keep]), torch.tensor([labels[i] for i in keep]), classes, spec, meta)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
+        torch.save({"images": out.images, "labels": out.labels, "classes": classes, "meta": meta}, tmp)
+        os.replace(tmp, cache)
+    return out
+
+
+def _stat(f):
+    try:
+        st = os.stat(f)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return None, None

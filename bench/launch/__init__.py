@@ -15,10 +15,10 @@ from bench.results import Store, hardware, versions
 from methods import METHODS
 
 
-def pretrain(cfg, run_dir, data_root=None):
+def pretrain(cfg, run_dir, data_opts):
     res = cfg["resolution"]
     # twice the crop size: small crops (5% of the area) still come from real pixels, not upsampled ones
-    train = datasets.load(cfg["data"], "train", 2 * res, data_root)
+    train = datasets.load(cfg["data"], "train", 2 * res, **data_opts)
     torch.manual_seed(cfg["seed"])
     backbone = models.create(cfg["backbone"], res, 0, cfg["drop_path"], cfg["model_kwargs"])
     method = METHODS[cfg["method"]](backbone, backbone.num_features, len(train), len(train.classes),
@@ -26,7 +26,7 @@ def pretrain(cfg, run_dir, data_root=None):
     last = fit(method, train, cfg, run_dir, desc=f"pretrain {cfg['method']} {cfg['data']}")
     torch.save(models.export(method.backbone(), cfg["backbone"], res), run_dir / "weights.pt")
     return {"train_loss": last.get("loss"), "train_images_per_s": last.get("images_per_s"),
-            "train_size": len(train)}
+            "train_size": len(train), "data": train.meta}
 
 
 def _init_weights(job, store):
@@ -43,9 +43,11 @@ def _init_weights(job, store):
     return None
 
 
-def execute(job, store: Store, preset_name="", overrides=(), data_root=None):
+def execute(job, store: Store, preset_name="", overrides=(), data_opts=None):
     """Run `job` to a record. A user error propagates (nothing is recorded: fix and re-run); a non-finite loss
-    leaves a failed record that says so; a signal leaves a checkpoint and no record."""
+    leaves a failed record that says so; a signal leaves a checkpoint and no record.
+    data_opts: root, skip_bad, cache_dir (see bench.data.load)."""
+    data_opts = data_opts or {}
     cfg = job.config
     run_dir = store.run_dir(job.hash)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -55,9 +57,9 @@ def execute(job, store: Store, preset_name="", overrides=(), data_root=None):
               "versions": versions(), "run_dir": str(run_dir)}
     try:
         if cfg["stage"] == "pretrain":
-            metrics = pretrain(cfg, run_dir, data_root)
+            metrics = pretrain(cfg, run_dir, data_opts)
         else:
-            metrics = finetune.run(cfg, run_dir, _init_weights(job, store), data_root)
+            metrics = finetune.run(cfg, run_dir, _init_weights(job, store), data_opts)
         record.update(status="done", metrics=metrics)
     except NonFiniteLoss as e:
         record.update(status="failed", error=str(e), metrics={})

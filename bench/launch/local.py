@@ -6,7 +6,7 @@ import sys
 from bench.launch import execute
 
 
-def run(jobs, store, preset_name, overrides=(), data_root=None, log=lambda m: print(m, file=sys.stderr)):
+def run(jobs, store, preset_name, overrides=(), data_opts=None, log=lambda m: print(m, file=sys.stderr)):
     todo = [j for j in jobs if not j.skip and store.state(j.hash) != "done"]
     failed = set()
     for i, job in enumerate(todo, 1):
@@ -17,7 +17,7 @@ def run(jobs, store, preset_name, overrides=(), data_root=None, log=lambda m: pr
         c = job.config
         log(f"[{i}/{len(todo)}] {job.short} {c['stage']} {job.method} {c['backbone']} {c['data']} "
             f"{c['resolution']}px {c['epochs']} epochs")
-        rec = execute(job, store, preset_name, overrides, data_root)
+        rec = execute(job, store, preset_name, overrides, data_opts)
         if rec["status"] == "done":
             top1 = rec["metrics"].get("top1")
             log(f"[{i}/{len(todo)}] {job.short} done in {rec['wall_time_s']:.0f}s"

@@ -34,25 +34,6 @@ def _variants(store, table_name):
     return found
 
 
-def _chain(job, by_hash):
-    """The job and its ancestors, first stage first."""
-    stages = []
-    while job is not None:
-        stages.append(job)
-        job = by_hash.get(job.parent)
-    return stages[::-1]
-
-
-def _recipe(stages):
-    """The derived row fields of one planned chain (pretrain?, finetune, finetune, ...)."""
-    ft = [c for c in stages if c["stage"] == "finetune"]
-    pre = [c["epochs"] for c in stages if c["stage"] == "pretrain"]
-    data = [c["data"] for c in stages if c["stage"] == "pretrain"]
-    return {"pretrain_data": data[0] if data else "-", "pretrain_epochs": pre[0] if pre else 0,
-            "finetune_res": "→".join(str(c["resolution"]) for c in ft),
-            "finetune_epochs": "→".join(str(c["epochs"]) for c in ft)}
-
-
 def _paper_recipe(row, spec):
     ft = row.get("finetune", spec["finetune"])
     return {"pretrain_data": row.get("pretrain_data", "-"), "pretrain_epochs": row.get("pretrain_epochs", 0),
@@ -86,8 +67,8 @@ def gather(table_name, store, preset_name=None):
                 if job.skip:
                     skips[row_id] = job.skip
                 else:
-                    chain = _chain(job, by_hash)
-                    recipes.setdefault(row_id, _recipe([j.config for j in chain]))
+                    chain = planner.chain(job, by_hash)
+                    recipes.setdefault(row_id, planner.recipe([j.config for j in chain]))
                     used += [r for r in map(store.get, (j.hash for j in chain)) if r is not None]
                 top1 = rec["metrics"].get("top1") if rec and rec["status"] == "done" else None
                 rows.append({"row": row_id, "column": col, "seed": job.config["seed"],

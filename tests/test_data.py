@@ -1,0 +1,129 @@
+"""Every official on-disk format, fabricated in miniature, read back with the right splits and labels."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fixtures
+from bench import data as datasets
+from bench.errors import UserError
+from conftest import FAST
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("data")
+    fixtures.make_all(r)
+    return r
+
+
+@pytest.fixture
+def unverified(monkeypatch):
+    monkeypatch.setenv("BENCH_VERIFY_CHECKSUMS", "0")
+
+
+@pytest.mark.parametrize("name", list(fixtures.SIZES))
+def test_each_official_format_gives_its_splits_and_labels(name, root, unverified):
+    train = datasets.load(name, "train", 20, str(root))
+    test = datasets.load(name, "test", 20, str(root))
+    assert (len(train), len(test)) == fixtures.SIZES[name]
+    assert train.images.shape[1:] == (3, 20, 20) and train.images.dtype == torch.uint8
+    assert train.classes == test.classes
+    assert len(train.classes) == {"flowers102": 102, "cub200": 2}.get(name, 3)
+    assert 0 <= int(train.labels.min()) and int(train.labels.max()) < len(train.classes)
+
+
+def test_labels_follow_the_annotation_files(root, unverified):
+    assert datasets.load("flowers102", "train", 16, str(root)).labels.tolist() == [0, 1, 2, 0, 1, 2]  # trn + val
+    pets = datasets.load("pets", "test", 16, str(root))
+    assert pets.labels.tolist() == [0, 1, 2, 2] and pets.classes == ["Abyssinian", "American Bulldog", "Bengal"]
+    assert datasets.load("cub200", "test", 16, str(root)).labels.tolist() == [0, 0, 1, 1]
+    air = datasets.load("aircraft", "train", 16, str(root))
+    assert air.classes == ["707-320", "A300B4", "Cessna 172"] and air.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    cars = datasets.load("cars", "train", 16, str(root))
+    assert cars.classes[0] == "AM General Hummer SUV 2000" and cars.labels.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_flowers_checksums_are_checked_by_default(root, monkeypatch):
+    monkeypatch.delenv("BENCH_VERIFY_CHECKSUMS", raising=False)
+    with pytest.raises(UserError, match="checksums differ from the official files"):
+        datasets.split_files("flowers102", "train", root)
+
+
+def test_missing_split_file_is_named(root, tmp_path):
+    (tmp_path / "indoor67").mkdir()
+    with pytest.raises(UserError, match="TrainImages.txt is missing"):
+        datasets.split_files("indoor67", "train", tmp_path)
+
+
+def bench(*args, env=None):
+    import os
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True,
+                          env={**os.environ, "BENCH_VERIFY_CHECKSUMS": "0", **(env or {})})
+
+
+def test_every_dataset_and_a_folder_runs_pretrain_then_finetune(root, tmp_path):
+    names = list(fixtures.SIZES) + [f"folder:{root / 'mine'}"]
+    res = tmp_path / "r"
+    run = bench("run", "--table", "comparison", "--preset", "demo", "--methods", "idmm", "--datasets", *names,
+                "--data-root", str(root), "--results", str(res), *FAST)
+    assert run.returncode == 0, run.stderr
+    records = [json.loads(p.read_text()) for p in res.glob("*.json")]
+    fine = {r["config"]["data"]: r for r in records if r["stage"] == "finetune"}
+    assert set(fine) == set(names)
+    for name, (n_train, n_test) in fixtures.SIZES.items():
+        assert (fine[name]["metrics"]["train_size"], fine[name]["metrics"]["test_size"]) == (n_train, n_test)
+    assert (fine[names[-1]]["metrics"]["train_size"], fine[names[-1]]["metrics"]["test_size"]) == (6, 4)
+    assert any((res / "cache").glob("flowers102-train-*.pt"))  # decoded once, kept for the next job
+
+
+def test_sin10k_is_made_reproducibly_and_pretrains_a_transfer_row(root, tmp_path):
+    made = bench("data", "make-sin10k", "--imagenet", str(root / "imagenet"), "--seed", "0", "--data-root", str(root))
+    assert made.returncode == 0, made.stderr
+    listing = (root / "sin10k" / "files.txt").read_text()
+    assert listing.startswith("# imagenet=") and "seed=0" in listing and len(listing.splitlines()) == 31
+    again = bench("data", "make-sin10k", "--imagenet", str(root / "imagenet"), "--seed", "0",
+                  "--data-root", str(tmp_path))
+    assert again.returncode == 0 and (tmp_path / "sin10k" / "files.txt").read_text().splitlines()[1:] == \
+        listing.splitlines()[1:]
+    res = tmp_path / "r"
+    run = bench("run", "--table", "transfer", "--preset", "demo", "--backbones", "pvt_v2_b0", "--methods", "idmm",
+                "--set", "pretrain_data.sin10k=sin10k", "--datasets", "flowers102", "--data-root", str(root),
+                "--results", str(res), *FAST)
+    assert run.returncode == 0, run.stderr
+    pre = next(json.loads(p.read_text()) for p in res.glob("*.json") if '"pretrain"' in p.read_text())
+    assert pre["config"]["data"] == "sin10k" and pre["metrics"]["train_size"] == 30
+    assert pre["metrics"]["data"]["seed"] == "0" and len(pre["metrics"]["data"]["list_sha256"]) == 16
+
+
+def test_data_list_and_check(root, tmp_path):
+    listing = bench("data", "list", "--data-root", str(root))
+    assert listing.returncode == 0
+    assert [line.split()[4] for line in listing.stdout.splitlines() if line.startswith("flowers102")] == ["found"]
+    empty = bench("data", "check", "flowers102", "--data-root", str(tmp_path))
+    assert empty.returncode == 2 and len(empty.stderr.strip().splitlines()) == 1
+    small = bench("data", "check", "cub200", "--data-root", str(root))
+    assert small.returncode == 2 and "train has 6 images, the paper's split has 5994" in small.stderr
+
+
+def test_a_corrupt_jpeg_is_named_and_leaves_no_record(root, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(root / "mine", bad)
+    victim = bad / "train" / "cat" / "cat1.jpg"
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated
+    args = ["run", "--table", "comparison", "--preset", "demo", "--methods", "random", "--datasets", f"folder:{bad}",
+            "--results", str(tmp_path / "r"), *FAST]
+    out = bench(*args)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("bench: error:")]
+    assert len(errors) == 1 and str(victim) in errors[0] and "Traceback" not in out.stderr
+    assert not list((tmp_path / "r").glob("*.json"))
+    skipped = bench(*args, "--skip-bad")
+    assert skipped.returncode == 0, skipped.stderr
+    (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
+    assert rec["metrics"]["data"]["train"]["skipped_bad_images"] == [str(victim)]
+    assert rec["metrics"]["train_size"] == 5
