@@ -141,8 +141,8 @@ def cmd_data_list(args):
             try:
                 datasets.split_files(d.name, "train", args.data_root)
                 where = "found"
-            except UserError:
-                where = "missing"
+            except UserError:  # present but unreadable (e.g. wrong checksums) is not the same as absent
+                where = "invalid" if (root / d.layout.split("/")[0]).exists() else "missing"
         rows.append([d.name, d.classes, d.train, d.test or "-", where, d.layout or "-", d.note])
     print(f"data root: {root}  (--data-root DIR or $BENCH_DATA_ROOT)")
     print(tabulate(rows, ["dataset", "classes", "train", "test", "status", "expected layout", "split"],

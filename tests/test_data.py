@@ -127,3 +127,18 @@ def test_a_corrupt_jpeg_is_named_and_leaves_no_record(root, tmp_path):
     (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
     assert rec["metrics"]["data"]["train"]["skipped_bad_images"] == [str(victim)]
     assert rec["metrics"]["train_size"] == 5
+
+
+def test_download_offline_fails_with_one_line(tmp_path):
+    import socket
+
+    try:  # this suite runs offline; where the official host answers, a real 330 MB download is no test
+        socket.create_connection(("www.robots.ox.ac.uk", 443), timeout=2).close()
+        pytest.skip("online: not downloading Flowers102 in a test")
+    except OSError:
+        pass
+    out = bench("data", "download", "flowers102", "--data-root", str(tmp_path))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "downloading flowers102" in out.stderr and "offline?" in out.stderr
+    told = bench("data", "download", "indoor67", "--data-root", str(tmp_path))
+    assert told.returncode == 0 and "indoor67/{Images/, TrainImages.txt, TestImages.txt}" in told.stdout

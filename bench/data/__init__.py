@@ -182,28 +182,31 @@ def make_sin10k(imagenet: Path, root: Path, seed: int, per_class: int = 10) -> P
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
+
+def _tv(name, classes, train, test, cls_name, parts, layout, note, **kwargs):
+    return DatasetInfo(name, classes, train, test, _torchvision(cls_name, parts, layout, **kwargs), layout, note)
+
+
 DATASETS = {d.name: d for d in [
     DatasetInfo("digits", 10, 807, 540, note="embedded: scikit-learn load_digits, stratified split, seed 0",
                 reader=_digits),
     DatasetInfo("digits_extra", 10, 450, 0, note="embedded: 450 other digits, the demo's stand-in for SIN-10k",
                 reader=functools.partial(_digits, extra=True)),
-    DatasetInfo("flowers102", 102, 2040, 6149, _torchvision("Flowers102", {"train": ["train", "val"], "test": ["test"]},
-                "flowers-102/{jpg/, imagelabels.mat, setid.mat}"), "flowers-102/", "Oxford Flowers102, train + val"),
-    DatasetInfo("pets", 37, 3680, 3669, _torchvision("OxfordIIITPet", {"train": ["trainval"], "test": ["test"]},
-                "oxford-iiit-pet/{images/, annotations/trainval.txt, annotations/test.txt}"), "oxford-iiit-pet/",
-                "Oxford-IIIT Pets, trainval"),
-    DatasetInfo("dtd", 47, 3760, 1880, _torchvision("DTD", {"train": ["train", "val"], "test": ["test"]},
-                "dtd/dtd/{images/, labels/train1.txt, ...}", partition=1), "dtd/dtd/", "DTD split 1, train + val"),
+    _tv("flowers102", 102, 2040, 6149, "Flowers102", {"train": ["train", "val"], "test": ["test"]},
+        "flowers-102/{jpg/, imagelabels.mat, setid.mat}", "Oxford Flowers102, train + val"),
+    _tv("pets", 37, 3680, 3669, "OxfordIIITPet", {"train": ["trainval"], "test": ["test"]},
+        "oxford-iiit-pet/{images/, annotations/trainval.txt, annotations/test.txt}", "Oxford-IIIT Pets, trainval"),
+    _tv("dtd", 47, 3760, 1880, "DTD", {"train": ["train", "val"], "test": ["test"]},
+        "dtd/dtd/{images/, labels/train1.txt, val1.txt, test1.txt}", "DTD split 1, train + val", partition=1),
     DatasetInfo("indoor67", 67, 5360, 1340, _indoor67, "indoor67/{Images/, TrainImages.txt, TestImages.txt}",
                 "MIT Indoor67, TrainImages.txt / TestImages.txt"),
     DatasetInfo("cub200", 200, 5994, 5794, _cub, "CUB_200_2011/{images/, images.txt, image_class_labels.txt, "
                 "train_test_split.txt, classes.txt}", "CUB-200-2011, train_test_split.txt"),
-    DatasetInfo("aircraft", 100, 6667, 3333, _torchvision("FGVCAircraft", {"train": ["trainval"], "test": ["test"]},
-                "fgvc-aircraft-2013b/data/{images/, variants.txt, images_variant_trainval.txt, ...}",
-                annotation_level="variant"), "fgvc-aircraft-2013b/", "FGVC-Aircraft variants, trainval"),
-    DatasetInfo("cars", 196, 8144, 8041, _torchvision("StanfordCars", {"train": ["train"], "test": ["test"]},
-                "stanford_cars/{cars_train/, cars_test/, devkit/, cars_test_annos_withlabels.mat}"),
-                "stanford_cars/", "Stanford Cars"),
+    _tv("aircraft", 100, 6667, 3333, "FGVCAircraft", {"train": ["trainval"], "test": ["test"]},
+        "fgvc-aircraft-2013b/data/{images/, variants.txt, images_variant_trainval.txt, images_variant_test.txt}",
+        "FGVC-Aircraft variants, trainval", annotation_level="variant"),
+    _tv("cars", 196, 8144, 8041, "StanfordCars", {"train": ["train"], "test": ["test"]},
+        "stanford_cars/{cars_train/, cars_test/, devkit/, cars_test_annos_withlabels.mat}", "Stanford Cars"),
     DatasetInfo("sin10k", 1000, 10000, 0, _sin10k, SIN10K_LIST + " (bench data make-sin10k)",
                 "10 images per ImageNet-1k class"),
     DatasetInfo("imagenet", 1000, 1281167, 50000, _imagenet, "imagenet/{train,val}/<wnid>/", "ImageNet-1k train / val"),
