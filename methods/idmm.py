@@ -20,10 +20,13 @@ class IDMM(Method):
         self.classifier = torch.nn.Linear(feature_dim, num_instances)
 
     def loss(self, views, index, label, progress):
-        total = 0.0
-        for group in views:  # group A (2 large crops), group B (4 small crops)
-            target = index.repeat(len(group) // len(index))
-            x, perm, lam = cutmix(group, self.cfg["cutmix_beta"])
-            logits = self.classifier(self.encoder(x))
-            total = total + mixed_cross_entropy(logits, target, perm, lam, self.cfg["label_smoothing"])
+        # each group its own CutMix, then all crops of one size through the backbone as one batch
+        mixed = [cutmix(group, self.cfg["cutmix_beta"]) for group in views]
+        logits = self.classifier(self.embed([x for x, _, _ in mixed]))
+        total, start = 0.0, 0
+        for x, perm, lam in mixed:  # group A (2 large crops), group B (4 small crops)
+            target = index.repeat(len(x) // len(index))
+            out = logits[start:start + len(x)]
+            start += len(x)
+            total = total + mixed_cross_entropy(out, target, perm, lam, self.cfg["label_smoothing"])
         return total
