@@ -76,12 +76,26 @@ def load_preset(name: str, overrides=()) -> dict:
         if not sep:
             raise UserError(f"--set {item}: expected KEY=VALUE, e.g. pretrain.epochs=2")
         *parents, last = key.split(".")
-        node = preset
-        for k in parents:
-            node = node.setdefault(_key(node, k), {})
+        node, where = preset, ""
+        for k in [*parents, last]:
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: '{where}' is not a group of settings")
+            if _key(node, k) not in node and not _open(where, k):  # a typo would otherwise change nothing
+                raise UserError(f"--set {key}: the preset has no setting '{(where + '.' + k).lstrip('.')}'")
+            if k is not last:
+                node = node.setdefault(_key(node, k), {})
+                where = f"{where}.{k}".lstrip(".")
         node[_key(node, last)] = _scalar(value)
-    preset["name"] = path.stem
+    # built-in presets by name; a user's file by its path, so that the report can load it again
+    preset["name"] = path.stem if path.parent == PRESET_DIR else str(path.resolve())
     return preset
+
+
+def _open(where, key):
+    """Where a user may add entries: backbones, methods, renames, a method's own optimiser settings, kwargs."""
+    return (where in ("backbones", "methods", "pretrain_data", "finetune.resolution")
+            or where.endswith((".pretrain", ".kwargs"))
+            or (where.startswith("methods.") and where.count(".") == 1 and key == "pretrain"))
 
 
 def _scalar(text):

@@ -116,3 +116,15 @@ def test_paper_pvt_and_t2t_cells_use_their_own_lr_and_warmup():
         1e-3, 10, 1e-3, 10, 5e-5)
     (ft,) = _cell_chain("sota", "deit_base/random", "dtd", ["random"], ["deit_base_patch16_224"])
     assert (ft["resolution"], ft["epochs"], ft["lr"]) == (224, 800, 5e-4)
+
+
+def test_set_rejects_a_setting_the_preset_does_not_have_and_user_presets_load_by_path(tmp_path):
+    with pytest.raises(UserError, match="no setting 'pretrain.epoch'"):
+        planner.load_preset("demo", ["pretrain.epoch=2"])
+    assert planner.load_preset("demo", ["finetune.stages.224.batch_size=8"])["finetune"]["stages"][224]["batch_size"] == 8
+    assert planner.load_preset("demo", ["methods.idmm.pretrain.lr=1e-2"])["methods"]["idmm"]["pretrain"]["lr"] == 0.01
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: demo\npretrain: {epochs: 3}\n")
+    preset = planner.load_preset(str(mine))
+    assert preset["pretrain"]["epochs"] == 3 and preset["name"] == str(mine.resolve())
+    assert planner.load_preset(preset["name"])["pretrain"]["resolution"] == 16  # the report re-loads it by name
