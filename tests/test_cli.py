@@ -21,6 +21,10 @@ def test_demo_comparison_idmm_and_random_through_to_the_report(tmp_path):
         assert r["status"] == "done" and r["versions"]["torch"] and r["hardware"]["cpus"] and r["wall_time_s"] > 0
     finals = [r for r in records if r["stage"] == "finetune"]
     assert all(0 <= r["metrics"]["top1"] <= 1 and r["metrics"]["test_size"] == 540 for r in finals)
+    for r in records:  # a finished job keeps its weights and metrics log, not its optimiser checkpoint
+        run_dir = tmp_path / "results" / "runs" / r["hash"]
+        assert (run_dir / "weights.pt").is_file() and (run_dir / "metrics.jsonl").is_file()
+        assert not (run_dir / "checkpoint.pt").exists()
     pre = next(r for r in records if r["stage"] == "pretrain")
     assert pre["metrics"]["train_size"] == 807  # IDMM's N
 

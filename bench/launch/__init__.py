@@ -71,4 +71,6 @@ def execute(job, store: Store, preset_name="", overrides=(), data_opts=None):
     record.update(wall_time_s=round(time.time() - t0, 2),
                   finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     store.put(record)
+    if record["status"] == "done":  # the record and weights.pt are the result; the optimiser state is dead weight
+        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     return record
