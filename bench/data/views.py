@@ -138,7 +138,7 @@ def eval_view(images, resolution, resize_ratio):
 
 # --- mixing -------------------------------------------------------------------------------------------------
 
-def mix_lambda(alpha, device="cpu"):
+def mix_lambda(alpha):
     """lambda ~ Beta(alpha, alpha), folded to max(lambda, 1 - lambda) as in the official code."""
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     return max(lam, 1 - lam)

@@ -53,8 +53,8 @@ def execute(job, store: Store, preset_name="", overrides=(), data_opts=None):
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     record = {"hash": job.hash, "stage": cfg["stage"], "method": job.method, "config": cfg, "seed": cfg["seed"],
-              "cells": [list(c) for c in job.cells], "preset": preset_name, "overrides": list(overrides), "hardware": hardware(),
-              "versions": versions(), "run_dir": str(run_dir)}
+              "cells": [list(c) for c in job.cells], "preset": preset_name, "overrides": list(overrides),
+              "hardware": hardware(), "versions": versions(), "run_dir": str(run_dir)}
     try:
         if cfg["stage"] == "pretrain":
             metrics = pretrain(cfg, run_dir, data_opts)
