@@ -156,12 +156,15 @@ def cmd_data_check(args):
         print(f"{d.name}: embedded, train {d.train}, test {d.test}")
         return 0
     found = {}
-    for split in ("train", "test") if d.test else ("train",):
+    for split in ("train", "test") if d.has_test else ("train",):
         files, labels, classes, _ = datasets.split_files(d.name, split, args.data_root)
         missing = [f for f in files if not Path(f).is_file()]
         if missing:
             raise UserError(f"{d.name} {split}: {len(missing)} listed images are missing, e.g. {missing[0]}")
         found[split] = (len(files), len(set(labels)))
+    if not d.train:  # the user's own folder: no paper split to compare with
+        print(f"{d.name}: " + ", ".join(f"{s} {n} images / {c} classes" for s, (n, c) in found.items()))
+        return 0
     expected = {"train": d.train, "test": d.test}
     wrong = [f"{s} has {n} images, the paper's split has {expected[s]}" for s, (n, _) in found.items() if n != expected[s]]
     wrong += [f"{s} has {c} classes, expected {d.classes}" for s, (_, c) in found.items() if c != d.classes]

@@ -251,7 +251,8 @@ def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds
                     pdata = row.get("pretrain_data")
                     pdata = preset["pretrain_data"].get(pdata, pdata) or col
                     pskip = None
-                    if not (pdata.startswith("folder:") or pdata in datasets.DATASETS):
+                    if not (pdata.startswith("folder:") or pdata in datasets.DATASETS
+                            or pdata in datasets.user_datasets()):
                         pskip = f"pretraining set '{pdata}' is not defined"
                     parent = add(_pretrain_config(row, preset, pdata, seed), None, pskip)
                 job_skip = skip or (parent.skip if parent else None)

@@ -142,3 +142,21 @@ def test_download_offline_fails_with_one_line(tmp_path):
     assert "downloading flowers102" in out.stderr and "offline?" in out.stderr
     told = bench("data", "download", "indoor67", "--data-root", str(tmp_path))
     assert told.returncode == 0 and "indoor67/{Images/, TrainImages.txt, TestImages.txt}" in told.stdout
+
+
+def test_a_folder_named_in_the_users_file_is_a_column(root, tmp_path):
+    config = tmp_path / "datasets.yaml"
+    config.write_text(f"mine: {root / 'mine'}\n")
+    env = {"BENCH_DATASETS": str(config)}
+    check = bench("data", "check", "mine", env=env)
+    assert check.returncode == 0 and "train 6 images / 2 classes, test 4 images / 2 classes" in check.stdout
+    run = bench("run", "--table", "comparison", "--preset", "demo", "--methods", "random", "--datasets", "mine",
+                "--results", str(tmp_path / "r"), *FAST, env=env)
+    assert run.returncode == 0, run.stderr
+    (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
+    assert rec["config"]["data"] == "mine" and rec["metrics"]["train_size"] == 6
+    rep = bench("report", "--results", str(tmp_path / "r"), "--out", str(tmp_path / "rep"), env=env)
+    header = next(line for line in rep.stdout.splitlines() if line.startswith("| Backbone"))
+    assert [c.strip() for c in header.strip("|").split("|")][-1] == "mine"  # the records add their column
+    unknown = bench("run", "--datasets", "yours", env=env)
+    assert unknown.returncode == 2 and "mine" in unknown.stderr and str(config) in unknown.stderr

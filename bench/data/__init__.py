@@ -42,6 +42,7 @@ class DatasetInfo:
     layout: str = ""       # where the files are expected under the data root
     note: str = ""
     reader: object = None  # (root, split, size) -> ImageSet, for data that is not files (digits)
+    has_test: bool = True  # pretraining-only sets (SIN-10k) have none
 
 
 def _digits(root, split, size, extra=False):
@@ -191,7 +192,7 @@ DATASETS = {d.name: d for d in [
     DatasetInfo("digits", 10, 807, 540, note="embedded: scikit-learn load_digits, stratified split, seed 0",
                 reader=_digits),
     DatasetInfo("digits_extra", 10, 450, 0, note="embedded: 450 other digits, the demo's stand-in for SIN-10k",
-                reader=functools.partial(_digits, extra=True)),
+                reader=functools.partial(_digits, extra=True), has_test=False),
     _tv("flowers102", 102, 2040, 6149, "Flowers102", {"train": ["train", "val"], "test": ["test"]},
         "flowers-102/{jpg/, imagelabels.mat, setid.mat}", "Oxford Flowers102, train + val"),
     _tv("pets", 37, 3680, 3669, "OxfordIIITPet", {"train": ["trainval"], "test": ["test"]},
@@ -208,7 +209,7 @@ DATASETS = {d.name: d for d in [
     _tv("cars", 196, 8144, 8041, "StanfordCars", {"train": ["train"], "test": ["test"]},
         "stanford_cars/{cars_train/, cars_test/, devkit/, cars_test_annos_withlabels.mat}", "Stanford Cars"),
     DatasetInfo("sin10k", 1000, 10000, 0, _sin10k, SIN10K_LIST + " (bench data make-sin10k)",
-                "10 images per ImageNet-1k class"),
+                "10 images per ImageNet-1k class", has_test=False),
     DatasetInfo("imagenet", 1000, 1281167, 50000, _imagenet, "imagenet/{train,val}/<wnid>/", "ImageNet-1k train / val"),
 ]}
 
@@ -224,13 +225,38 @@ OFFICIAL = {
 }
 
 
+def user_datasets_file() -> Path:
+    return Path(os.environ.get("BENCH_DATASETS", "~/.config/bench/datasets.yaml")).expanduser()
+
+
+def user_datasets() -> dict:
+    """Names a user gave their own image folders: a YAML map `name: /path/with/train/and/test`."""
+    path = user_datasets_file()
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        entries = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(entries, dict):
+        raise UserError(f"{path} should map dataset names to folders")
+    return {str(k): str(Path(str(v)).expanduser()) for k, v in entries.items()}
+
+
 def info(spec: str) -> DatasetInfo:
-    """The registry entry of a dataset spec: a registered name or `folder:DIR`."""
+    """The registry entry of a dataset spec: a registered name, a name from the user's file, or `folder:DIR`."""
     if spec.startswith("folder:"):
         return DatasetInfo(spec, 0, 0, 0, _folder, "train/<class>/, test/<class>/", "image folder")
-    if spec not in DATASETS:
-        raise UserError(f"unknown dataset '{spec}': choose from {', '.join(DATASETS)} or folder:DIR")
-    return DATASETS[spec]
+    if spec in DATASETS:
+        return DATASETS[spec]
+    mine = user_datasets()
+    if spec in mine:
+        return DatasetInfo(spec, 0, 0, 0, lambda root, split, path=mine[spec]: _folder(path, split),
+                           f"{mine[spec]}/{{train,test}}/<class>/", f"image folder named in {user_datasets_file()}")
+    raise UserError(f"unknown dataset '{spec}': choose from {', '.join([*DATASETS, *mine])}, folder:DIR, "
+                    f"or name a folder in {user_datasets_file()}")
 
 
 def data_root(explicit=None) -> Path:
@@ -250,7 +276,7 @@ def check_available(spec: str, root=None):
     """Fail before any training when a dataset a plan needs cannot be found (its split files are read)."""
     d = info(spec)
     if d.lister is not None:
-        for split in ("train", "test") if d.test or spec.startswith("folder:") else ("train",):
+        for split in ("train", "test") if d.has_test else ("train",):
             d.lister(_root_for(spec, root), split)
 
 
