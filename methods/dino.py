@@ -44,7 +44,7 @@ class DINO(Method):
         student = self.head(self.embed(views)).chunk(sum(len(v) for v in views) // b)  # global crops first
         with torch.no_grad():
             # each global crop is a group of its own (their blur and solarisation differ)
-            teacher = self.teacher_head(self.teacher(torch.cat(views[:n_global]))).chunk(n_global)
+            teacher = self.teacher_head(self.embed(views[:n_global], self.teacher)).chunk(n_global)
         return self.criterion(list(teacher), list(student), teacher_temp=self.teacher_temp(progress))
 
     def after_step(self, progress):
