@@ -1,4 +1,4 @@
-"""`bench`: run | report | status | methods | data."""
+"""`bench`: run | report | status | cancel | methods | data."""
 from __future__ import annotations
 
 import argparse
@@ -57,14 +57,33 @@ def _job_table(jobs, store):
     return tabulate(rows, ["hash", "recipe", "state"], tablefmt="plain")
 
 
+def _check_launch(args, jobs):
+    """Launch flags that cannot work fail here, before anything is trained or submitted."""
+    if args.jobs_per_gpu < 1 or (args.gpus_per_job or 1) < 1:
+        raise UserError("--jobs-per-gpu and --gpus-per-job take a whole number of 1 or more")
+    if (args.gpus_per_job or 1) > 1:
+        uneven = [j for j in jobs if not j.skip and j.config["batch_size"] % args.gpus_per_job]
+        if uneven:
+            raise UserError(f"--gpus-per-job {args.gpus_per_job}: job {uneven[0].short} has batch size "
+                            f"{uneven[0].config['batch_size']}, which does not split evenly across the GPUs")
+
+
+def _slurm_settings(args):
+    from bench.launch import slurm
+
+    flags = {k: getattr(args, f"slurm_{k}") for k in ("partition", "account", "qos", "time", "cpus_per_job", "mem",
+                                                       "constraint", "setup")}
+    flags["array_parallelism"] = args.array_parallelism
+    return slurm.load_settings(args.slurm_config, flags)
+
+
 def cmd_run(args):
     preset, jobs = _jobs(args)
     store = Store(args.results)
     if args.dry_run:
         print(_job_table(jobs, store))
         return 0
-    from bench.launch import local
-
+    _check_launch(args, jobs)
     runnable = [j for j in jobs if not j.skip]
     todo = [j for j in runnable if store.state(j.hash) != "done"]
     for spec in sorted({j.config["data"] for j in todo}):  # missing data fails here, before any training
@@ -77,11 +96,48 @@ def cmd_run(args):
         print(f"all {done} jobs are done; nothing to train", file=sys.stderr)
         return 0
     data_opts = {"root": args.data_root, "skip_bad": args.skip_bad,
-                 "cache_dir": None if args.no_cache else str(Path(args.results) / "cache")}
-    ran, failed = local.run(jobs, store, preset["name"], args.set, data_opts)
-    print(f"finished {ran - failed} of {ran} jobs" + (f", {failed} failed (see bench status)" if failed else "")
+                 "cache_dir": None if args.no_cache else str(Path(args.results).resolve() / "cache")}
+    if args.launcher == "slurm":
+        return _run_slurm(args, preset, jobs, store, data_opts)
+    from bench.launch import local
+
+    devices = local.visible_gpus()
+    gpus = args.gpus_per_job or 1
+    if gpus > 1 and len(devices) < gpus:
+        raise UserError(f"--gpus-per-job {gpus}: {len(devices)} GPUs are visible on this machine")
+    ran, failed = local.run(jobs, store, preset["name"], args.set, data_opts, devices=devices,
+                            jobs_per_gpu=args.jobs_per_gpu, gpus_per_job=gpus)
+    print(f"finished {ran - failed} of {ran} jobs" + (f", {failed} failed or not run (see bench status)" if failed else "")
           + f"; results in {args.results}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _run_slurm(args, preset, jobs, store, data_opts):
+    from bench.launch import slurm
+
+    settings = _slurm_settings(args)
+    store.root.mkdir(parents=True, exist_ok=True)
+    store = Store(store.root.resolve())  # SLURM jobs may start in another directory
+    gpus = settings["gpus_per_job"] if args.gpus_per_job is None else args.gpus_per_job
+    ids, not_run, active = slurm.submit(jobs, store, preset["name"], args.set, data_opts, settings,
+                                        gpus_per_job=gpus, name=f"bench-{args.table}")
+    for job, why in not_run:
+        print(f"{job.short} not submitted: {why}", file=sys.stderr)
+    if active:
+        print(f"{len(active)} jobs already queued or running: not submitted again", file=sys.stderr)
+    if ids:
+        by_hash = {j.hash: j for j in jobs}
+        print(tabulate([[h[:10], by_hash[h].config["stage"], by_hash[h].method, by_hash[h].config["data"], i]
+                        for h, i in ids.items()], ["hash", "stage", "method", "data", "SLURM job"], tablefmt="plain"))
+    print(f"submitted {len(ids)} jobs; logs under {store.root / 'slurm'}; `bench status --results {args.results}`"
+          + ("" if args.wait else " to follow them"), file=sys.stderr)
+    if not args.wait:
+        return 1 if not_run else 0
+    outcome = slurm.wait(store, [j.hash for j in jobs if not j.skip], lambda m: print(m, file=sys.stderr))
+    bad = [h for h, o in outcome.items() if o != "done"]
+    print(f"finished {len(outcome) - len(bad)} of {len(outcome)} jobs"
+          + (f", {len(bad)} failed or not run (see bench status)" if bad else ""), file=sys.stderr)
+    return 1 if bad else 0
 
 
 def cmd_report(args):
@@ -98,28 +154,76 @@ def cmd_report(args):
     return 0
 
 
+def _known_hashes(store):
+    hashes = {r["hash"] for r in store.records()}
+    runs = store.root / "runs"
+    for d in runs.iterdir() if runs.is_dir() else []:
+        if (d / "checkpoint.pt").exists() or (d / "launch.json").exists():
+            hashes.add(d.name)
+    return sorted(hashes)
+
+
 def cmd_status(args):
+    from bench.launch import slurm
+
     store = Store(args.results)
     if args.table:
         _, jobs = _jobs(args)
-        print(_job_table(jobs, store))
-        return 0
-    rows = []
-    for r in store.records():
-        c = r["config"]
-        top1 = r.get("metrics", {}).get("top1")
-        rows.append([r["hash"][:10], r["status"], r["stage"], r.get("method", ""), c["backbone"], c["data"],
-                     c["resolution"], c["epochs"], "" if top1 is None else f"{100 * top1:.1f}",
-                     f"{r.get('wall_time_s', 0):.0f}s", r.get("error", "")])
-    runs = store.root / "runs"
-    for d in sorted(runs.iterdir()) if runs.is_dir() else []:
-        if store.get(d.name) is None and (d / "checkpoint.pt").exists():
-            rows.append([d.name[:10], "partial", "", "", "", "", "", "", "", "", "checkpoint saved; re-run to resume"])
-    if not rows:
+        hashes = [j.hash for j in jobs if not j.skip]
+        planned = {j.hash: j for j in jobs}
+    else:
+        hashes, planned = _known_hashes(store), {}
+    if not hashes:
         print(f"no results in {args.results}")
         return 0
-    print(tabulate(rows, ["hash", "state", "stage", "method", "backbone", "data", "res", "epochs", "top-1",
-                          "wall", "error"], tablefmt="plain"))
+    launched = {h: store.launch(h) for h in hashes}
+    try:
+        queue = slurm.slurm_states(store, hashes) if any(i and i["launcher"] == "slurm" for i in launched.values()) else {}
+    except UserError as e:  # records are still worth showing without SLURM
+        print(f"bench: warning: {e}", file=sys.stderr)
+        queue = {}
+    rows, failures = [], []
+    for h in hashes:
+        rec, info = store.get(h), launched[h] or {}
+        c = rec["config"] if rec else planned[h].config if h in planned else {}
+        sstate = queue.get(h, (None, ""))[1]
+        if rec and not (rec["status"] == "failed" and sstate in slurm.ACTIVE):
+            state = rec["status"]
+        elif sstate in slurm.ACTIVE:
+            state = sstate.lower()
+        elif sstate:  # ended without a record: cancelled, killed, never ran
+            state = "partial" if (store.run_dir(h) / "checkpoint.pt").exists() else "stopped"
+        else:
+            state = store.state(h)
+        top1 = (rec or {}).get("metrics", {}).get("top1")
+        log = info.get("stderr") or info.get("log") or ""
+        rows.append([h[:10], state, c.get("stage", ""), (rec or {}).get("method") or (planned[h].method if h in planned else ""),
+                     c.get("backbone", ""), c.get("data", ""), c.get("epochs", ""),
+                     "" if top1 is None else f"{100 * top1:.1f}", info.get("launcher", ""), info.get("job_id", ""),
+                     sstate, log])
+        if state in ("failed", "stopped") or (state == "partial" and sstate):
+            why = (rec or {}).get("error") or f"SLURM state {sstate}, no record"
+            failures.append((h, why, slurm.log_tail(log) if log else []))
+    print(tabulate(rows, ["hash", "state", "stage", "method", "backbone", "data", "epochs", "top-1", "launcher",
+                          "job id", "SLURM", "log"], tablefmt="plain"))
+    for h, why, tail in failures:
+        print(f"\n{h[:10]}: {why}")
+        for line in tail:
+            print(f"  | {line}")
+    return 0
+
+
+def cmd_cancel(args):
+    from bench.launch import slurm
+
+    store = Store(args.results)
+    if args.table:
+        _, jobs = _jobs(args)
+        hashes = [j.hash for j in jobs if not j.skip]
+    else:
+        hashes = _known_hashes(store)
+    ids = slurm.cancel(store, hashes)
+    print(f"cancelled {len(ids)} SLURM jobs" + (f": {' '.join(ids)}" if ids else " (none queued or running)"))
     return 0
 
 
@@ -212,6 +316,23 @@ def build_parser():
     r.add_argument("--data-root", metavar="DIR", help="where the datasets live (default $BENCH_DATA_ROOT or ~/data)")
     r.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed in the records)")
     r.add_argument("--no-cache", action="store_true", help="do not keep decoded datasets under RESULTS/cache")
+    r.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="local: this machine (one job after another on CPU, a queue over the GPUs); slurm: submitit")
+    r.add_argument("--jobs-per-gpu", type=int, default=1, metavar="K", help="local: pack K jobs on each GPU")
+    r.add_argument("--gpus-per-job", type=int, metavar="N",
+                   help="run each job on N GPUs with torch.distributed, the batch split across them (default 1; "
+                        "slurm: gpus_per_job of the SLURM settings, 0 for a CPU-only cluster)")
+    r.add_argument("--wait", action="store_true", help="slurm: block with the table's progress until every job ends")
+    r.add_argument("--slurm-config", metavar="FILE",
+                   help="YAML of SLURM settings (partition, account, qos, time, gpus_per_job, cpus_per_job, mem, "
+                        "constraint, setup, array_parallelism, max_requeues); default ~/.config/bench/slurm.yaml")
+    r.add_argument("--array-parallelism", type=int, metavar="K", help="slurm: at most K tasks of an array at once")
+    for flag, meta, text in [("partition", "NAME", ""), ("account", "NAME", ""), ("qos", "NAME", ""),
+                             ("time", "MINUTES", "time limit per job; a job past it is requeued and resumes"),
+                             ("cpus-per-job", "N", ""), ("mem", "SIZE", "e.g. 32G"), ("constraint", "FEATURES", "")]:
+        r.add_argument(f"--slurm-{flag}", metavar=meta, type=int if meta in ("MINUTES", "N") else str, help=text or None)
+    r.add_argument("--slurm-setup", action="append", default=[], metavar="LINE",
+                   help="a shell line run before each job (module load ..., source .venv/bin/activate); repeatable")
     r.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="render a table from the records, paper numbers beside")
@@ -222,9 +343,13 @@ def build_parser():
     _store_args(rep)
     rep.set_defaults(func=cmd_report)
 
-    st = sub.add_parser("status", help="records in the store, or a table's jobs and their state")
+    st = sub.add_parser("status", help="every job's state, launcher, SLURM id and logs; why failed jobs failed")
     _plan_args(st)
     st.set_defaults(func=cmd_status, table=None)
+
+    c = sub.add_parser("cancel", help="cancel the queued and running SLURM jobs of a table (default: of the store)")
+    _plan_args(c)
+    c.set_defaults(func=cmd_cancel, table=None)
 
     m = sub.add_parser("methods", help="the pretraining methods and where their defaults come from")
     m.set_defaults(func=cmd_methods)

@@ -1,8 +1,9 @@
 """The one training loop, shared by every method and every stage.
 
 data (a decoded ImageSet) -> batched views -> model.loss -> AdamW -> per-iteration warmup + cosine.
-A checkpoint is written (atomically) after every epoch and when SIGTERM / SIGUSR2 / Ctrl-C arrives, so a job
-resumes from where it stopped; a JSON-lines metrics log sits beside it in the job's run directory.
+A checkpoint is written (atomically) after every epoch and when a stop is requested (the launcher turns its
+signals into `request_stop`), so a job resumes from where it stopped; a JSON-lines metrics log sits beside it in
+the job's run directory. Under torch.distributed the same loop runs on every rank (see `fit`).
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from bench.data.views import make_views
@@ -82,7 +83,17 @@ class Interrupted(RuntimeError):
 
 
 def device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def lr_factor(step, warmup_steps, total_steps):
@@ -98,35 +109,73 @@ def _atomic_save(obj, path: Path):
     os.replace(tmp, path)
 
 
-@contextmanager
-def _stop_requests():
-    """Turn SIGTERM / SIGUSR2 / SIGINT into a flag the loop checks after each step."""
-    flag = []
-    sigs = [signal.SIGTERM, signal.SIGUSR2, signal.SIGINT]
-    try:
-        old = {s: signal.signal(s, lambda signum, _frame: flag.append(signum)) for s in sigs}
-    except ValueError:  # not the main thread: no handlers, no graceful stop
-        yield flag
+# "Stop soon and save": a launcher turns its signals (SIGTERM, SIGUSR2, Ctrl-C) into a request; the loop checks
+# it after every step, saves a checkpoint and raises Interrupted. The engine knows nothing about SLURM.
+_stop_requested: list[int] = []
+
+
+def request_stop(signum=signal.SIGTERM):
+    _stop_requested.append(signum)
+
+
+def _sync_flags(stop: bool, finite: bool):
+    """Every rank must stop at the same step, and a NaN on one rank stops them all (else: a deadlock)."""
+    if world_size() == 1:
+        return stop, finite
+    t = torch.tensor([float(stop), float(not finite)], device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t[0]), not bool(t[1])
+
+
+def _average_gradients(params):
+    grads = [p.grad for p in params if p.grad is not None]
+    if world_size() == 1 or not grads:
         return
-    try:
-        yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _rng_states(dev):
+    """This rank's generators; with several ranks, every rank's, gathered (each draws its own crops)."""
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+    if world_size() == 1:
+        return [mine]
+    out = [None] * world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def shard(n, rank_, world):
+    """The rows of an n-image training set this rank holds: every world-th one, the same count on every rank."""
+    per_rank = n // world
+    return torch.arange(rank_, per_rank * world, world)
 
 
 def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
     """Train `model` on `data` for cfg['epochs']; resume from run_dir/checkpoint.pt when it exists.
 
     cfg: epochs, batch_size, lr, warmup_epochs, weight_decay, seed; optional weight_decay_end (cosine schedule
-    of the weight decay, DINO) and clip_grad (max gradient norm). Returns the last epoch's metrics."""
+    of the weight decay, DINO) and clip_grad (max gradient norm). Returns the last epoch's metrics.
+
+    With torch.distributed initialised (several ranks), batch_size is the global batch: each rank holds its own
+    shard of the training set, draws batch_size / ranks images of it per step, and the gradients are averaged.
+    Losses that need the whole batch gather it themselves (see methods/). Rank 0 writes the checkpoint and the
+    log; every rank's random state is in the checkpoint."""
     dev = device()
+    rk, world = rank(), world_size()
+    main = rk == 0
     run_dir.mkdir(parents=True, exist_ok=True)
     model.to(dev)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
-                            weight_decay=cfg["weight_decay"], fused=dev.type == "cuda")
-    n = len(data)
-    bs = min(cfg["batch_size"], n)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=dev.type == "cuda")
+    rows = shard(len(data), rk, world) if world > 1 else torch.arange(len(data))
+    n = len(rows)
+    bs = min(cfg["batch_size"], len(data)) // world
     steps = n // bs  # drop the last partial batch, as the official DataLoaders do
     total = cfg["epochs"] * steps
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -136,68 +185,90 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
     epoch, step, perm, last = 0, 0, None, {}
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        if ck.get("world_size", 1) != world:
+            raise RuntimeError(f"{ckpt_path} was written by {ck.get('world_size', 1)} processes, this run has "
+                               f"{world}: resume with the same --gpus-per-job or delete the checkpoint")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        epoch, step, perm, last = ck["epoch"], ck["step"], ck["perm"], ck.get("metrics", {})
-        torch.set_rng_state(ck["rng"])
-        if dev.type == "cuda" and ck.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ck["cuda_rng"])
+        epoch, step, last = ck["epoch"], ck["step"], ck.get("metrics", {})
+        perm = ck["perm"][rk] if world > 1 else ck["perm"]
+        rng = ck["rng"][rk] if isinstance(ck["rng"], list) else {"cpu": ck["rng"], "cuda": ck.get("cuda_rng")}
+        torch.set_rng_state(rng["cpu"].cpu())
+        if dev.type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), dev)
+        if main and epoch < cfg["epochs"]:
+            print(f"{desc}: resumed from epoch {epoch} step {step} of {cfg['epochs']} epochs ({ckpt_path})",
+                  file=sys.stderr, flush=True)
 
     def save(e, s):
-        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "epoch": e, "step": s, "perm": perm, "metrics": last, "rng": torch.get_rng_state(),
-                      "cuda_rng": torch.cuda.get_rng_state() if dev.type == "cuda" else None}, ckpt_path)
+        perms = perm
+        if world > 1:
+            perms = [None] * world
+            dist.all_gather_object(perms, perm.cpu())
+        rngs = _rng_states(dev)
+        if main:
+            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "epoch": e, "step": s, "perm": perms, "metrics": last,
+                          "rng": rngs, "world_size": world}, ckpt_path)
 
-    images, labels = data.images.to(dev), data.labels.to(dev)
+    images = (data.images[rows] if world > 1 else data.images).to(dev)
+    labels, rows = data.labels.to(dev), rows.to(dev)
     model.train()
     bar = tqdm(total=total, initial=epoch * steps + step, desc=desc, unit="step", dynamic_ncols=True,
-               file=sys.stderr, disable=None, leave=False)
-    log = open(run_dir / "metrics.jsonl", "a")
+               file=sys.stderr, disable=None if main else True, leave=False)
+    log = open(run_dir / "metrics.jsonl", "a") if main else None
     try:
-        with _stop_requests() as stop:
-            while epoch < cfg["epochs"]:
-                if step == 0:  # a fresh epoch: its own seed, so a resumed run draws the same crops
-                    torch.manual_seed(cfg["seed"] * 100_003 + epoch)
-                    perm = torch.randperm(n, device=dev)
-                model.start_epoch(epoch)
-                t0, seen, loss_sum = time.time(), 0, 0.0
-                while step < steps:
-                    idx = perm[step * bs:(step + 1) * bs]
-                    progress = (epoch * steps + step) / total
-                    views = make_views(images[idx], model.views)
-                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                        loss = model.loss(views, idx, labels[idx], progress)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch} step {step}")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.get("clip_grad"):
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
-                    if cfg.get("weight_decay_end") is not None:
-                        for g in opt.param_groups:
-                            g["weight_decay"] = cosine_ramp(cfg["weight_decay"], cfg["weight_decay_end"], progress)
-                    opt.step()
-                    sched.step()
-                    model.after_step(progress)
-                    step += 1
-                    seen += len(idx)
-                    loss_sum += loss.item()
-                    bar.update()
-                    bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-                    if stop:
-                        save(epoch, step)
-                        raise Interrupted(stop[0])
-                secs = time.time() - t0
-                last = {"epoch": epoch, "loss": loss_sum / max(1, steps), "lr": sched.get_last_lr()[0],
-                        "seconds": round(secs, 3), "images_per_s": round(seen / max(secs, 1e-9), 1)}
+        while epoch < cfg["epochs"]:
+            if step == 0:  # a fresh epoch: its own seed, so a resumed run draws the same crops
+                torch.manual_seed(cfg["seed"] * 100_003 + epoch + 1_000_003 * rk)
+                perm = torch.randperm(n, device=dev)
+            model.start_epoch(epoch)
+            t0, seen, loss_sum = time.time(), 0, torch.zeros((), device=dev)
+            while step < steps:
+                local = perm[step * bs:(step + 1) * bs]
+                idx = rows[local]  # the images' indices in the whole training set (IDMM's instance labels)
+                progress = (epoch * steps + step) / total
+                views = make_views(images[local], model.views)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                    loss = model.loss(views, idx, labels[idx], progress)
+                stop, finite = _sync_flags(bool(_stop_requested), bool(torch.isfinite(loss)))
+                if not finite:
+                    raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch} step {step}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                _average_gradients(params)
+                if cfg.get("clip_grad"):
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
+                if cfg.get("weight_decay_end") is not None:
+                    for g in opt.param_groups:
+                        g["weight_decay"] = cosine_ramp(cfg["weight_decay"], cfg["weight_decay_end"], progress)
+                opt.step()
+                sched.step()
+                model.after_step(progress)
+                step += 1
+                seen += len(idx) * world
+                loss_sum += loss.detach()
+                bar.update()
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+                if stop:
+                    save(epoch, step)
+                    raise Interrupted((_stop_requested or [signal.SIGTERM])[0])
+            if world > 1:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            secs = time.time() - t0
+            last = {"epoch": epoch, "loss": loss_sum.item() / max(1, steps), "lr": sched.get_last_lr()[0],
+                    "seconds": round(secs, 3), "images_per_s": round(seen / max(secs, 1e-9), 1)}
+            if main:
                 log.write(json.dumps(last) + "\n")
                 log.flush()
-                epoch, step = epoch + 1, 0
-                save(epoch, 0)
+            epoch, step = epoch + 1, 0
+            save(epoch, 0)
     finally:
         bar.close()
-        log.close()
+        if log:
+            log.close()
     return last
 
 

@@ -8,7 +8,7 @@ import torch
 from bench import data as datasets
 from bench import models
 from bench.data.views import cutmix, eval_view, mixed_cross_entropy, mixup
-from bench.engine import Method, fit, predict
+from bench.engine import Method, fit, predict, rank
 from bench.errors import UserError
 
 
@@ -52,6 +52,8 @@ def run(cfg: dict, run_dir: Path, init: dict | None, data_opts: dict):
     if init is not None:
         models.load_into(model, init, cfg["backbone"])
     last = fit(Classifier(model, cfg), train, cfg, run_dir, desc=f"finetune {cfg['data']} {res}px")
+    if rank() != 0:  # rank 0 evaluates and writes the weights
+        return {}
     torch.save(models.export(model, cfg["backbone"], res), run_dir / "weights.pt")
     return {"top1": top1(model, test, res, cfg["eval_resize"]), "train_loss": last.get("loss"),
             "train_images_per_s": last.get("images_per_s"), "train_size": len(train), "test_size": len(test),

@@ -1,7 +1,8 @@
 """The result store: one JSON record per finished (or failed) job, named by the job's config hash.
 
     DIR/<hash>.json          the record (written to a temporary name, then renamed)
-    DIR/runs/<hash>/         checkpoint.pt, metrics.jsonl, weights.pt (what the next stage loads)
+    DIR/runs/<hash>/         checkpoint.pt, metrics.jsonl, weights.pt (what the next stage loads),
+                             launch.json (where the job was last sent: launcher, SLURM id, log paths)
 """
 from __future__ import annotations
 
@@ -43,6 +44,19 @@ class Store:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
         os.replace(tmp, path)
+
+    def put_launch(self, h, info):
+        path = self.run_dir(h) / "launch.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".launch.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, path)
+
+    def launch(self, h):
+        try:
+            return json.loads((self.run_dir(h) / "launch.json").read_text())
+        except FileNotFoundError:
+            return None
 
     def state(self, h):
         """done / failed / partial (a checkpoint exists) / pending."""

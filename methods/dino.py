@@ -25,7 +25,8 @@ class DINO(Method):
         self.teacher_head.load_state_dict(self.head.state_dict())
         deactivate_requires_grad(self.teacher)
         deactivate_requires_grad(self.teacher_head)
-        # the centre is a buffer of the loss: it lives in the state dict, hence in every checkpoint
+        # the centre is a buffer of the loss: it lives in the state dict, hence in every checkpoint; lightly
+        # averages each batch's centre over the ranks of a multi-GPU job
         self.criterion = DINOLoss(output_dim=cfg["out_dim"], center_momentum=cfg["center_momentum"])
 
     def start_epoch(self, epoch):

@@ -20,7 +20,9 @@ class MoCoV2(Method):
         self.key_head = copy.deepcopy(self.head)
         deactivate_requires_grad(self.key_encoder)
         deactivate_requires_grad(self.key_head)
-        self.criterion = NTXentLoss(temperature=cfg["temperature"], memory_bank_size=(cfg["queue"], cfg["out_dim"]))
+        # the queue takes every rank's keys, as the official concat_all_gather does
+        self.criterion = NTXentLoss(temperature=cfg["temperature"], memory_bank_size=(cfg["queue"], cfg["out_dim"]),
+                                    gather_distributed=True)
 
     def loss(self, views, index, label, progress):
         x_q, x_k = torch.cat(views).chunk(2)

@@ -6,15 +6,21 @@ import torch
 import torch.nn.functional as F
 from lightly.models.modules.heads import ProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.utils import dist
 
 from bench.engine import Method, cosine_ramp
 
 
 def mocov3_loss(q, k, temperature):
-    """Cross-entropy of normalised q against normalised k (logits q k^T / T, targets the diagonal), times 2T."""
+    """Cross-entropy of normalised q against normalised k (logits q k^T / T, targets the diagonal), times 2T.
+    Under torch.distributed the keys of every rank are the negatives (official concat_all_gather)."""
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    target = torch.arange(len(q), device=q.device)
+    if dist.world_size() > 1:
+        k = torch.cat(dist.gather(k.detach()))
+        target = target + dist.rank() * len(q)
     logits = q @ k.T / temperature
-    return F.cross_entropy(logits, torch.arange(len(q), device=q.device)) * 2 * temperature
+    return F.cross_entropy(logits, target) * 2 * temperature
 
 
 def _mlp(layers, dim_in, hidden, dim_out):

@@ -12,7 +12,7 @@ class SimCLR(Method):
     def __init__(self, backbone, feature_dim, num_instances, num_classes, cfg):
         super().__init__(backbone, cfg)
         self.head = SimCLRProjectionHead(feature_dim, cfg["hidden_dim"], cfg["out_dim"])
-        self.criterion = NTXentLoss(temperature=cfg["temperature"])
+        self.criterion = NTXentLoss(temperature=cfg["temperature"], gather_distributed=True)  # negatives of every rank
 
     def loss(self, views, index, label, progress):
         z0, z1 = self.head(self.embed(views)).chunk(2)

@@ -2,6 +2,7 @@
 import torch
 import torch.nn.functional as F
 from lightly.models.modules import SimCLRProjectionHead
+from lightly.utils import dist
 
 from bench.engine import Method
 
@@ -33,4 +34,8 @@ class SupCon(Method):
 
     def loss(self, views, index, label, progress):
         z = self.head(self.embed(views))
-        return supcon_loss(z, label.repeat(len(z) // len(label)), self.cfg["temperature"])
+        labels = label.repeat(len(z) // len(label))
+        if dist.world_size() > 1:  # every rank computes the loss of the whole batch (gradients flow back through
+            z = torch.cat(dist.gather(z))  # the gather; the engine's averaging makes them the one-process ones)
+            labels = torch.cat(dist.gather(labels))
+        return supcon_loss(z, labels, self.cfg["temperature"])

@@ -5,6 +5,7 @@ import torch
 
 from bench.engine import Method, NonFiniteLoss, fit, lr_factor
 from bench.finetune import Classifier
+from bench.launch import stop_on_signals
 
 CFG = {"epochs": 2, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 1, "weight_decay": 1e-3, "seed": 0}
 VIEWS = {"crops": [{"count": 1, "size": 16, "scale": [0.2, 1.0]}], "flip": 0.5, "jitter": [0.4, 0.4, 0.4, 0.1],
@@ -50,7 +51,7 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, tiny_vit, tiny_images, 
 
     monkeypatch.setattr(engine, "make_views", stop_after_three)
     broken = Classifier(tiny_vit(3), FT)
-    with pytest.raises(engine.Interrupted):
+    with pytest.raises(engine.Interrupted), stop_on_signals():  # the launcher's signal handling
         fit(broken, tiny_images, FT, tmp_path / "run")
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert (ck["epoch"], ck["step"]) == (0, 3)

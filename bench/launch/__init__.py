@@ -1,14 +1,26 @@
-"""Running one job, wherever it runs: build data, model and method from the job's config, train, write a record."""
+"""Running one job, wherever it runs: build data, model and method from the job's config, train, write a record.
+
+Every launcher ends in `execute(job)`: in this process (local, CPU), in a child process per GPU slot (local
+queue; `python -m bench.launch SPEC`), or in a SLURM task (submitit). What they share is here: the job as data
+(`job_spec`), signals turned into the engine's stop request, and torch.distributed for multi-GPU jobs.
+"""
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import signal
+import sys
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
 from bench import data as datasets
-from bench import finetune, models
+from bench import engine, finetune, models
 from bench.engine import Interrupted, NonFiniteLoss, fit
 from bench.errors import UserError
 from bench.results import Store, hardware, versions
@@ -24,6 +36,8 @@ def pretrain(cfg, run_dir, data_opts):
     method = METHODS[cfg["method"]](backbone, backbone.num_features, len(train), len(train.classes),
                                     cfg["method_cfg"])
     last = fit(method, train, cfg, run_dir, desc=f"pretrain {cfg['method']} {cfg['data']}")
+    if engine.rank() != 0:
+        return {}
     torch.save(models.export(method.backbone(), cfg["backbone"], res), run_dir / "weights.pt")
     return {"train_loss": last.get("loss"), "train_images_per_s": last.get("images_per_s"),
             "train_size": len(train), "data": train.meta}
@@ -45,7 +59,8 @@ def _init_weights(job, store):
 
 def execute(job, store: Store, preset_name="", overrides=(), data_opts=None):
     """Run `job` to a record. A user error propagates (nothing is recorded: fix and re-run); a non-finite loss
-    leaves a failed record that says so; a signal leaves a checkpoint and no record.
+    leaves a failed record that says so; a signal leaves a checkpoint and no record. Under torch.distributed
+    every rank trains and rank 0 alone writes the record (the others return None).
     data_opts: root, skip_bad, cache_dir (see bench.data.load)."""
     data_opts = data_opts or {}
     cfg = job.config
@@ -68,9 +83,75 @@ def execute(job, store: Store, preset_name="", overrides=(), data_opts=None):
     except Exception as e:  # a crash is a result too: say what it was and where
         record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(),
                       metrics={})
+    if engine.rank() != 0:
+        return None
+    if engine.world_size() > 1:
+        record["hardware"]["ranks"] = engine.world_size()
     record.update(wall_time_s=round(time.time() - t0, 2),
                   finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     store.put(record)
     if record["status"] == "done":  # the record and weights.pt are the result; the optimiser state is dead weight
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     return record
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+
+
+@contextmanager
+def stop_on_signals(signals=STOP_SIGNALS):
+    """While training: SIGTERM / SIGUSR2 / Ctrl-C ask the engine to save and stop (it raises Interrupted)."""
+    engine._stop_requested.clear()
+    old = {s: signal.signal(s, lambda signum, _frame: engine.request_stop(signum)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        engine._stop_requested.clear()
+
+
+def init_distributed(rank, world, local_rank, master_addr, master_port):
+    """One process per GPU (or per CPU process in tests: gloo); the engine reads rank and world size from here."""
+    if world <= 1:
+        return
+    os.environ["LOCAL_RANK"] = str(local_rank)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                                         world_size=world)
+
+
+def job_spec(job, results, preset_name, overrides, data_opts):
+    """Everything a job process needs, as JSON-able data (local queue) or a pickle (submitit)."""
+    return {"job": dataclasses.asdict(job), "results": str(results), "preset": preset_name,
+            "overrides": list(overrides), "data_opts": data_opts or {}}
+
+
+def run_spec(spec):
+    """Run one job from its spec in this process, signals handled; returns the record (None on ranks > 0)."""
+    from bench.plan import Job
+
+    job = Job(**{**spec["job"], "cells": [tuple(c) for c in spec["job"]["cells"]]})
+    with stop_on_signals():
+        return execute(job, Store(spec["results"]), spec["preset"], spec["overrides"], spec["data_opts"])
+
+
+def main(argv=None):
+    """`python -m bench.launch SPEC.json`: a job process of the local queue. torchrun-style variables (RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) make it one rank of a multi-GPU job.
+    Exit: 0 done, 1 failed record, 2 user error, 128+N stopped by signal N (checkpoint saved)."""
+    spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    env = os.environ
+    init_distributed(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
+                     env.get("MASTER_ADDR", "127.0.0.1"), env.get("MASTER_PORT", "29500"))
+    try:
+        record = run_spec(spec)
+    except UserError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 128 + e.signum
+    return 0 if record is None or record["status"] == "done" else 1

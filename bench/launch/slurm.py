@@ -1,0 +1,248 @@
+"""The SLURM launcher, through submitit.
+
+Jobs whose parents are not waiting go out as job arrays, one array per stage of the chains: the pretraining
+array, then the fine-tuning array whose task i waits for task i of the pretraining array (`aftercorr`), and so
+on. A job whose parent was queued by an earlier `bench run`, or that shares its parent with another job, goes
+out on its own with `afterok` on that parent. A failed parent's children are cancelled (kill-on-invalid-dep).
+
+Pre-emption and time limits: SLURM sends SIGUSR2 before the end (submitit's `--signal`); the job turns it into
+the engine's stop request, the engine saves a checkpoint, then submitit's own handler calls `Task.checkpoint`
+and requeues the job, which resumes from that checkpoint. SIGTERM (`scancel`) saves a checkpoint and ends the
+job; the next `bench run` submits it again and it resumes.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import submitit
+import yaml
+from submitit.slurm.slurm import SlurmInfoWatcher
+
+from bench.engine import Interrupted
+from bench.errors import UserError
+from bench.launch import init_distributed, job_spec, run_spec
+
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+          "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+
+# --slurm-config / ~/.config/bench/slurm.yaml keys (and the --slurm-* flags that override them)
+SETTINGS = {
+    "partition": None, "account": None, "qos": None,
+    "time": 24 * 60,            # minutes per job; a longer run is requeued from its checkpoint
+    "gpus_per_job": 1,          # 0 on a CPU-only cluster; --gpus-per-job N overrides
+    "cpus_per_job": None,       # default: 10 per GPU, or 2 without GPUs
+    "mem": None,                # e.g. 32G
+    "constraint": None,
+    "setup": [],                # shell lines run before the job (module load ..., source venv/bin/activate)
+    "array_parallelism": 256,   # at most this many tasks of one array at once
+    "max_requeues": 20,         # time-outs a job may be requeued after (pre-emptions are not counted)
+}
+
+
+def config_file():
+    return Path(os.environ.get("BENCH_SLURM_CONFIG", Path.home() / ".config" / "bench" / "slurm.yaml"))
+
+
+def load_settings(path=None, flags=None):
+    """Defaults < ~/.config/bench/slurm.yaml (or $BENCH_SLURM_CONFIG) < --slurm-config FILE < --slurm-* flags."""
+    out = dict(SETTINGS)
+    files = [config_file()] + ([Path(path).expanduser()] if path else [])
+    for f in files:
+        if f == config_file() and not f.is_file():
+            continue
+        if not f.is_file():
+            raise UserError(f"--slurm-config {f}: no such file")
+        try:
+            data = yaml.safe_load(f.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{f}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{f}: expected 'key: value' lines ({', '.join(SETTINGS)})")
+        unknown = sorted(set(data) - set(SETTINGS))
+        if unknown:
+            raise UserError(f"{f}: unknown setting '{unknown[0]}': choose from {', '.join(SETTINGS)}")
+        out.update(data)
+    out.update({k: v for k, v in (flags or {}).items() if v not in (None, [])})
+    if isinstance(out["setup"], str):
+        out["setup"] = [out["setup"]]
+    return out
+
+
+class Task:
+    """The callable submitit pickles into the job: runs one job spec. Its `checkpoint` is submitit's requeue hook:
+    the training state is already on disk (the engine saved it), so requeueing means running the same spec."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def __call__(self):
+        env = submitit.JobEnvironment()
+        if os.environ.get("SLURM_CPUS_PER_TASK"):  # the CPUs SLURM gave us, not every core of a shared node
+            import torch
+            torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
+        if env.num_tasks > 1:  # one task per GPU; the port from the job id, so that two jobs on a node differ
+            port = 20000 + int("".join(c for c in str(env.job_id) if c.isdigit())[-6:]) % 20000
+            init_distributed(env.global_rank, env.num_tasks, env.local_rank, env.hostnames[0], port)
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: calls checkpoint(), `scontrol requeue`, exits
+        try:
+            record = run_spec(self.spec)
+        except Interrupted as e:
+            if e.signum == signal.SIGUSR2 and callable(requeue):
+                requeue(e.signum, None)
+            raise
+        if record is not None and record["status"] != "done":  # the SLURM job fails: afterok children never run
+            raise RuntimeError(f"job {record['hash'][:10]} failed: {record['error']}")
+        return None if record is None else record["hash"]
+
+    def checkpoint(self, *args, **kwargs):
+        return submitit.helpers.DelayedSubmission(Task(self.spec))
+
+
+def _sacct(ids):
+    if not ids:
+        return {}
+    if shutil.which("sacct") is None:
+        raise UserError("sacct not found: this machine is not a SLURM client (see the README: .ci/slurm-cluster)")
+    out = subprocess.run(["sacct", "-o", "JobID,State", "--parsable2", "-X", "-j", ",".join(sorted(ids))],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise UserError(f"sacct failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+    return {jid: info["State"].split()[0] for jid, info in SlurmInfoWatcher().read_info(out.stdout).items()}
+
+
+def slurm_states(store, hashes):
+    """hash -> (launch info, SLURM state) for the jobs last sent to SLURM. A job sacct does not know yet (just
+    submitted) counts as PENDING for five minutes, then as LOST."""
+    launched = {h: store.launch(h) for h in hashes}
+    launched = {h: info for h, info in launched.items() if info and info.get("launcher") == "slurm"}
+    states = _sacct({info["job_id"] for info in launched.values()})
+    out = {}
+    for h, info in launched.items():
+        state = states.get(info["job_id"])
+        if state is None:
+            state = "PENDING" if time.time() - info["submitted"] < 300 else "LOST"
+        out[h] = (info, state)
+    return out
+
+
+def _executor(store, settings, gpus_per_job, name):
+    ex = submitit.SlurmExecutor(folder=store.root / "slurm" / "%j", max_num_timeout=settings["max_requeues"])
+    cpus = settings["cpus_per_job"] or (10 * gpus_per_job if gpus_per_job else 2)
+    params = {"job_name": name, "time": int(settings["time"]), "ntasks_per_node": max(1, gpus_per_job),
+              "cpus_per_task": max(1, cpus // max(1, gpus_per_job)), "array_parallelism": settings["array_parallelism"],
+              "setup": list(settings["setup"]), "additional_parameters": {"kill-on-invalid-dep": "yes"}}
+    if gpus_per_job:
+        params["gpus_per_node"] = gpus_per_job
+    for key in ("partition", "account", "qos", "mem", "constraint"):
+        if settings[key]:
+            params[key] = settings[key]
+    ex.update_parameters(**params)
+    return ex
+
+
+def submit(jobs, store, preset_name, overrides, data_opts, settings, gpus_per_job=0, name="bench"):
+    """Submit every job that is not done, queued or running. Returns {hash: SLURM job id} of what was submitted,
+    and a list of (job, reason) not submitted because a parent failed."""
+    runnable = [j for j in jobs if not j.skip]
+    active = {h: info["job_id"] for h, (info, st) in slurm_states(store, [j.hash for j in runnable]).items()
+              if st in ACTIVE}
+    todo = [j for j in runnable if store.state(j.hash) != "done" and j.hash not in active]
+    todo_set = {j.hash for j in todo}
+    not_run, blocked = [], set()
+    chains, tail_of = [], {}  # chain: [job, child, grandchild...]; tail_of: hash of a chain's last job -> chain
+    for job in todo:
+        parent_failed = job.parent in blocked or (
+            job.parent and job.parent not in todo_set and job.parent not in active
+            and store.state(job.parent) != "done")
+        if parent_failed:
+            blocked.add(job.hash)
+            not_run.append((job, f"its parent {job.parent[:10]} failed (see bench status)"))
+            continue
+        chain = tail_of.pop(job.parent, None) if job.parent in todo_set else None
+        if chain is None:
+            chain = [job]
+            chains.append(chain)
+        else:
+            chain.append(job)
+        tail_of[job.hash] = chain
+    # a chain whose head waits for nothing goes into the arrays; the others go out job by job
+    free = sorted((c for c in chains if c[0].parent is None or c[0].parent not in todo_set | set(active)),
+                  key=len, reverse=True)
+    ids = {}
+
+    def record(job, sj):
+        ids[job.hash] = sj.job_id
+        store.put_launch(job.hash, {"launcher": "slurm", "job_id": sj.job_id, "submitted": time.time(),
+                                    "stdout": str(sj.paths.stdout), "stderr": str(sj.paths.stderr)})
+
+    spec = lambda j: job_spec(j, store.root, preset_name, overrides, data_opts)  # noqa: E731
+    previous = []  # the SLURM jobs of the last level
+    for level in range(max((len(c) for c in free), default=0)):
+        batch = [c[level] for c in free if len(c) > level]  # a prefix of the previous level, index for index
+        ex = _executor(store, settings, gpus_per_job, name)
+        if level:
+            dep = f"aftercorr:{previous[0].job_id.split('_')[0]}" if len(previous) > 1 and len(batch) > 1 \
+                else f"afterok:{previous[0].job_id}"
+            ex.update_parameters(dependency=dep)
+        with ex.batch():
+            submitted = [ex.submit(Task(spec(j))) for j in batch]
+        for j, sj in zip(batch, submitted):
+            record(j, sj)
+        previous = submitted
+    for job in [j for j in todo if j.hash not in ids and j.hash not in blocked]:  # plan order: parents first
+        ex = _executor(store, settings, gpus_per_job, name)
+        if job.parent in ids or job.parent in active:
+            ex.update_parameters(dependency=f"afterok:{ids.get(job.parent) or active[job.parent]}")
+        record(job, ex.submit(Task(spec(job))))
+    return ids, not_run, active
+
+
+def wait(store, hashes, log, poll=5.0):
+    """Block until no job among `hashes` is queued or running, with one progress line per change.
+    Returns {hash: outcome} with outcome done / failed / the SLURM state a job ended in without a record."""
+    last, t0 = None, time.time()
+    while True:
+        states = slurm_states(store, hashes)
+        outcome, walls = {}, []
+        for h in hashes:
+            rec = store.get(h)
+            st = states.get(h, (None, "NOT SUBMITTED"))[1]
+            if rec is not None and not (rec["status"] == "failed" and st in ACTIVE):  # a retry may be queued
+                outcome[h] = rec["status"]
+                walls += [rec.get("wall_time_s", 0)] if rec["status"] == "done" else []
+            else:
+                outcome[h] = "running" if st == "RUNNING" else "queued" if st in ACTIVE else st
+        n = {k: sum(v == k for v in outcome.values()) for k in ("done", "failed", "running", "queued")}
+        ended = len(hashes) - n["done"] - n["failed"] - n["running"] - n["queued"]
+        line = f"jobs: {n['done']} done, {n['running']} running, {n['queued']} queued"
+        line += f", {n['failed'] + ended} failed or not run" if n["failed"] + ended else ""
+        if walls and n["running"] + n["queued"]:
+            left = (n["queued"] + n["running"] / 2) * sum(walls) / len(walls) / max(1, n["running"])
+            line += f"; about {left / 60:.1f} min left"
+        if line != last:
+            log(f"[{time.time() - t0:5.0f}s] {line}")
+            last = line
+        if not n["running"] + n["queued"]:
+            return outcome
+        time.sleep(poll)
+
+
+def cancel(store, hashes):
+    """scancel the queued and running jobs among `hashes`; returns their SLURM ids."""
+    ids = sorted({info["job_id"] for info, st in slurm_states(store, hashes).values() if st in ACTIVE})
+    if ids:
+        subprocess.run(["scancel", *ids], check=True)
+    return ids
+
+
+def log_tail(path, lines=8):
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return []
+    return [line for line in text.rstrip().splitlines() if line.strip()][-lines:]
