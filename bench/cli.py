@@ -57,14 +57,14 @@ def _job_table(jobs, store):
     return tabulate(rows, ["hash", "recipe", "state"], tablefmt="plain")
 
 
-def _check_launch(args, jobs):
+def _check_launch(args, jobs, gpus):
     """Launch flags that cannot work fail here, before anything is trained or submitted."""
-    if args.jobs_per_gpu < 1 or (args.gpus_per_job or 1) < 1:
+    if args.jobs_per_gpu < 1 or gpus < 0 or args.gpus_per_job is not None and args.gpus_per_job < 1:
         raise UserError("--jobs-per-gpu and --gpus-per-job take a whole number of 1 or more")
-    if (args.gpus_per_job or 1) > 1:
-        uneven = [j for j in jobs if not j.skip and j.config["batch_size"] % args.gpus_per_job]
+    if gpus > 1:
+        uneven = [j for j in jobs if not j.skip and j.config["batch_size"] % gpus]
         if uneven:
-            raise UserError(f"--gpus-per-job {args.gpus_per_job}: job {uneven[0].short} has batch size "
+            raise UserError(f"{gpus} GPUs per job: job {uneven[0].short} has batch size "
                             f"{uneven[0].config['batch_size']}, which does not split evenly across the GPUs")
 
 
@@ -83,7 +83,6 @@ def cmd_run(args):
     if args.dry_run:
         print(_job_table(jobs, store))
         return 0
-    _check_launch(args, jobs)
     runnable = [j for j in jobs if not j.skip]
     todo = [j for j in runnable if store.state(j.hash) != "done"]
     for spec in sorted({j.config["data"] for j in todo}):  # missing data fails here, before any training
@@ -103,6 +102,7 @@ def cmd_run(args):
 
     devices = local.visible_gpus()
     gpus = args.gpus_per_job or 1
+    _check_launch(args, jobs, gpus)
     if gpus > 1 and len(devices) < gpus:
         raise UserError(f"--gpus-per-job {gpus}: {len(devices)} GPUs are visible on this machine")
     ran, failed = local.run(jobs, store, preset["name"], args.set, data_opts, devices=devices,
@@ -119,6 +119,9 @@ def _run_slurm(args, preset, jobs, store, data_opts):
     store.root.mkdir(parents=True, exist_ok=True)
     store = Store(store.root.resolve())  # SLURM jobs may start in another directory
     gpus = settings["gpus_per_job"] if args.gpus_per_job is None else args.gpus_per_job
+    if gpus is None:
+        gpus = 1 if slurm.cluster_gpus(settings["partition"]) else 0
+    _check_launch(args, jobs, gpus)
     ids, not_run, active = slurm.submit(jobs, store, preset["name"], args.set, data_opts, settings,
                                         gpus_per_job=gpus, name=f"bench-{args.table}")
     for job, why in not_run:
@@ -321,7 +324,7 @@ def build_parser():
     r.add_argument("--jobs-per-gpu", type=int, default=1, metavar="K", help="local: pack K jobs on each GPU")
     r.add_argument("--gpus-per-job", type=int, metavar="N",
                    help="run each job on N GPUs with torch.distributed, the batch split across them (default 1; "
-                        "slurm: gpus_per_job of the SLURM settings, 0 for a CPU-only cluster)")
+                        "slurm: gpus_per_job of the SLURM settings, else 1 where the partition has GPUs, else 0)")
     r.add_argument("--wait", action="store_true", help="slurm: block with the table's progress until every job ends")
     r.add_argument("--slurm-config", metavar="FILE",
                    help="YAML of SLURM settings (partition, account, qos, time, gpus_per_job, cpus_per_job, mem, "

@@ -34,7 +34,7 @@ ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONF
 SETTINGS = {
     "partition": None, "account": None, "qos": None,
     "time": 24 * 60,            # minutes per job; a longer run is requeued from its checkpoint
-    "gpus_per_job": 1,          # 0 on a CPU-only cluster; --gpus-per-job N overrides
+    "gpus_per_job": None,       # default: 1 where the partition's nodes have GPUs, else 0; --gpus-per-job N
     "cpus_per_job": None,       # default: 10 per GPU, or 2 without GPUs
     "mem": None,                # e.g. 32G
     "constraint": None,
@@ -130,6 +130,17 @@ def slurm_states(store, hashes):
     return out
 
 
+def cluster_gpus(partition=None):
+    """Whether the partition's nodes (the default partition's when None) have GPUs, from their gres."""
+    if shutil.which("sinfo") is None:
+        raise UserError("sinfo not found: this machine is not a SLURM client (see the README: .ci/slurm-cluster)")
+    out = subprocess.run(["sinfo", "-h", "-o", "%G", *(["-p", partition] if partition else [])],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise UserError(f"sinfo failed: {out.stderr.strip() or out.returncode}")
+    return "gpu" in out.stdout
+
+
 def _executor(store, settings, gpus_per_job, name):
     ex = submitit.SlurmExecutor(folder=store.root / "slurm" / "%j", max_num_timeout=settings["max_requeues"])
     cpus = settings["cpus_per_job"] or (10 * gpus_per_job if gpus_per_job else 2)
@@ -151,8 +162,15 @@ def submit(jobs, store, preset_name, overrides, data_opts, settings, gpus_per_jo
     runnable = [j for j in jobs if not j.skip]
     active = {h: info["job_id"] for h, (info, st) in slurm_states(store, [j.hash for j in runnable]).items()
               if st in ACTIVE}
-    todo = [j for j in runnable if store.state(j.hash) != "done" and j.hash not in active]
-    todo_set = {j.hash for j in todo}
+    todo, todo_set, stale = [], set(), []
+    for j in runnable:  # plan order: parents first
+        if j.hash in active and j.parent in todo_set:  # it waits on a parent that is submitted again: never runs
+            stale.append(active.pop(j.hash))
+        if store.state(j.hash) != "done" and j.hash not in active:
+            todo.append(j)
+            todo_set.add(j.hash)
+    if stale:
+        subprocess.run(["scancel", *stale], check=True)
     not_run, blocked = [], set()
     chains, tail_of = [], {}  # chain: [job, child, grandchild...]; tail_of: hash of a chain's last job -> chain
     for job in todo:

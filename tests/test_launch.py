@@ -1,0 +1,259 @@
+"""Launchers: the local queue over (fake) GPU slots, torch.distributed on 2 CPU processes, and real SLURM jobs on
+the single-node cluster that .ci/slurm-cluster brings up (the SLURM tests are skipped where there is none, except
+in CI, where a missing cluster is a failure)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from bench import plan as planner
+from bench.launch import local
+from bench.results import Store
+from conftest import FAST
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench(*args, cwd=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+def _plan(methods, overrides):
+    preset = planner.load_preset("demo", overrides)
+    return planner.plan("comparison", preset, methods, None, None, [0])
+
+
+# --- the local queue ------------------------------------------------------------------------------------------
+
+def test_local_queue_parents_first_packing_and_a_failed_parent(tmp_path):
+    """One fake GPU, two jobs per GPU. IDMM's pretraining diverges (an lr of 1e30): its fine-tuning is not run,
+    and the rest of the table still finishes."""
+    overrides = [*FAST[1::2], "methods.idmm.pretrain.lr=1e30"]
+    jobs = _plan(["random", "idmm", "simclr"], overrides)
+    store = Store(tmp_path)
+    events = []
+    ran, failed = local.run(jobs, store, "demo", overrides, {"cache_dir": None}, devices=["7"], jobs_per_gpu=2,
+                            log=lambda m: events.append((time.time(), m)))
+    by = {j.method + ":" + j.config["stage"]: j for j in jobs}
+    assert (ran, failed) == (5, 2)
+    lines = [m for _, m in events]
+
+    def at(prefix, job):
+        return next(i for i, m in enumerate(lines) if m.startswith(f"{prefix}{job.short}"))
+
+    # pretraining first (both fill the GPU's two slots), then the fine-tuning jobs
+    assert {at("start ", by["idmm:pretrain"]), at("start ", by["simclr:pretrain"])} == {0, 1}
+    assert all("on GPU 7" in m for m in lines if m.startswith("start "))
+    done_pre = next(i for i, m in enumerate(lines) if m.startswith(by["simclr:pretrain"].short + " done"))
+    assert at("start ", by["simclr:finetune"]) > done_pre
+    assert any(m.startswith(by["idmm:pretrain"].short + " FAILED") and "loss became" in m for m in lines)
+    assert any(m.startswith(by["idmm:finetune"].short + " not run: its parent") for m in lines)
+    # never more than 2 jobs at once on the one GPU, and 2 at once at some point (packing)
+    running, most = 0, 0
+    for m in lines:
+        running += m.startswith("start ") - (" done in " in m or " FAILED" in m)
+        most = max(most, running)
+    assert most == 2
+    assert store.get(by["idmm:pretrain"].hash)["status"] == "failed"
+    assert store.get(by["idmm:finetune"].hash) is None
+    for key in ("random:finetune", "simclr:pretrain", "simclr:finetune"):
+        assert store.get(by[key].hash)["status"] == "done"
+        info = store.launch(by[key].hash)
+        assert info["launcher"] == "local" and info["devices"] == ["7"] and Path(info["log"]).is_file()
+
+
+# --- torch.distributed on CPU (gloo) ---------------------------------------------------------------------------
+
+def _supcon_step(rank, world, port, views, labels, out):
+    """One SupCon loss + backward on this rank's half of a fixed global batch; writes the averaged gradient."""
+    from bench import engine
+    from bench.launch import init_distributed
+    from bench.models import create
+    from methods import SupCon
+
+    torch.set_num_threads(1)
+    init_distributed(rank, world, rank, "127.0.0.1", port)
+    torch.manual_seed(0)
+    backbone = create("deit_tiny_patch16_224", 16, 0, 0.0, {"patch_size": 4, "embed_dim": 32, "depth": 1,
+                                                           "num_heads": 2})
+    model = SupCon(backbone, backbone.num_features, 0, 3, {"out_dim": 16, "temperature": 0.5, "views": {}})
+    b = len(labels) // world
+    mine = [v[rank * b:(rank + 1) * b] for v in views]
+    loss = model.loss(mine, None, labels[rank * b:(rank + 1) * b], 0.0)
+    loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine._average_gradients(params)
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "grads": [p.grad.clone() for p in params]}, out)
+
+
+def test_gathered_negatives_make_two_ranks_equal_one_process(tmp_path):
+    """SupCon on 2 gloo ranks of 4 images each gives the loss and averaged gradients of one process on all 8."""
+    g = torch.Generator().manual_seed(1)
+    views = [torch.rand(8, 3, 16, 16, generator=g) for _ in range(2)]
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    port = local._free_port()
+    mp.spawn(_supcon_step, args=(2, port, views, labels, tmp_path / "two.pt"), nprocs=2)
+    mp.spawn(_supcon_step, args=(1, local._free_port(), views, labels, tmp_path / "one.pt"), nprocs=1)
+    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    assert two["loss"].item() == pytest.approx(one["loss"].item(), rel=1e-5)
+    for a, b in zip(two["grads"], one["grads"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["idmm", "simclr"])
+def test_two_process_job_follows_the_one_process_loss_curve(tmp_path, method):
+    """The same pretraining job on 1 process and as 2 gloo ranks (each half the batch, its own shard): the
+    per-epoch mean loss agrees within 2% (different crops are drawn, so not bit for bit), and the record is the
+    same kind of record. Stated tolerance: 2% relative, per epoch (seen: 0.3% IDMM, 1.3% SimCLR)."""
+    overrides = ["pretrain.epochs=4", "finetune.epochs=1"]
+    jobs = [j for j in _plan([method], overrides) if j.config["stage"] == "pretrain"]
+    curves = {}
+    for world in (1, 2):
+        store = Store(tmp_path / f"w{world}")
+        local.Queue(jobs, store, ("demo", overrides, {"cache_dir": None}), devices=["0", "1"][:world],
+                    gpus_per_job=world, log=lambda m: None).run()
+        rec = store.get(jobs[0].hash)
+        assert rec["status"] == "done", rec.get("error")
+        assert rec["metrics"]["train_size"] == 807
+        lines = (store.run_dir(jobs[0].hash) / "metrics.jsonl").read_text().splitlines()
+        curves[world] = [json.loads(line)["loss"] for line in lines]
+        if world == 2:
+            assert rec["hardware"]["ranks"] == 2
+    assert len(curves[1]) == len(curves[2]) == 4
+    assert curves[1][-1] < curves[1][0]  # it learns: the comparison is not between two flat lines
+    for a, b in zip(curves[1], curves[2]):
+        assert b == pytest.approx(a, rel=0.02), (curves[1], curves[2])
+
+
+# --- SLURM ----------------------------------------------------------------------------------------------------
+
+def _cluster_up():
+    if shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "allocated"))
+
+
+slurm = pytest.mark.skipif(not _cluster_up() and not os.environ.get("CI"),
+                           reason="no SLURM cluster here: sudo .ci/slurm-cluster brings one up")
+
+
+@pytest.fixture
+def slurm_env(tmp_path):
+    assert _cluster_up(), "CI runs the SLURM tests: .ci/run should have brought the cluster up"
+    cfg = tmp_path / "slurm.yaml"
+    cfg.write_text("gpus_per_job: 0\ncpus_per_job: 2\ntime: 10\n")
+    return ["--launcher", "slurm", "--slurm-config", str(cfg), "--results", str(tmp_path / "results")]
+
+
+def _launch(tmp_path, job):
+    return Store(tmp_path / "results").launch(job.hash)
+
+
+def _sacct_state(job_id):
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True)
+    return out.stdout.strip().split(" ")[0]
+
+
+def _wait_for(cond, timeout, what):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if cond():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@slurm
+def test_slurm_table_matches_a_local_run_and_is_not_submitted_twice(tmp_path, slurm_env):
+    methods = ["--methods", "random", "idmm", "simclr"]
+    loc = bench("run", "--table", "comparison", "--preset", "demo", *methods, *FAST,
+                "--results", str(tmp_path / "local"))
+    assert loc.returncode == 0, loc.stderr
+    run = bench("run", "--table", "comparison", "--preset", "demo", *methods, *FAST, *slurm_env, "--wait")
+    assert run.returncode == 0, run.stderr
+    assert "submitted 5 jobs" in run.stderr and "5 done, 0 running, 0 queued" in run.stderr
+    ids = [line.split()[-1] for line in run.stdout.splitlines()[1:]]
+    assert len({i.split("_")[0] for i in ids}) == 2  # two arrays: pretraining (+ random init), fine-tuning
+    a, b = Store(tmp_path / "local"), Store(tmp_path / "results")
+    for rec in a.records():
+        other = b.get(rec["hash"])
+        assert other["status"] == "done" and other["metrics"].get("top1") == rec["metrics"].get("top1")
+        assert other["metrics"]["train_loss"] == pytest.approx(rec["metrics"]["train_loss"], rel=1e-6)
+    tables = [[line for line in bench("report", "--results", str(d), "--out", str(tmp_path / "rep")).stdout
+               .splitlines() if line.startswith("|")] for d in (tmp_path / "local", tmp_path / "results")]
+    assert tables[0] == tables[1] and any("IDMM" in line for line in tables[0])  # the table, not its wall times
+    again = bench("run", "--table", "comparison", "--preset", "demo", *methods, *FAST, *slurm_env)
+    assert again.returncode == 0 and "nothing to train" in again.stderr
+
+
+@slurm
+def test_slurm_cancelled_job_resumes_and_usr2_requeues(tmp_path, slurm_env):
+    """scancel mid-run: the next `bench run` resumes from the checkpoint and says from which epoch. Then
+    scancel --signal=USR2 (what SLURM sends before a time limit): submitit requeues the job, which resumes and
+    finishes without repeating an epoch."""
+    args = ["run", "--table", "comparison", "--preset", "demo", "--methods", "idmm", "--set", "pretrain.epochs=16",
+            "--set", "finetune.epochs=1", *slurm_env]
+    pre = next(j for j in _plan(["idmm"], ["pretrain.epochs=16", "finetune.epochs=1"])
+               if j.config["stage"] == "pretrain")
+    metrics = tmp_path / "results" / "runs" / pre.hash / "metrics.jsonl"
+
+    def epochs():
+        return [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+    first = bench(*args)
+    assert first.returncode == 0, first.stderr
+    job_id = _launch(tmp_path, pre)["job_id"]
+    _wait_for(lambda: len(epochs()) >= 2, 240, "two epochs of the pretraining job")
+    subprocess.run(["scancel", job_id], check=True)
+    _wait_for(lambda: _sacct_state(job_id) == "CANCELLED", 120, "the job to be cancelled")
+    stopped_at = len(epochs())
+    assert Store(tmp_path / "results").get(pre.hash) is None
+
+    second = bench(*args)  # submits the cancelled job (and its fine-tuning) again
+    assert second.returncode == 0 and "submitted 2 jobs" in second.stderr, second.stderr
+    info = _launch(tmp_path, pre)
+    assert info["job_id"] != job_id
+    _wait_for(lambda: len(epochs()) >= stopped_at + 2, 240, "the resumed job to train two more epochs")
+    subprocess.run(["scancel", "--signal=USR2", info["job_id"]], check=True)
+    _wait_for(lambda: _sacct_state(info["job_id"]) in ("REQUEUED", "PENDING"), 120, "the job to be requeued")
+
+    def started_again():  # SLURM holds a requeued job back for two minutes; the test does not wait for that
+        subprocess.run(["scontrol", "update", f"jobid={info['job_id']}", "StartTime=now"], capture_output=True)
+        return _sacct_state(info["job_id"]) in ("RUNNING", "COMPLETED")
+
+    _wait_for(started_again, 180, "the requeued job to start again")
+    status = bench("status", "--results", str(tmp_path / "results"))
+    wait = bench(*args, "--wait")  # nothing new to submit: it follows the requeued job to the end
+    assert wait.returncode == 0, wait.stderr + status.stdout
+    assert "submitted 0 jobs" in wait.stderr
+    assert Store(tmp_path / "results").get(pre.hash)["status"] == "done"
+    assert epochs() == list(range(16))  # no epoch trained twice
+    log = Path(info["stderr"]).read_text()
+    assert f"resumed from epoch {stopped_at}" in log or f"resumed from epoch {stopped_at - 1}" in log
+    assert log.count("resumed from epoch") >= 2  # after the cancel, and after the USR2 requeue
+    assert "Requeued job" in Path(info["stderr"]).read_text() or "Requeued job" in Path(info["stdout"]).read_text()
+
+
+@slurm
+def test_slurm_failed_job_shows_in_status_with_its_error(tmp_path, slurm_env):
+    bad = ["--set", "methods.idmm.pretrain.lr=1e30"]
+    run = bench("run", "--table", "comparison", "--preset", "demo", "--methods", "idmm", *FAST, *bad, *slurm_env,
+                "--wait")
+    assert run.returncode == 1 and "2 failed or not run" in run.stderr, run.stderr
+    status = bench("status", "--results", str(tmp_path / "results"))
+    assert status.returncode == 0, status.stderr
+    rows = {line.split()[0]: line for line in status.stdout.splitlines()[1:] if line and not line.startswith(" ")}
+    pre = next(j for j in _plan(["idmm"], [*FAST[1::2], bad[1]]) if j.config["stage"] == "pretrain")
+    assert " failed " in rows[pre.short] and "FAILED" in rows[pre.short] and "slurm" in rows[pre.short]
+    assert f"{pre.short}: loss became" in status.stdout  # the error, then the last lines of its log
+    assert "| " in status.stdout and "RuntimeError" in status.stdout
