@@ -83,6 +83,20 @@ def cmd_run(args):
     if args.dry_run:
         print(_job_table(jobs, store))
         return 0
+    if args.launcher == "slurm":
+        from bench.launch import slurm
+
+        settings = _slurm_settings(args)
+        gpus = settings["gpus_per_job"] if args.gpus_per_job is None else args.gpus_per_job
+        if gpus is None:
+            gpus = 1 if slurm.cluster_gpus(settings["partition"]) else 0
+    else:
+        from bench.launch import local
+
+        devices, gpus = local.visible_gpus(), args.gpus_per_job or 1
+        if gpus > 1 and len(devices) < gpus:
+            raise UserError(f"--gpus-per-job {gpus}: {len(devices)} GPUs are visible on this machine")
+    _check_launch(args, jobs, gpus)
     runnable = [j for j in jobs if not j.skip]
     todo = [j for j in runnable if store.state(j.hash) != "done"]
     for spec in sorted({j.config["data"] for j in todo}):  # missing data fails here, before any training
@@ -97,14 +111,7 @@ def cmd_run(args):
     data_opts = {"root": args.data_root, "skip_bad": args.skip_bad,
                  "cache_dir": None if args.no_cache else str(Path(args.results).resolve() / "cache")}
     if args.launcher == "slurm":
-        return _run_slurm(args, preset, jobs, store, data_opts)
-    from bench.launch import local
-
-    devices = local.visible_gpus()
-    gpus = args.gpus_per_job or 1
-    _check_launch(args, jobs, gpus)
-    if gpus > 1 and len(devices) < gpus:
-        raise UserError(f"--gpus-per-job {gpus}: {len(devices)} GPUs are visible on this machine")
+        return _run_slurm(args, preset, jobs, store, data_opts, settings, gpus)
     ran, failed = local.run(jobs, store, preset["name"], args.set, data_opts, devices=devices,
                             jobs_per_gpu=args.jobs_per_gpu, gpus_per_job=gpus)
     print(f"finished {ran - failed} of {ran} jobs" + (f", {failed} failed or not run (see bench status)" if failed else "")
@@ -112,16 +119,11 @@ def cmd_run(args):
     return 1 if failed else 0
 
 
-def _run_slurm(args, preset, jobs, store, data_opts):
+def _run_slurm(args, preset, jobs, store, data_opts, settings, gpus):
     from bench.launch import slurm
 
-    settings = _slurm_settings(args)
     store.root.mkdir(parents=True, exist_ok=True)
     store = Store(store.root.resolve())  # SLURM jobs may start in another directory
-    gpus = settings["gpus_per_job"] if args.gpus_per_job is None else args.gpus_per_job
-    if gpus is None:
-        gpus = 1 if slurm.cluster_gpus(settings["partition"]) else 0
-    _check_launch(args, jobs, gpus)
     ids, not_run, active = slurm.submit(jobs, store, preset["name"], args.set, data_opts, settings,
                                         gpus_per_job=gpus, name=f"bench-{args.table}")
     for job, why in not_run:
@@ -189,22 +191,28 @@ def cmd_status(args):
     for h in hashes:
         rec, info = store.get(h), launched[h] or {}
         c = rec["config"] if rec else planned[h].config if h in planned else {}
+        c = c or info.get("job", {})  # a job without a record: what the launcher noted when it sent it
         sstate = queue.get(h, (None, ""))[1]
+        checkpoint = (store.run_dir(h) / "checkpoint.pt").exists()
         if rec and not (rec["status"] == "failed" and sstate in slurm.ACTIVE):
             state = rec["status"]
         elif sstate in slurm.ACTIVE:
             state = sstate.lower()
-        elif sstate:  # ended without a record: cancelled, killed, never ran
-            state = "partial" if (store.run_dir(h) / "checkpoint.pt").exists() else "stopped"
+        elif sstate == "CANCELLED" and (store.get(c.get("parent") or "") or {}).get("status") == "failed":
+            state = "not run: parent failed"  # SLURM cancelled it (kill-on-invalid-dep)
+        elif sstate == "CANCELLED":
+            state = "cancelled" + (" (checkpoint saved)" if checkpoint else "")
+        elif sstate:  # ended without a record: killed, out of memory, a node failure, lost
+            state = "failed"
         else:
             state = store.state(h)
         top1 = (rec or {}).get("metrics", {}).get("top1")
         log = info.get("stderr") or info.get("log") or ""
-        rows.append([h[:10], state, c.get("stage", ""), (rec or {}).get("method") or (planned[h].method if h in planned else ""),
-                     c.get("backbone", ""), c.get("data", ""), c.get("epochs", ""),
-                     "" if top1 is None else f"{100 * top1:.1f}", info.get("launcher", ""), info.get("job_id", ""),
-                     sstate, log])
-        if state in ("failed", "stopped") or (state == "partial" and sstate):
+        rows.append([h[:10], state, c.get("stage", ""), (rec or {}).get("method") or c.get("method") or
+                     (planned[h].method if h in planned else ""), c.get("backbone", ""), c.get("data", ""),
+                     c.get("epochs", ""), "" if top1 is None else f"{100 * top1:.1f}", info.get("launcher", ""),
+                     info.get("job_id", ""), sstate, log])
+        if state == "failed":
             why = (rec or {}).get("error") or f"SLURM state {sstate}, no record"
             failures.append((h, why, slurm.log_tail(log) if log else []))
     print(tabulate(rows, ["hash", "state", "stage", "method", "backbone", "data", "epochs", "top-1", "launcher",

@@ -257,3 +257,21 @@ def test_slurm_failed_job_shows_in_status_with_its_error(tmp_path, slurm_env):
     assert " failed " in rows[pre.short] and "FAILED" in rows[pre.short] and "slurm" in rows[pre.short]
     assert f"{pre.short}: loss became" in status.stdout  # the error, then the last lines of its log
     assert "| " in status.stdout and "RuntimeError" in status.stdout
+
+
+def test_launch_flags_that_cannot_work_are_one_line_and_exit_2(tmp_path):
+    res = ["--results", str(tmp_path / "r"), "--preset", "demo", "--methods", "idmm"]
+    env_missing = tmp_path / "nope.yaml"
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("partition: gpu\nparition: typo\n")
+    for args, words in [(["--jobs-per-gpu", "0"], "--jobs-per-gpu"),
+                        (["--gpus-per-job", "2"], "GPUs are visible"),           # no GPU on this machine
+                        (["--launcher", "slurm", "--slurm-config", str(env_missing)], "no such file"),
+                        (["--launcher", "slurm", "--slurm-config", str(bad_yaml)], "unknown setting 'parition'"),
+                        (["--launcher", "slurm", "--gpus-per-job", "3", "--slurm-config", str(tmp_path / "ok.yaml")],
+                         "does not split evenly")]:
+        (tmp_path / "ok.yaml").write_text("time: 5\n")
+        out = bench("run", *res, *args)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
+        assert words in out.stderr and out.stderr.startswith("bench: error:"), (args, out.stderr)
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.json"))

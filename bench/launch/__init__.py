@@ -129,6 +129,13 @@ def job_spec(job, results, preset_name, overrides, data_opts):
             "overrides": list(overrides), "data_opts": data_opts or {}}
 
 
+def launch_info(job, **info):
+    """What `bench status` shows of a job that has no record yet: where it went and what it is."""
+    c = job.config
+    return {**info, "submitted": time.time(), "job": {"stage": c["stage"], "method": job.method,
+            "backbone": c["backbone"], "data": c["data"], "epochs": c["epochs"], "parent": job.parent}}
+
+
 def run_spec(spec):
     """Run one job from its spec in this process, signals handled; returns the record (None on ranks > 0)."""
     from bench.plan import Job

@@ -17,7 +17,7 @@ from collections import Counter
 
 import torch
 
-from bench.launch import execute, job_spec, stop_on_signals
+from bench.launch import execute, job_spec, launch_info, stop_on_signals
 
 
 def visible_gpus():
@@ -52,7 +52,7 @@ def run(jobs, store, preset_name, overrides=(), data_opts=None, devices=None, jo
     if devices:
         return Queue(todo, store, job_spec_args=(preset_name, overrides, data_opts), devices=devices,
                      jobs_per_gpu=jobs_per_gpu, gpus_per_job=gpus_per_job, log=log).run()
-    failed = set()
+    failed, t0 = set(), time.time()
     for i, job in enumerate(todo, 1):
         if job.parent in failed:
             failed.add(job.hash)
@@ -61,7 +61,8 @@ def run(jobs, store, preset_name, overrides=(), data_opts=None, devices=None, jo
         log(f"[{i}/{len(todo)}] {_describe(job)}")
         with stop_on_signals():
             rec = execute(job, store, preset_name, overrides, data_opts)
-        log(f"[{i}/{len(todo)}] {_outcome(job, rec)}")
+        left = (time.time() - t0) / i * (len(todo) - i)  # jobs differ in length: a rough figure
+        log(f"[{i}/{len(todo)}] {_outcome(job, rec)}" + (f"; about {left / 60:.1f} min left" if i < len(todo) else ""))
         if rec["status"] != "done":
             failed.add(job.hash)
     return len(todo), len(failed)
@@ -115,8 +116,8 @@ class Queue:
                                               stdout=out, stderr=subprocess.STDOUT))
         for d in devs:
             self.load[d] += 1
-        self.store.put_launch(job.hash, {"launcher": "local", "devices": devs, "pids": [p.pid for p in procs],
-                                         "log": str(log_path), "started": time.time()})
+        self.store.put_launch(job.hash, launch_info(job, launcher="local", devices=devs, log=str(log_path),
+                                                    pids=[p.pid for p in procs]))
         self.running[job.hash] = (job, procs, devs, time.time())
         self.log(f"start {_describe(job)} on GPU {','.join(devs)}")
 

@@ -25,7 +25,7 @@ from submitit.slurm.slurm import SlurmInfoWatcher
 
 from bench.engine import Interrupted
 from bench.errors import UserError
-from bench.launch import init_distributed, job_spec, run_spec
+from bench.launch import init_distributed, job_spec, launch_info, run_spec
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
           "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED"}
@@ -195,8 +195,8 @@ def submit(jobs, store, preset_name, overrides, data_opts, settings, gpus_per_jo
 
     def record(job, sj):
         ids[job.hash] = sj.job_id
-        store.put_launch(job.hash, {"launcher": "slurm", "job_id": sj.job_id, "submitted": time.time(),
-                                    "stdout": str(sj.paths.stdout), "stderr": str(sj.paths.stderr)})
+        store.put_launch(job.hash, launch_info(job, launcher="slurm", job_id=sj.job_id,
+                                               stdout=str(sj.paths.stdout), stderr=str(sj.paths.stderr)))
 
     spec = lambda j: job_spec(j, store.root, preset_name, overrides, data_opts)  # noqa: E731
     previous = []  # the SLURM jobs of the last level
