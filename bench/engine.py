@@ -7,6 +7,7 @@ the job's run directory. Under torch.distributed the same loop runs on every ran
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from timm.layers import DropPath
 from tqdm import tqdm
 
 from bench.data.views import make_views
@@ -63,6 +65,21 @@ class Method(torch.nn.Module):
             out.append(feats[s][used[s]:used[s] + len(v)])
             used[s] += len(v)
         return torch.cat(out)
+
+
+def momentum_copy(module):
+    """A teacher or key encoder: a frozen copy of `module` without drop path or dropout, so that its targets are
+    deterministic. DINO's reference builds its teacher with drop path 0 (main_dino.py) and MoCo v3's ViTs have
+    none; BatchNorm layers stay as they are (the references' key encoders normalise with their own batches)."""
+    twin = copy.deepcopy(module)
+    for m in twin.modules():
+        if isinstance(m, DropPath):
+            m.drop_prob = 0.0
+        elif isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for p in twin.parameters():
+        p.requires_grad = False
+    return twin
 
 
 def cosine_ramp(start, end, progress):
@@ -176,7 +193,9 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
     rows = shard(len(data), rk, world) if world > 1 else torch.arange(len(data))
     n = len(rows)
     bs = min(cfg["batch_size"], len(data)) // world
-    steps = n // bs  # drop the last partial batch, as the official DataLoaders do
+    # every image every epoch: the official loaders keep the last partial batch (Flowers at 256: 8 steps, not 7);
+    # a last batch of one image alone is dropped, since BatchNorm cannot train on it
+    steps = n // bs + (n % bs > 1)
     total = cfg["epochs"] * steps
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: lr_factor(i, cfg["warmup_epochs"] * steps, total))

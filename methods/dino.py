@@ -1,13 +1,12 @@
 """DINO (Caron et al., 2021): self-distillation from a momentum teacher with a centred, sharpened target."""
-import copy
 import warnings
 
 import torch
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.models.utils import update_momentum
 
-from bench.engine import Method, cosine_ramp
+from bench.engine import Method, cosine_ramp, momentum_copy
 
 
 class DINO(Method):
@@ -21,10 +20,9 @@ class DINO(Method):
             self.head = DINOProjectionHead(feature_dim, cfg["hidden_dim"], cfg["bottleneck_dim"], cfg["out_dim"])
             self.teacher_head = DINOProjectionHead(feature_dim, cfg["hidden_dim"], cfg["bottleneck_dim"],
                                                    cfg["out_dim"])
-        self.teacher = copy.deepcopy(backbone)
+        self.teacher = momentum_copy(backbone)
         self.teacher_head.load_state_dict(self.head.state_dict())
-        deactivate_requires_grad(self.teacher)
-        deactivate_requires_grad(self.teacher_head)
+        self.teacher_head.requires_grad_(False)
         # the centre is a buffer of the loss: it lives in the state dict, hence in every checkpoint; lightly
         # averages each batch's centre over the ranks of a multi-GPU job
         self.criterion = DINOLoss(output_dim=cfg["out_dim"], center_momentum=cfg["center_momentum"])

@@ -1,12 +1,10 @@
 """MoCo v2 (Chen et al., 2020): a momentum key encoder and a queue of past keys as negatives."""
-import copy
-
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import MoCoProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.models.utils import update_momentum
 
-from bench.engine import Method
+from bench.engine import Method, momentum_copy
 
 
 class MoCoV2(Method):
@@ -16,10 +14,8 @@ class MoCoV2(Method):
     def __init__(self, backbone, feature_dim, num_instances, num_classes, cfg):
         super().__init__(backbone, cfg)
         self.head = MoCoProjectionHead(feature_dim, cfg["hidden_dim"], cfg["out_dim"])
-        self.key_encoder = copy.deepcopy(backbone)
-        self.key_head = copy.deepcopy(self.head)
-        deactivate_requires_grad(self.key_encoder)
-        deactivate_requires_grad(self.key_head)
+        self.key_encoder = momentum_copy(backbone)
+        self.key_head = momentum_copy(self.head)
         # the queue takes every rank's keys, as the official concat_all_gather does
         self.criterion = NTXentLoss(temperature=cfg["temperature"], memory_bank_size=(cfg["queue"], cfg["out_dim"]),
                                     gather_distributed=True)

@@ -1,14 +1,12 @@
 """MoCo v3 (Chen, Xie, He, 2021): symmetrised contrastive loss between a predictor on the query encoder and
 a momentum key encoder, in-batch keys only; for ViTs the patch projection stays frozen at its random init."""
-import copy
-
 import torch
 import torch.nn.functional as F
 from lightly.models.modules.heads import ProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.models.utils import update_momentum
 from lightly.utils import dist
 
-from bench.engine import Method, cosine_ramp
+from bench.engine import Method, cosine_ramp, momentum_copy
 
 
 def mocov3_loss(q, k, temperature):
@@ -43,10 +41,8 @@ class MoCoV3(Method):
                 p.requires_grad = False
         self.projector = _mlp(3, feature_dim, cfg["hidden_dim"], cfg["out_dim"])
         self.predictor = _mlp(2, cfg["out_dim"], cfg["hidden_dim"], cfg["out_dim"])
-        self.key_encoder = copy.deepcopy(backbone)
-        self.key_projector = copy.deepcopy(self.projector)
-        deactivate_requires_grad(self.key_encoder)
-        deactivate_requires_grad(self.key_projector)
+        self.key_encoder = momentum_copy(backbone)
+        self.key_projector = momentum_copy(self.projector)
 
     def loss(self, views, index, label, progress):
         x1, x2 = torch.cat(views).chunk(2)

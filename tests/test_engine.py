@@ -70,3 +70,22 @@ class _Exploding(Method):
 def test_non_finite_loss_stops_the_job(tmp_path, tiny_vit, tiny_images):
     with pytest.raises(NonFiniteLoss, match="nan at epoch 0 step 0"):
         fit(_Exploding(tiny_vit(3), {"views": VIEWS}), tiny_images, CFG, tmp_path)
+
+
+class _Recorder(Method):
+    def __init__(self, backbone, cfg):
+        super().__init__(backbone, cfg)
+        self.batches = []
+
+    def loss(self, views, index, label, progress):
+        self.batches.append(index.tolist())
+        return self.encoder(views[0]).float().pow(2).mean()
+
+
+def test_every_image_is_used_each_epoch_last_partial_batch_included(tmp_path, tiny_vit, tiny_images):
+    """12 images at batch 5: 3 steps (5, 5, 2) per epoch, as the official DataLoaders (drop_last=False) do."""
+    model = _Recorder(tiny_vit(3), {"views": VIEWS})
+    fit(model, tiny_images, {**CFG, "batch_size": 5}, tmp_path)
+    assert [len(b) for b in model.batches] == [5, 5, 2, 5, 5, 2]
+    for epoch in (model.batches[:3], model.batches[3:]):
+        assert sorted(sum(epoch, [])) == list(range(12))

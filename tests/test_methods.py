@@ -124,3 +124,21 @@ def test_dino_freezes_the_last_layer_in_its_first_epochs(tiny_vit):
     assert not method.head.last_layer.weight_v.requires_grad
     method.start_epoch(method.cfg["freeze_last_layer"])
     assert method.head.last_layer.weight_v.requires_grad
+
+
+@pytest.mark.parametrize("name,teacher", [("dino", "teacher"), ("mocov2", "key_encoder"), ("mocov3", "key_encoder")])
+def test_teachers_and_key_encoders_give_the_same_target_twice(name, teacher):
+    """The student keeps drop path 0.1; its momentum copy has none (DINO's main_dino.py builds the teacher with
+    drop_path_rate 0; MoCo v3's ViTs have no drop path), so two passes on one batch give the same targets."""
+    from bench.models import create
+
+    torch.manual_seed(0)
+    backbone = create("deit_tiny_patch16_224", 16, 0, 0.1, {"patch_size": 4, "embed_dim": 32, "depth": 2,
+                                                           "num_heads": 2})
+    method = _method(name, lambda: backbone).train()
+    x = torch.rand(64, 3, 16, 16)  # 64 samples: the student drops some path in each pass, all but surely
+    net = getattr(method, teacher)
+    with torch.no_grad():
+        assert torch.equal(net(x), net(x))
+        assert not torch.equal(method.encoder(x), method.encoder(x))  # the student still drops paths
+    assert not any(p.requires_grad for p in net.parameters())
