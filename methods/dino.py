@@ -44,7 +44,9 @@ class DINO(Method):
         with torch.no_grad():
             # each global crop is a group of its own (their blur and solarisation differ)
             teacher = self.teacher_head(self.embed(views[:n_global], self.teacher)).chunk(n_global)
-        return self.criterion(list(teacher), list(student), teacher_temp=self.teacher_temp(progress))
+        with torch.autocast(student[0].device.type, enabled=False):  # softmax over 65536 outputs: in fp32
+            return self.criterion([t.float() for t in teacher], [s.float() for s in student],
+                                  teacher_temp=self.teacher_temp(progress))
 
     def after_step(self, progress):
         m = cosine_ramp(self.cfg["momentum"], 1.0, progress)

@@ -18,6 +18,8 @@ class IDMM(Method):
         super().__init__(backbone, cfg)
         # the backbone's own Linear(embed_dim, N) in the official code; kept apart so fine-tuning drops it
         self.classifier = torch.nn.Linear(feature_dim, num_instances)
+        torch.nn.init.trunc_normal_(self.classifier.weight, std=0.02)  # as timm/DeiT initialise their head
+        torch.nn.init.zeros_(self.classifier.bias)
 
     def loss(self, views, index, label, progress):
         # each group its own CutMix, then all crops of one size through the backbone as one batch

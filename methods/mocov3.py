@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from lightly.models.modules.heads import ProjectionHead
 from lightly.models.utils import update_momentum
 from lightly.utils import dist
+from timm.models.vision_transformer import VisionTransformer
 
 from bench.engine import Method, cosine_ramp, momentum_copy
 
@@ -35,10 +36,8 @@ class MoCoV3(Method):
 
     def __init__(self, backbone, feature_dim, num_instances, num_classes, cfg):
         super().__init__(backbone, cfg)
-        proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
-        if proj is not None:  # the ViT stability trick: a random, frozen patch projection
-            for p in proj.parameters():
-                p.requires_grad = False
+        if isinstance(backbone, VisionTransformer):  # the ViT stability trick: a random, frozen patch projection
+            backbone.patch_embed.proj.requires_grad_(False)  # (ViTs only: PVTv2's stem conv keeps learning)
         self.projector = _mlp(3, feature_dim, cfg["hidden_dim"], cfg["out_dim"])
         self.predictor = _mlp(2, cfg["out_dim"], cfg["hidden_dim"], cfg["out_dim"])
         self.key_encoder = momentum_copy(backbone)

@@ -15,10 +15,13 @@ from methods.supcon import supcon_loss
 PRETRAINING = [name for name, m in METHODS.items() if m.pretrains]
 
 
-def _method(name, tiny_vit, n=12, classes=3):
+def _method_cfg(name):
     cfg = planner.load_preset("demo")["methods"][name]
-    cfg = {k: v for k, v in cfg.items() if k != "pretrain"}
-    return METHODS[name](tiny_vit(), 32, n, classes, cfg)
+    return {k: v for k, v in cfg.items() if k != "pretrain"}
+
+
+def _method(name, tiny_vit, n=12, classes=3):
+    return METHODS[name](tiny_vit(), 32, n, classes, _method_cfg(name))
 
 
 @pytest.mark.parametrize("name", PRETRAINING)
@@ -142,3 +145,40 @@ def test_teachers_and_key_encoders_give_the_same_target_twice(name, teacher):
         assert torch.equal(net(x), net(x))
         assert not torch.equal(method.encoder(x), method.encoder(x))  # the student still drops paths
     assert not any(p.requires_grad for p in net.parameters())
+
+
+def test_idmm_head_starts_like_a_deit_head(tiny_vit):
+    """Official IDMM: the N-way classifier is the backbone's own head, timm's trunc-normal(0.02) and zero bias."""
+    torch.manual_seed(0)
+    head = _method("idmm", tiny_vit, n=4000).classifier
+    assert head.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert head.weight.abs().max() <= 2 and torch.equal(head.bias, torch.zeros(4000))
+
+
+def test_mocov3_freezes_the_patch_projection_of_vits_only():
+    from bench.models import create
+
+    vit = _method("mocov3", lambda: create("deit_tiny_patch16_224", 16, 0, 0.0, {"patch_size": 4, "embed_dim": 32,
+                                                                               "depth": 1, "num_heads": 2}))
+    assert not any(p.requires_grad for p in vit.encoder.patch_embed.proj.parameters())
+    pvt_kwargs = planner.load_preset("demo")["backbones"]["pvt_v2_b0"]["kwargs"]
+    pvt = create("pvt_v2_b0", 16, 0, 0.0, pvt_kwargs)
+    method = METHODS["mocov3"](pvt, pvt.num_features, 12, 3, _method_cfg("mocov3"))
+    assert all(p.requires_grad for p in method.encoder.patch_embed.proj.parameters())
+
+
+def test_dino_loss_runs_in_fp32_under_autocast(tiny_vit, tiny_images):
+    method = _method("dino", tiny_vit)
+    seen = []
+    method.criterion.register_forward_pre_hook(lambda _m, args: seen.extend(t.dtype for t in args[0] + args[1]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = method.loss(make_views(tiny_images.images, method.views), torch.arange(12), tiny_images.labels, 0.1)
+    assert seen and set(seen) == {torch.float32} and loss.dtype == torch.float32
+
+
+def test_dino_uses_its_own_lr_on_every_backbone():
+    preset = planner.load_preset("paper")
+    jobs = planner.plan("transfer", preset, ["dino"], None, None, [0])
+    pre = [j for j in jobs if j.config["stage"] == "pretrain"]
+    assert {j.config["backbone"] for j in pre} >= {"pvt_v2_b0", "pvt_v2_b3"}
+    assert {j.config["lr"] for j in pre} == {5e-4}
