@@ -202,6 +202,7 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
 
     ckpt_path = run_dir / "checkpoint.pt"
     epoch, step, perm, last = 0, 0, None, {}
+    loss_sum = torch.zeros((), device=dev)  # this epoch's, so far: a resumed epoch still logs its whole mean
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
         if ck.get("world_size", 1) != world:
@@ -212,6 +213,8 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
         sched.load_state_dict(ck["scheduler"])
         epoch, step, last = ck["epoch"], ck["step"], ck.get("metrics", {})
         perm = ck["perm"][rk] if world > 1 else ck["perm"]
+        if step:
+            loss_sum += ck["epoch_loss"][rk] if isinstance(ck.get("epoch_loss"), list) else ck.get("epoch_loss", 0.0)
         rng = ck["rng"][rk] if isinstance(ck["rng"], list) else {"cpu": ck["rng"], "cuda": ck.get("cuda_rng")}
         torch.set_rng_state(rng["cpu"].cpu())
         if dev.type == "cuda" and rng["cuda"] is not None:
@@ -221,14 +224,15 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                   file=sys.stderr, flush=True)
 
     def save(e, s):
-        perms = perm
+        perms, losses = perm, [loss_sum.item()]
         if world > 1:
-            perms = [None] * world
+            perms, losses = [None] * world, [None] * world
             dist.all_gather_object(perms, perm.cpu())
+            dist.all_gather_object(losses, loss_sum.item())
         rngs = _rng_states(dev)
         if main:
             _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "epoch": e, "step": s, "perm": perms, "metrics": last,
+                          "scheduler": sched.state_dict(), "epoch": e, "step": s, "perm": perms, "metrics": last, "epoch_loss": losses,
                           "rng": rngs, "world_size": world}, ckpt_path)
 
     images = (data.images[rows] if world > 1 else data.images).to(dev)
@@ -243,7 +247,7 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                 torch.manual_seed(cfg["seed"] * 100_003 + epoch + 1_000_003 * rk)
                 perm = torch.randperm(n, device=dev)
             model.start_epoch(epoch)
-            t0, seen, loss_sum = time.time(), 0, torch.zeros((), device=dev)
+            t0, seen = time.time(), 0
             while step < steps:
                 local = perm[step * bs:(step + 1) * bs]
                 idx = rows[local]  # the images' indices in the whole training set (IDMM's instance labels)
@@ -283,6 +287,7 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                 log.write(json.dumps(last) + "\n")
                 log.flush()
             epoch, step = epoch + 1, 0
+            loss_sum = torch.zeros((), device=dev)
             save(epoch, 0)
     finally:
         bar.close()

@@ -60,6 +60,10 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, tiny_vit, tiny_images, 
     fit(resumed, tiny_images, FT, tmp_path / "run")
     for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+    # the epoch the stop fell in logs the mean loss of all its steps, not of the ones after the resume
+    logged = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("ref", "run")]
+    assert logged[1] == pytest.approx(logged[0], rel=1e-6)
 
 
 class _Exploding(Method):
