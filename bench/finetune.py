@@ -34,8 +34,8 @@ class Classifier(Method):
         return self.encoder(x)  # a timm model with its classifier head
 
 
-def top1(model, test, resolution, resize_ratio):
-    pred = predict(model, test.images, lambda x: eval_view(x, resolution, resize_ratio))
+def top1(model, test, resolution, resize_ratio, precision="bf16"):
+    pred = predict(model, test.images, lambda x: eval_view(x, resolution, resize_ratio), precision=precision)
     return (pred == test.labels).float().mean().item()
 
 
@@ -55,6 +55,6 @@ def run(cfg: dict, run_dir: Path, init: dict | None, data_opts: dict):
     if rank() != 0:  # rank 0 evaluates and writes the weights
         return {}
     torch.save(models.export(model, cfg["backbone"], res), run_dir / "weights.pt")
-    return {"top1": top1(model, test, res, cfg["eval_resize"]), "train_loss": last.get("loss"),
+    return {"top1": top1(model, test, res, cfg["eval_resize"], cfg["precision"]), "train_loss": last.get("loss"),
             "train_images_per_s": last.get("images_per_s"), "train_size": len(train), "test_size": len(test),
             "data": {"train": train.meta, "test": test.meta}}

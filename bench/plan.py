@@ -17,6 +17,7 @@ import timm
 import yaml
 
 from bench import data as datasets
+from bench.engine import LR_SCHEDULES, PRECISIONS
 from bench.errors import UserError
 from methods import METHODS
 
@@ -118,6 +119,12 @@ def _pick(value, fallback):
     return fallback if value is None else value
 
 
+def _choice(key, value, valid):
+    if value not in valid:
+        raise UserError(f"{key}: '{value}' is not one of {', '.join(valid)}")
+    return value
+
+
 def _crops_label(views):
     return "+".join(f"{c['count']}x{c['size']}" for c in views["crops"])
 
@@ -139,6 +146,8 @@ def _pretrain_config(row, preset, data, seed):
         "epochs": _pick(pre["epochs"], row.get("pretrain_epochs")), "batch_size": pre["batch_size"],
         "lr": _pick(pre["lr"], bb["lr"]), "warmup_epochs": _pick(pre["warmup_epochs"], bb["warmup_epochs"]),
         "weight_decay": pre["weight_decay"], "drop_path": pre["drop_path"],
+        "lr_schedule": _choice("pretrain.lr_schedule", pre["lr_schedule"], LR_SCHEDULES),
+        "precision": _choice("pretrain.precision", pre["precision"], PRECISIONS),
         "method_cfg": method_cfg, "seed": seed,
     }
 
@@ -157,6 +166,8 @@ def _finetune_config(row, preset, data, stage, init, seed):
         "resolution": res, "epochs": _pick(ft["epochs"], stage["epochs"]), "batch_size": st["batch_size"],
         "lr": _pick(st["lr"], bb["lr"]), "warmup_epochs": _pick(st["warmup_epochs"], bb["warmup_epochs"]),
         "weight_decay": ft["weight_decay"], "drop_path": ft["drop_path"],
+        "lr_schedule": _choice("finetune.lr_schedule", ft["lr_schedule"], LR_SCHEDULES),
+        "precision": _choice("finetune.precision", ft["precision"], PRECISIONS),
         "label_smoothing": ft["label_smoothing"], "mixing": ft["mixing"], "views": views,
         "eval_resize": ft["eval_resize"], "init": init, "seed": seed,
     }
@@ -296,7 +307,8 @@ def describe(job: Job) -> dict:
         return {"stage": "skipped", "row": c["row"], "data": c["data"]}
     out = {"stage": c["stage"], "method": job.method, "backbone": c["backbone"], "data": c["data"],
            "epochs": c["epochs"], "res": c["resolution"], "batch": c["batch_size"], "lr": c["lr"],
-           "warmup": c["warmup_epochs"], "wd": c["weight_decay"], "drop_path": c["drop_path"]}
+           "warmup": c["warmup_epochs"], "wd": c["weight_decay"], "drop_path": c["drop_path"],
+           "sched": c["lr_schedule"], "precision": c["precision"]}
     if c["stage"] == "pretrain":
         mc = c["method_cfg"]
         if "views" in mc:

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -93,3 +94,28 @@ def test_every_image_is_used_each_epoch_last_partial_batch_included(tmp_path, ti
     assert [len(b) for b in model.batches] == [5, 5, 2, 5, 5, 2]
     for epoch in (model.batches[:3], model.batches[3:]):
         assert sorted(sum(epoch, [])) == list(range(12))
+
+
+def test_official_schedule_is_the_official_formula_with_its_misplaced_parentheses():
+    """Oracle written from the official scripts' adjust_learning_rate (notes: official-recipe.md): in epochs,
+    warmup cur / w, then 0.5 * (1 + cos((pi * cur - w) / (E - w))). Per-iteration here: cur = step / steps."""
+    E, w, spe = 100, 10, 8  # the 448 stage: 100 epochs, 10 of warm-up
+    official = [lr_factor(i, w * spe, E * spe, "official") for i in range(E * spe)]
+    for i in (0, 40, 80, 81, 400, 745, 799):
+        cur = i / spe
+        want = cur / w if cur < w else 0.5 * (1 + math.cos((math.pi * cur - w) / (E - w)))
+        assert official[i] == pytest.approx(want, abs=1e-12)
+    intended = [lr_factor(i, w * spe, E * spe) for i in range(E * spe)]
+    assert sum(official) / sum(intended) == pytest.approx(0.865, abs=0.005)  # the notes' 0.87
+    low = min(range(w * spe, len(official)), key=official.__getitem__)
+    assert 0.9 * E * spe < low < E * spe - 1 and official[-1] > official[low]  # it rises again at the end
+
+
+def test_schedule_and_precision_are_in_every_job_and_checked():
+    from bench import plan as planner
+    from bench.errors import UserError
+
+    jobs = planner.plan("comparison", planner.load_preset("paper"), ["idmm"], None, None, [0])
+    assert {(j.config["lr_schedule"], j.config["precision"]) for j in jobs} == {("official", "bf16")}
+    with pytest.raises(UserError, match="finetune.lr_schedule: 'step'"):
+        planner.plan("comparison", planner.load_preset("paper", ["finetune.lr_schedule=step"]), ["idmm"])
