@@ -194,7 +194,7 @@ def cmd_status(args):
         c = c or info.get("job", {})  # a job without a record: what the launcher noted when it sent it
         sstate = queue.get(h, (None, ""))[1]
         checkpoint = (store.run_dir(h) / "checkpoint.pt").exists()
-        if rec and not (rec["status"] == "failed" and sstate in slurm.ACTIVE):
+        if slurm.settled(rec, sstate):
             state = rec["status"]
         elif sstate in slurm.ACTIVE:
             state = sstate.lower()

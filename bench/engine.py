@@ -168,9 +168,8 @@ def _average_gradients(params):
         offset += g.numel()
 
 
-def _rng_states(dev):
-    """This rank's generators; with several ranks, every rank's, gathered (each draws its own crops)."""
-    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+def _gather_ranks(mine):
+    """Every rank's own state (its shard's permutation, running loss and generators), in rank order."""
     if world_size() == 1:
         return [mine]
     out = [None] * world_size()
@@ -193,7 +192,7 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
     With torch.distributed initialised (several ranks), batch_size is the global batch: each rank holds its own
     shard of the training set, draws batch_size / ranks images of it per step, and the gradients are averaged.
     Losses that need the whole batch gather it themselves (see methods/). Rank 0 writes the checkpoint and the
-    log; every rank's random state is in the checkpoint."""
+    log; every rank's own state (permutation, running loss, generators) is in the checkpoint."""
     dev = device()
     rk, world = rank(), world_size()
     main = rk == 0
@@ -224,28 +223,26 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         epoch, step, last = ck["epoch"], ck["step"], ck.get("metrics", {})
-        perm = ck["perm"][rk] if world > 1 else ck["perm"]
+        # one entry per rank; a checkpoint of an earlier version kept the single rank's state at the top level
+        mine = ck["ranks"][rk] if "ranks" in ck else {"perm": ck["perm"], "epoch_loss": 0.0, "cpu_rng": ck["rng"],
+                                                      "cuda_rng": ck.get("cuda_rng")}
+        perm = mine["perm"].to(dev)
         if step:
-            loss_sum += ck["epoch_loss"][rk] if isinstance(ck.get("epoch_loss"), list) else ck.get("epoch_loss", 0.0)
-        rng = ck["rng"][rk] if isinstance(ck["rng"], list) else {"cpu": ck["rng"], "cuda": ck.get("cuda_rng")}
-        torch.set_rng_state(rng["cpu"].cpu())
-        if dev.type == "cuda" and rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"].cpu(), dev)
+            loss_sum += mine["epoch_loss"]
+        torch.set_rng_state(mine["cpu_rng"].cpu())
+        if dev.type == "cuda" and mine["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(mine["cuda_rng"].cpu(), dev)
         if main and epoch < cfg["epochs"]:
             print(f"{desc}: resumed from epoch {epoch} step {step} of {cfg['epochs']} epochs ({ckpt_path})",
                   file=sys.stderr, flush=True)
 
     def save(e, s):
-        perms, losses = perm, [loss_sum.item()]
-        if world > 1:
-            perms, losses = [None] * world, [None] * world
-            dist.all_gather_object(perms, perm.cpu())
-            dist.all_gather_object(losses, loss_sum.item())
-        rngs = _rng_states(dev)
+        ranks = _gather_ranks({"perm": perm.cpu(), "epoch_loss": loss_sum.item(), "cpu_rng": torch.get_rng_state(),
+                               "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None})
         if main:
             _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "epoch": e, "step": s, "perm": perms, "metrics": last, "epoch_loss": losses,
-                          "rng": rngs, "world_size": world}, ckpt_path)
+                          "scheduler": sched.state_dict(), "epoch": e, "step": s, "metrics": last, "ranks": ranks,
+                          "world_size": world}, ckpt_path)
 
     images = (data.images[rows] if world > 1 else data.images).to(dev)
     labels, rows = data.labels.to(dev), rows.to(dev)

@@ -103,6 +103,11 @@ class Task:
         return submitit.helpers.DelayedSubmission(Task(self.spec))
 
 
+def settled(rec, state):
+    """Whether a job's record is its outcome: not when it says failed and a retry is queued or running."""
+    return rec is not None and not (rec["status"] == "failed" and state in ACTIVE)
+
+
 def _sacct(ids):
     if not ids:
         return {}
@@ -158,7 +163,8 @@ def _executor(store, settings, gpus_per_job, name):
 
 def submit(jobs, store, preset_name, overrides, data_opts, settings, gpus_per_job=0, name="bench"):
     """Submit every job that is not done, queued or running. Returns {hash: SLURM job id} of what was submitted,
-    and a list of (job, reason) not submitted because a parent failed."""
+    a list of (job, reason) not submitted because a parent failed, and {hash: SLURM job id} of the jobs already
+    queued or running."""
     runnable = [j for j in jobs if not j.skip]
     active = {h: info["job_id"] for h, (info, st) in slurm_states(store, [j.hash for j in runnable]).items()
               if st in ACTIVE}
@@ -230,7 +236,7 @@ def wait(store, hashes, log, poll=5.0):
         for h in hashes:
             rec = store.get(h)
             st = states.get(h, (None, "NOT SUBMITTED"))[1]
-            if rec is not None and not (rec["status"] == "failed" and st in ACTIVE):  # a retry may be queued
+            if settled(rec, st):
                 outcome[h] = rec["status"]
                 walls += [rec.get("wall_time_s", 0)] if rec["status"] == "done" else []
             else:
