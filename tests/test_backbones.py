@@ -64,11 +64,19 @@ def test_112_224_448_chain_keeps_the_trained_weights():
     assert hi.pos_embed.shape[1] == 1 + 16 * 16
 
 
-def test_t2t_chain_regenerates_its_sinusoidal_embedding():
+def test_t2t_chain_resamples_the_pretrained_sinusoid_table_like_main_t2t():
+    """main_t2t.py of the official release: the checkpoint's table minus its cls row, as a 2-D grid, bicubic
+    (align_corners False, no antialias) to the new grid; the cls row kept. Not a fresh 1-D table of 197 rows."""
     a, b = models.create("t2t_vit_7", 112, 0), models.create("t2t_vit_7", 224, 10)
-    expected = b.pos_embed.clone()
+    fresh = b.pos_embed.clone()
     models.load_into(b, models.export(a, "t2t_vit_7", 112), "t2t_vit_7")
-    assert torch.equal(b.pos_embed, expected)
+    table = a.pos_embed.detach()
+    grid = table[:, 1:].reshape(1, 7, 7, -1).permute(0, 3, 1, 2)
+    resized = torch.nn.functional.interpolate(grid, size=(14, 14), mode="bicubic", align_corners=False)
+    expected = torch.cat([table[:, :1], resized.permute(0, 2, 3, 1).reshape(1, 196, -1)], 1)
+    assert torch.allclose(b.pos_embed, expected, atol=1e-6)
+    assert not torch.allclose(b.pos_embed, fresh, atol=0.1)
+    assert not b.pos_embed.requires_grad
     assert torch.equal(b.blocks[0].mlp.fc1.weight, a.blocks[0].mlp.fc1.weight)
 
 

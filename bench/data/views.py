@@ -73,8 +73,6 @@ def _blur(x, sigma):
 def augment(x, spec):
     """Photometric augmentation of float images in [0, 1], per-sample parameters; returns [0, 1] images."""
     b, dev = len(x), x.device
-    flip = torch.rand(b, device=dev) < spec.get("flip", 0.0)
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
     jitter = spec.get("jitter")
     if jitter and spec.get("jitter_p", 0) > 0:
         bri, con, sat, hue = jitter
@@ -94,6 +92,10 @@ def augment(x, spec):
         x = torch.where(to_grey[:, None, None, None], _grey(x).expand_as(x), x)
     if spec.get("randaugment"):
         x = randaugment(x, **spec["randaugment"])
+    # after RandAugment, as the official fine-tuning flips (its rotation turns one way only); the other ops are
+    # mirror-symmetric, so for the pretraining pipelines (flip first) the order makes no difference
+    flip = torch.rand(b, device=dev) < spec.get("flip", 0.0)
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
     if spec.get("blur_p", 0) > 0:
         blur = torch.rand(b, device=dev) < spec["blur_p"]
         if blur.any():
@@ -176,101 +178,191 @@ def mixed_cross_entropy(logits, target, perm, lam, label_smoothing=0.0):
     return lam * ce(target) + (1 - lam) * ce(target[perm])
 
 
-# --- RandAugment, batched -----------------------------------------------------------------------------------
-# UDA-style (as in the official fine-tuning): for every image two ops drawn from the list below, each applied
-# with probability p at a magnitude drawn uniformly from [lo, hi] out of 10. The ops act on the subset of the
-# batch that drew them, with per-sample magnitudes, so there is no per-image Python. The official code's exact
-# list of 15 ops was not available to us: these are UDA's 14 image ops plus Cutout.
+# --- RandAugment, batched ------------------------------------------------------------------------------------
+# The official fine-tuning's RandAugment (utils/data_utils.py of the release: `RandAugment.get_trans_list`,
+# `SubPolicy`, `Cutout`), itself adapted from UDA: for every image a pair of (op, magnitude m in 1..9), each op
+# applied with probability 0.5. Each op below reproduces the PIL call the reference makes at that magnitude, on
+# the subset of the batch that drew it, with per-sample magnitudes and signs, so there is no per-image Python.
+# PIL works on uint8: every op's output is a level of 255 as PIL's would be. The affine ops fill uncovered pixels with grey 128 as the reference does.
 
-def _blend(a, b, factor):
-    return (b + (a - b) * factor[:, None, None, None]).clamp(0, 1)
-
-
-def _signed(level):
-    return level * torch.where(torch.rand_like(level) < 0.5, -1.0, 1.0)
+_FILL = 128 / 255
+_CUTOUT_FILL = (125 / 255, 122 / 255, 113 / 255)
 
 
-def _affine(x, theta):
-    """Warp by per-sample 2x3 matrices (normalised coordinates); uncovered pixels are mid-grey, as UDA fills."""
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    warped = F.grid_sample(torch.cat([x, torch.ones_like(x[:, :1])], 1), grid, align_corners=False)
-    img, cover = warped[:, :3], warped[:, 3:]
-    return img + (1 - cover) * 0.5
+def _q(x):
+    return (x.clamp(0, 1) * 255).round() / 255
 
 
-def _theta(n, device, a=1.0, b=0.0, c=0.0, d=0.0, e=1.0, f=0.0):
-    t = torch.zeros(n, 2, 3, device=device)
-    for (i, j), v in zip([(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)], [a, b, c, d, e, f]):
-        t[:, i, j] = v
-    return t
+def _blend(degenerate, x, factor):
+    """PIL's ImageEnhance: degenerate + factor * (image - degenerate), clipped, truncated to a level as PIL does."""
+    out = (degenerate + (x - degenerate) * factor[:, None, None, None]).clamp(0, 1)
+    return (out * 255 + 1e-3).floor() / 255
+
+
+def _enhance_factor(m, rand):
+    """1 +/- 0.1 m, sign drawn per image (the reference's `1 + magnitude * random.choice([-1, 1])`)."""
+    return 1 + 0.1 * m * _sign(rand)
+
+
+def _sign(rand):
+    return torch.where(rand[:, 0] < 0.5, -1.0, 1.0).to(rand.device)
+
+
+def _luma(x):
+    """PIL's convert("L"): ITU-R 601-2 luma, rounded to an integer level."""
+    return _q(_grey(x))
+
+
+def _warp(x, matrix, bicubic):
+    """PIL's Image.transform(AFFINE, matrix): output pixel (col, row) takes the input at
+    matrix @ (col + 0.5, row + 0.5, 1), in pixels; where that point is outside the image, grey 128.
+    Nearest (PIL's default) takes the pixel containing the point; bicubic interpolates (torch's a = -0.75
+    where PIL's is -0.5: within a few levels)."""
+    n, c, h, w = x.shape
+    rows, cols = torch.meshgrid(torch.arange(h, device=x.device, dtype=x.dtype) + 0.5,
+                                torch.arange(w, device=x.device, dtype=x.dtype) + 0.5, indexing="ij")
+    pts = torch.stack([cols, rows, torch.ones_like(rows)], -1)
+    src = torch.einsum("nij,hwj->nhwi", matrix.to(x.dtype), pts)  # [n, h, w, 2]: input (x, y)
+    sx, sy = src[..., 0], src[..., 1]
+    inside = ((sx >= 0) & (sx < w) & (sy >= 0) & (sy < h))[:, None]
+    if bicubic:
+        grid = torch.stack([sx * 2 / w - 1, sy * 2 / h - 1], -1)
+        out = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    else:
+        xi, yi = sx.floor().long().clamp(0, w - 1), sy.floor().long().clamp(0, h - 1)
+        out = x[torch.arange(n, device=x.device)[:, None, None], :, yi, xi].permute(0, 3, 1, 2)
+    return torch.where(inside, out, torch.full_like(out, _FILL))
+
+
+def _matrix(n, device, a=1.0, b=0.0, c=0.0, d=0.0, e=1.0, f=0.0):
+    """Per-sample PIL affine coefficients (a, b, c, d, e, f) as [n, 2, 3]; each may be a tensor of n."""
+    parts = [torch.as_tensor(v, dtype=torch.float, device=device).expand(n) for v in (a, b, c, d, e, f)]
+    return torch.stack(parts, 1).view(n, 2, 3)
+
+
+def _rotate(x, m, rand):
+    """PIL's rotate(30 m / 9) about the centre, counter-clockwise, nearest (the reference's `rotate_with_fill`:
+    always this direction; the line drawing a random sign is commented out there)."""
+    n, _, h, w = x.shape
+    a = -torch.deg2rad(30 * m / 9)
+    cos, sin = torch.cos(a), torch.sin(a)
+    cx, cy = w / 2, h / 2
+    mat = _matrix(n, x.device, cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
+    return _warp(x, mat, bicubic=False)
+
+
+def _shear(x, m, rand, axis):
+    s = 0.3 * m / 9 * _sign(rand)
+    mat = _matrix(len(x), x.device, b=s) if axis == 0 else _matrix(len(x), x.device, d=s)
+    return _warp(x, mat, bicubic=True)
+
+
+def _translate(x, m, rand, axis):
+    """A shift of up to 150/331 (45%) of the side, nearest, as the reference's translatex/translatey."""
+    side = x.shape[3] if axis == 0 else x.shape[2]
+    t = 150 / 331 * m / 9 * side * _sign(rand)
+    mat = _matrix(len(x), x.device, c=t) if axis == 0 else _matrix(len(x), x.device, f=t)
+    return _warp(x, mat, bicubic=False)
+
+
+def _levels(x):
+    return (x * 255).round().long().clamp(0, 255)
 
 
 def _equalize(x):
+    """PIL's ImageOps.equalize, per channel: step = (pixels - count of the last used level) // 255, and level i
+    maps to (step // 2 + pixels below i) // step; a channel with one level or step 0 is left as it is."""
     n, c, h, w = x.shape
-    idx = (x * 255).round().long().clamp(0, 255).view(n, c, -1)
-    hist = torch.zeros(n, c, 256, device=x.device).scatter_add_(2, idx, torch.ones_like(idx, dtype=torch.float))
-    cdf = hist.cumsum(2)
-    cdf_min = torch.where(hist > 0, cdf, torch.full_like(cdf, float(h * w))).min(2, keepdim=True).values
-    lut = ((cdf - cdf_min) / (h * w - cdf_min).clamp(min=1)).clamp(0, 1)
-    return lut.gather(2, idx).view(n, c, h, w)
+    v = _levels(x).view(n, c, -1)
+    hist = torch.zeros(n, c, 256, device=x.device, dtype=torch.long).scatter_add_(2, v, torch.ones_like(v))
+    last = 255 - (hist.flip(2) > 0).long().argmax(2, keepdim=True)  # the highest level used
+    step = (h * w - hist.gather(2, last)) // 255
+    below = hist.cumsum(2) - hist
+    lut = ((step // 2 + below) // step.clamp(min=1)).clamp(max=255)
+    keep = (step == 0) | ((hist > 0).sum(2, keepdim=True) <= 1)
+    lut = torch.where(keep, torch.arange(256, device=x.device).expand_as(lut), lut)
+    return (lut.gather(2, v).view(n, c, h, w).to(x.dtype)) / 255
 
 
-def _cutout(x, level):
-    n, _, h, w = x.shape
-    side = (level * 0.5 * min(h, w)).round().long().clamp(min=1)[:, None, None]
-    cy = torch.randint(h, (n, 1, 1), device=x.device)
-    cx = torch.randint(w, (n, 1, 1), device=x.device)
-    ys, xs = torch.arange(h, device=x.device)[None, :, None], torch.arange(w, device=x.device)[None, None, :]
-    hole = ((ys - cy).abs() <= side // 2) & ((xs - cx).abs() <= side // 2)
-    return torch.where(hole[:, None], torch.full_like(x, 0.5), x)
+def _autocontrast(x):
+    """PIL's ImageOps.autocontrast (no cutoff), per channel: the used levels [lo, hi] stretched to [0, 255], truncated."""
+    v = _levels(x).to(x.dtype)
+    lo, hi = v.amin((2, 3), keepdim=True), v.amax((2, 3), keepdim=True)
+    out = ((v - lo) * 255 / (hi - lo).clamp(min=1)).floor().clamp(0, 255) / 255
+    return torch.where(hi > lo, out, x)
+
+
+def _posterize(x, m, rand):
+    """ImageOps.posterize with round(8 - 4 m / 9) bits kept (the reference's `round(linspace(8, 4, 10))`)."""
+    drop = 2 ** (8 - torch.round(8 - 4 * m / 9))[:, None, None, None]
+    return torch.floor(_levels(x) / drop) * drop / 255
+
+
+def _solarize(x, m, rand):
+    """ImageOps.solarize at threshold 256 - 256 m / 9: levels at or above it inverted."""
+    thr = (256 - 256 * m / 9)[:, None, None, None]
+    return torch.where(_levels(x) >= thr, 1 - x, x)
 
 
 _SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13
 
 
-def _sharpen(x, factor):
+def _sharpness(x, m, rand):
+    """ImageEnhance.Sharpness: blend with PIL's SMOOTH filter, which leaves the outermost pixels unfiltered."""
     k = _SMOOTH.to(x.device, x.dtype).expand(3, 1, 3, 3)
-    return _blend(x, F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k, groups=3), factor)
+    smooth = x.clone()
+    smooth[:, :, 1:-1, 1:-1] = _q(F.conv2d(x, k, groups=3))
+    return _blend(smooth, x, _enhance_factor(m, rand))
 
 
-RANDAUGMENT_OPS = {  # op(images, level in (0, 1]) -> images
-    "identity": lambda x, v: x,
-    "autocontrast": lambda x, v: ((x - x.amin((2, 3), keepdim=True))
-                                  / (x.amax((2, 3), keepdim=True) - x.amin((2, 3), keepdim=True)).clamp(min=1e-3)),
-    "equalize": lambda x, v: _equalize(x),
-    "rotate": lambda x, v: _affine(x, _rotation(_signed(v) * math.radians(30))),
-    "solarize": lambda x, v: torch.where(x >= (1 - v)[:, None, None, None], 1 - x, x),
-    "color": lambda x, v: _blend(x, _grey(x).expand_as(x), 0.1 + 1.8 * v),
-    "posterize": lambda x, v: torch.floor(x * 255 / (2 ** (v * 4).floor())[:, None, None, None])
-    * (2 ** (v * 4).floor())[:, None, None, None] / 255,
-    "contrast": lambda x, v: _blend(x, _grey(x).mean((2, 3), keepdim=True).expand_as(x), 0.1 + 1.8 * v),
-    "brightness": lambda x, v: _blend(x, torch.zeros_like(x), 0.1 + 1.8 * v),
-    "sharpness": lambda x, v: _sharpen(x, 0.1 + 1.8 * v),
-    "shear_x": lambda x, v: _affine(x, _theta(len(x), x.device, b=_signed(v) * 0.3)),
-    "shear_y": lambda x, v: _affine(x, _theta(len(x), x.device, d=_signed(v) * 0.3)),
-    "translate_x": lambda x, v: _affine(x, _theta(len(x), x.device, c=_signed(v) * 0.6)),  # up to 30% of the side
-    "translate_y": lambda x, v: _affine(x, _theta(len(x), x.device, f=_signed(v) * 0.6)),
+def _cutout(x, m, rand):
+    """The reference's Cutout: a square of side round(20 m / 9) px (so at most 20 px whatever the image size)
+    centred on a uniform pixel, clipped to the image, filled with (125, 122, 113)."""
+    n, _, h, w = x.shape
+    half = (torch.round(20 * m / 9).long() // 2)[:, None, None]
+    cy = (rand[:, 1] * h).long().clamp(max=h - 1)[:, None, None]
+    cx = (rand[:, 2] * w).long().clamp(max=w - 1)[:, None, None]
+    ys, xs = torch.arange(h, device=x.device)[None, :, None], torch.arange(w, device=x.device)[None, None, :]
+    hole = (ys >= cy - half) & (ys < cy + half) & (xs >= cx - half) & (xs < cx + half)
+    fill = torch.tensor(_CUTOUT_FILL, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return torch.where(hole[:, None], fill, x)
+
+
+RANDAUGMENT_OPS = {  # the reference's get_trans_list, in its order: op(images, m in 1..9, rand [n, 3]) -> images
+    "invert": lambda x, m, r: 1 - x,
     "cutout": _cutout,
+    "sharpness": _sharpness,
+    "autocontrast": lambda x, m, r: _autocontrast(x),
+    "posterize": _posterize,
+    "shear_x": lambda x, m, r: _shear(x, m, r, 0),
+    "translate_x": lambda x, m, r: _translate(x, m, r, 0),
+    "translate_y": lambda x, m, r: _translate(x, m, r, 1),
+    "shear_y": lambda x, m, r: _shear(x, m, r, 1),
+    "rotate": _rotate,
+    "equalize": lambda x, m, r: _equalize(x),
+    "contrast": lambda x, m, r: _blend(_luma(x).mean((2, 3), keepdim=True).mul(255).round().div(255).expand_as(x),
+                                       x, _enhance_factor(m, r)),
+    "color": lambda x, m, r: _blend(_luma(x).expand_as(x), x, _enhance_factor(m, r)),
+    "solarize": _solarize,
+    "brightness": lambda x, m, r: _blend(torch.zeros_like(x), x, _enhance_factor(m, r)),
 }
 
 
-def _rotation(angle):
-    c, s = torch.cos(angle), torch.sin(angle)
-    t = torch.zeros(len(angle), 2, 3, device=angle.device)
-    t[:, 0, 0], t[:, 0, 1], t[:, 1, 0], t[:, 1, 1] = c, -s, s, c
-    return t
-
-
 def randaugment(x, ops=2, p=0.5, magnitude=(1, 9)):
+    """`ops` slots per image, each an op drawn uniformly from the list with a magnitude uniform in
+    [magnitude[0], magnitude[1]], applied with probability p (the reference draws one of all pairs of
+    (op, magnitude) uniformly, which is the same)."""
     names = list(RANDAUGMENT_OPS)
+    x = _q(x)
     for _ in range(ops):
         pick = torch.randint(len(names), (len(x),), device=x.device)
         on = torch.rand(len(x), device=x.device) < p
-        level = torch.randint(magnitude[0], magnitude[1] + 1, (len(x),), device=x.device).float() / 10
+        m = torch.randint(magnitude[0], magnitude[1] + 1, (len(x),), device=x.device).float()
+        rand = torch.rand(len(x), 3, device=x.device)  # a sign, a cutout centre
         out = x.clone()
         for k, name in enumerate(names):
             sel = on & (pick == k)
             if sel.any():
-                out[sel] = RANDAUGMENT_OPS[name](x[sel], level[sel]).clamp(0, 1).to(x.dtype)
+                out[sel] = _q(RANDAUGMENT_OPS[name](x[sel], m[sel], rand[sel])).to(x.dtype)
         x = out
     return x

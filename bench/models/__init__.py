@@ -108,25 +108,27 @@ def _strip(key):
 def load_into(model, saved, name):
     """Load a previous stage's weights into `model` (same backbone, any resolution, any head).
 
-    Wrapper prefixes are stripped, a head of another shape is dropped, learned absolute position embeddings
-    are resampled bicubically to the new token grid (DeiT), fixed sinusoidal ones are kept as the model built
-    them for its resolution (T2T-ViT); PVTv2 has none."""
+    Wrapper prefixes are stripped, a head of another shape is dropped, absolute position embeddings are
+    resampled bicubically to the new token grid, the cls row kept: DeiT's learned ones, and T2T-ViT's fixed
+    sinusoid table too, as the official main_t2t.py does with the checkpoint's table (7x7 -> 14x14 -> 28x28)
+    rather than building a fresh one; PVTv2 has none."""
     if saved["backbone"] != name:
         raise UserError(f"checkpoint is a {saved['backbone']}, cannot load it into a {name}")
     own = model.state_dict()
     state = {}
     for k, v in saved["state_dict"].items():
         k = _strip(k)
-        if k not in own or (k == "pos_embed" and getattr(model, "fixed_pos_embed", False)):
+        if k not in own:
             continue
         if k == "pos_embed" and v.shape != own[k].shape:
             prefix = getattr(model, "num_prefix_tokens", 1)
-            v = resample_abs_pos_embed(v, new_size=list(model.patch_embed.grid_size),
+            grid = getattr(model, "grid_size", None) or model.patch_embed.grid_size
+            v = resample_abs_pos_embed(v, new_size=list(grid),
                                        num_prefix_tokens=prefix, interpolation="bicubic", antialias=False)
         if v.shape != own[k].shape:  # the pretraining head (N instances) vs the classifier
             continue
         state[k] = v
-    missing = [k for k in own if k not in state and not (k == "pos_embed" and getattr(model, "fixed_pos_embed", 0))]
+    missing = [k for k in own if k not in state]
     if any(not k.startswith("head") for k in missing):
         raise UserError(f"checkpoint of {name} lacks weights: {', '.join(missing[:5])}")
     model.load_state_dict(state, strict=False)

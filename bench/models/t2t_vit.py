@@ -3,7 +3,8 @@
 Written from the architecture facts of yitu-opensource/T2T-ViT (models/t2t_vit.py, token_performer.py):
 a tokens-to-token stem of three soft splits (Unfold k7/s4, k3/s2, k3/s2: overall stride 16) with a Performer
 attention after each of the first two, a projection to the embedding width, then a cls token, a fixed sinusoidal
-position embedding and pre-norm transformer blocks. timm's `Block` scales attention by head_dim ** -0.5 (the
+position embedding (a frozen parameter, saved with the weights and resampled between resolutions like DeiT's,
+see `bench.models.load_into`) and pre-norm transformer blocks. timm's `Block` scales attention by head_dim ** -0.5 (the
 reference does so too unless it loads its own pretrained weights).
 """
 from __future__ import annotations
@@ -93,8 +94,6 @@ class T2TModule(nn.Module):
 
 
 class T2TViT(nn.Module):
-    fixed_pos_embed = True  # regenerated for each resolution, never resampled or loaded
-
     def __init__(self, img_size=224, in_chans=3, num_classes=1000, embed_dim=256, depth=7, num_heads=4,
                  mlp_ratio=2.0, token_dim=64, drop_rate=0.0, drop_path_rate=0.0, global_pool="token",
                  stem=(7, 4, 2)):
