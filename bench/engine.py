@@ -49,6 +49,14 @@ class Method(torch.nn.Module):
     def after_step(self, progress):
         """Momentum and centre updates."""
 
+    def param_groups(self):
+        """The optimiser's parameter groups. A group may set its own weight_decay; `ramp_weight_decay: False`
+        keeps it out of a weight-decay schedule (cfg weight_decay_end)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def before_optimizer_step(self, epoch):
+        """Last changes to the gradients (averaged and clipped) before the step (DINO's frozen last layer)."""
+
     def backbone(self):
         return self.encoder
 
@@ -168,6 +176,17 @@ def _average_gradients(params):
         offset += g.numel()
 
 
+def clip_each(params, max_norm):
+    """Each parameter's gradient scaled to a norm of at most max_norm, on its own (DINO's utils.clip_gradients;
+    not one global norm, as torch's clip_grad_norm_ computes)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack(torch._foreach_norm(grads))
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, list(scale.unbind()))
+
+
 def _gather_ranks(mine):
     """Every rank's own state (its shard's permutation, running loss and generators), in rank order."""
     if world_size() == 1:
@@ -187,7 +206,8 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
     """Train `model` on `data` for cfg['epochs']; resume from run_dir/checkpoint.pt when it exists.
 
     cfg: epochs, batch_size, lr, warmup_epochs, weight_decay, seed; optional weight_decay_end (cosine schedule
-    of the weight decay, DINO) and clip_grad (max gradient norm). Returns the last epoch's metrics.
+    of the weight decay, DINO) and clip_grad (max gradient norm of each parameter). Returns the last epoch's
+    metrics.
 
     With torch.distributed initialised (several ranks), batch_size is the global batch: each rank holds its own
     shard of the training set, draws batch_size / ranks images of it per step, and the gradients are averaged.
@@ -198,8 +218,9 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
     main = rk == 0
     run_dir.mkdir(parents=True, exist_ok=True)
     model.to(dev)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=dev.type == "cuda")
+    groups = model.param_groups()
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=dev.type == "cuda")
     rows = shard(len(data), rk, world) if world > 1 else torch.arange(len(data))
     n = len(rows)
     bs = min(cfg["batch_size"], len(data)) // world
@@ -271,10 +292,12 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                 loss.backward()
                 _average_gradients(params)
                 if cfg.get("clip_grad"):
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
+                    clip_each(params, cfg["clip_grad"])
+                model.before_optimizer_step(epoch)
                 if cfg.get("weight_decay_end") is not None:
                     for g in opt.param_groups:
-                        g["weight_decay"] = cosine_ramp(cfg["weight_decay"], cfg["weight_decay_end"], progress)
+                        if g.get("ramp_weight_decay", True):
+                            g["weight_decay"] = cosine_ramp(cfg["weight_decay"], cfg["weight_decay_end"], progress)
                 opt.step()
                 sched.step()
                 model.after_step(progress)

@@ -140,6 +140,8 @@ def _pretrain_config(row, preset, data, seed):
     method_cfg = copy.deepcopy(preset["methods"].get(row["method"], {}))
     pre = {**preset["pretrain"], **method_cfg.pop("pretrain", {})}  # a method's own optimiser settings win
     extra = {k: pre[k] for k in ("weight_decay_end", "clip_grad") if k in pre}
+    for key, valid in getattr(METHODS[row["method"]], "choices", {}).items():
+        _choice(f"methods.{row['method']}.{key}", method_cfg.get(key), valid)
     return {**extra,
         "stage": "pretrain", "method": row["method"], "backbone": row["backbone"], "model_kwargs": bb["kwargs"],
         "data": data, "split": _split(data), "resolution": pre["resolution"],

@@ -12,12 +12,14 @@ from bench.engine import Method, cosine_ramp, momentum_copy
 class DINO(Method):
     summary = "self-distillation: student on all crops, EMA teacher on the 2 global crops, centring"
     defaults_source = "authors' DINO_exp (2 global + 2 local crops at 112, out 65536, teacher T 0.04, m 0.996 -> 1)"
+    choices = {"export": ("teacher", "student")}
 
     def __init__(self, backbone, feature_dim, num_instances, num_classes, cfg):
         super().__init__(backbone, cfg)
         with warnings.catch_warnings():  # lightly's head still uses torch's deprecated weight_norm
             warnings.simplefilter("ignore", FutureWarning)
-            self.head = DINOProjectionHead(feature_dim, cfg["hidden_dim"], cfg["bottleneck_dim"], cfg["out_dim"])
+            self.head = DINOProjectionHead(feature_dim, cfg["hidden_dim"], cfg["bottleneck_dim"], cfg["out_dim"],
+                                           freeze_last_layer=cfg["freeze_last_layer"])
             self.teacher_head = DINOProjectionHead(feature_dim, cfg["hidden_dim"], cfg["bottleneck_dim"],
                                                    cfg["out_dim"])
         self.teacher = momentum_copy(backbone)
@@ -27,9 +29,22 @@ class DINO(Method):
         # averages each batch's centre over the ranks of a multi-GPU job
         self.criterion = DINOLoss(output_dim=cfg["out_dim"], center_momentum=cfg["center_momentum"])
 
-    def start_epoch(self, epoch):
-        # freeze the last layer for the first epochs (its weight_g stays frozen when normalised)
-        self.head.last_layer.weight_v.requires_grad = epoch >= self.cfg["freeze_last_layer"]
+    def param_groups(self):
+        """As the reference's utils.get_params_groups: biases and 1-D parameters (norms) without weight decay,
+        and outside the weight-decay ramp, which main_dino.py applies to the first group only."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "ramp_weight_decay": False}]
+
+    def before_optimizer_step(self, epoch):
+        self.head.cancel_last_layer_gradients(epoch)  # the first freeze_last_layer epochs: no update at all
+
+    def backbone(self):
+        """The weights fine-tuning starts from: the teacher's, as the authors' DINO evaluation loads them
+        (--checkpoint_key teacher), or the student's (`export: student`)."""
+        return self.teacher if self.cfg["export"] == "teacher" else self.encoder
 
     def teacher_temp(self, progress):
         """Linear warmup from warmup_teacher_temp to teacher_temp over the first warmup fraction of training."""

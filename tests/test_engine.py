@@ -119,3 +119,13 @@ def test_schedule_and_precision_are_in_every_job_and_checked():
     assert {(j.config["lr_schedule"], j.config["precision"]) for j in jobs} == {("official", "bf16")}
     with pytest.raises(UserError, match="finetune.lr_schedule: 'step'"):
         planner.plan("comparison", planner.load_preset("paper", ["finetune.lr_schedule=step"]), ["idmm"])
+
+
+def test_dino_export_is_in_its_jobs_and_checked():
+    from bench import plan as planner
+    from bench.errors import UserError
+
+    jobs = planner.plan("comparison", planner.load_preset("paper"), ["dino"], None, None, [0])
+    assert {j.config["method_cfg"]["export"] for j in jobs if j.config["stage"] == "pretrain"} == {"teacher"}
+    with pytest.raises(UserError, match="methods.dino.export: 'both'"):
+        planner.plan("comparison", planner.load_preset("paper", ["methods.dino.export=both"]), ["dino"])

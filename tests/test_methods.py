@@ -121,12 +121,62 @@ def test_dino_centre_updates_and_comes_back_from_a_checkpoint(tmp_path, tiny_vit
     assert torch.equal(restored.criterion.center, centre)
 
 
-def test_dino_freezes_the_last_layer_in_its_first_epochs(tiny_vit):
+def test_dino_parameter_groups_and_weight_decay_ramp_follow_the_reference(tmp_path, tiny_vit, tiny_images):
+    """facebookresearch/dino, utils.get_params_groups: parameters whose name ends in .bias or with one dimension
+    (norms) go without weight decay; main_dino.py ramps the weight decay of the first group only."""
+    from bench.engine import fit
+
     method = _method("dino", tiny_vit)
-    method.start_epoch(0)
-    assert not method.head.last_layer.weight_v.requires_grad
-    method.start_epoch(method.cfg["freeze_last_layer"])
-    assert method.head.last_layer.weight_v.requires_grad
+    decay, no_decay = method.param_groups()
+    names = {id(p): n for n, p in method.named_parameters()}
+    expected_free = {n for n, p in method.named_parameters()
+                     if p.requires_grad and (n.endswith(".bias") or p.ndim == 1)}
+    assert {names[id(p)] for p in no_decay["params"]} == expected_free
+    assert "encoder.pos_embed" in {names[id(p)] for p in decay["params"]}  # 3-D: decayed, as in the reference
+    assert not any("teacher" in names[id(p)] for p in decay["params"] + no_decay["params"])
+    cfg = {"epochs": 1, "batch_size": 6, "lr": 1e-3, "warmup_epochs": 0, "weight_decay": 0.04,
+           "weight_decay_end": 0.4, "clip_grad": 3.0, "seed": 0}
+    fit(method, tiny_images, cfg, tmp_path)
+    groups = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert groups[0]["weight_decay"] > 0.04 and groups[1]["weight_decay"] == 0.0
+
+
+def test_clip_each_caps_every_parameter_on_its_own():
+    """DINO's utils.clip_gradients: each gradient times clip / (its norm + 1e-6) when that is below 1."""
+    from bench.engine import clip_each
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(4, 5), (7,), (3, 3, 2)]]
+    for p, scale in zip(params, [10.0, 0.1, 2.0]):
+        p.grad = torch.randn_like(p) * scale
+    want = []
+    for p in params:
+        coef = 3.0 / (p.grad.norm(2) + 1e-6)
+        want.append(p.grad * coef if coef < 1 else p.grad.clone())
+    clip_each(params, 3.0)
+    for p, w in zip(params, want):
+        assert torch.allclose(p.grad, w, atol=1e-6)
+    assert params[1].grad.norm() < 3.0  # a small gradient is left alone, unlike one global norm
+
+
+@pytest.mark.parametrize("freeze,moves", [(1, False), (0, True)])
+def test_dino_last_layer_gets_no_update_in_its_frozen_epochs(tmp_path, tiny_vit, tiny_images, freeze, moves):
+    from bench.engine import fit
+
+    method = _method("dino", tiny_vit)
+    method.cfg["freeze_last_layer"] = freeze
+    method.head.freeze_last_layer = freeze
+    before = {k: v.clone() for k, v in method.head.last_layer.state_dict().items()}
+    cfg = {"epochs": 1, "batch_size": 6, "lr": 1e-2, "warmup_epochs": 0, "weight_decay": 0.04, "seed": 0}
+    fit(method, tiny_images, cfg, tmp_path)
+    after = method.head.last_layer.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before) == moves
+
+
+@pytest.mark.parametrize("export", ["teacher", "student"])
+def test_dino_exports_the_network_the_knob_names(tiny_vit, export):
+    method = METHODS["dino"](tiny_vit(), 32, 12, 3, {**_method_cfg("dino"), "export": export})
+    assert method.backbone() is (method.teacher if export == "teacher" else method.encoder)
 
 
 @pytest.mark.parametrize("name,teacher", [("dino", "teacher"), ("mocov2", "key_encoder"), ("mocov3", "key_encoder")])
