@@ -7,13 +7,14 @@ import torch
 
 from bench import data as datasets
 from bench import models
-from bench.data.views import cutmix, eval_view, mixed_cross_entropy, mixup
-from bench.engine import Method, fit, predict, rank
+from bench.data.views import cutmix, eval_view, mix_in_parts, mixed_cross_entropy, mixup
+from bench.engine import Method, fit, predict, rank, world_size
 from bench.errors import UserError
 
 
 class Classifier(Method):
-    """Label-smoothed cross-entropy on mixed images: Mixup on even epochs, CutMix on odd ones (official main_deit.py)."""
+    """Label-smoothed cross-entropy on mixed images: Mixup on even epochs, CutMix on odd ones (official main_deit.py),
+    each part of the batch (mixing.parts: the authors' 4 GPUs) with its own lambda and permutation."""
 
     def __init__(self, backbone, cfg):
         super().__init__(backbone, cfg)
@@ -25,9 +26,10 @@ class Classifier(Method):
     def loss(self, views, index, label, progress):
         mixing = self.cfg["mixing"]
         if self.epoch % 2 == 0:
-            x, perm, lam = mixup(views[0], mixing["mixup_alpha"])
+            mix = lambda x: mixup(x, mixing["mixup_alpha"])  # noqa: E731
         else:
-            x, perm, lam = cutmix(views[0], mixing["cutmix_alpha"])
+            mix = lambda x: cutmix(x, mixing["cutmix_alpha"])  # noqa: E731
+        x, perm, lam = mix_in_parts(views[0], 1, max(1, mixing["parts"] // world_size()), mix)
         return mixed_cross_entropy(self.logits(x), label, perm, lam, self.cfg["label_smoothing"])
 
     def logits(self, x):

@@ -315,13 +315,13 @@ def describe(job: Job) -> dict:
         mc = c["method_cfg"]
         if "views" in mc:
             out["crops"] = _crops_label(mc["views"])
-        for k in ("label_smoothing", "cutmix_beta"):
+        for k, short in (("label_smoothing", "ls"), ("cutmix_beta", "cutmix"), ("mix_parts", "mix_parts")):
             if k in mc:
-                out[{"label_smoothing": "ls", "cutmix_beta": "cutmix"}[k]] = mc[k]
+                out[short] = mc[k]
     else:
         out["crops"] = _crops_label(c["views"])
         m = c["mixing"]
-        out["mixing"] = f"mixup{m['mixup_alpha']}-even/cutmix{m['cutmix_alpha']}-odd"
+        out["mixing"] = f"mixup{m['mixup_alpha']}-even/cutmix{m['cutmix_alpha']}-odd/{m['parts']}parts"
         ra = c["views"].get("randaugment")
         if ra:
             out["randaug"] = f"{ra['ops']}ops-p{ra['p']}-m{ra['magnitude'][0]}-{ra['magnitude'][1]}"

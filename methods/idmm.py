@@ -6,8 +6,8 @@ the four small crops group B; each group gets its own CutMix and the loss is CE(
 """
 import torch
 
-from bench.data.views import cutmix, mixed_cross_entropy
-from bench.engine import Method
+from bench.data.views import cutmix, mix_in_parts, mixed_cross_entropy
+from bench.engine import Method, world_size
 
 
 class IDMM(Method):
@@ -22,8 +22,11 @@ class IDMM(Method):
         torch.nn.init.zeros_(self.classifier.bias)
 
     def loss(self, views, index, label, progress):
-        # each group its own CutMix, then all crops of one size through the backbone as one batch
-        mixed = [cutmix(group, self.cfg["cutmix_beta"]) for group in views]
+        # each group its own CutMix (per part of the batch: one per GPU of the authors' 4, as they ran it),
+        # then all crops of one size through the backbone as one batch
+        parts = max(1, self.cfg["mix_parts"] // world_size())
+        mixed = [mix_in_parts(group, len(group) // len(index), parts, lambda x: cutmix(x, self.cfg["cutmix_beta"]))
+                 for group in views]
         logits = self.classifier(self.embed([x for x, _, _ in mixed]))
         total, start = 0.0, 0
         for x, perm, lam in mixed:  # group A (2 large crops), group B (4 small crops)

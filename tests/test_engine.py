@@ -11,7 +11,7 @@ from bench.launch import stop_on_signals
 CFG = {"epochs": 2, "batch_size": 4, "lr": 1e-3, "warmup_epochs": 1, "weight_decay": 1e-3, "seed": 0}
 VIEWS = {"crops": [{"count": 1, "size": 16, "scale": [0.2, 1.0]}], "flip": 0.5, "jitter": [0.4, 0.4, 0.4, 0.1],
          "jitter_p": 0.5, "grayscale_p": 0.2}
-FT = {**CFG, "views": VIEWS, "mixing": {"mixup_alpha": 0.5, "cutmix_alpha": 0.5}, "label_smoothing": 0.1}
+FT = {**CFG, "views": VIEWS, "mixing": {"mixup_alpha": 0.5, "cutmix_alpha": 0.5, "parts": 1}, "label_smoothing": 0.1}
 
 
 def test_lr_schedule_warms_up_linearly_then_decays_to_zero():

@@ -30,7 +30,8 @@ def _hand_cutmix_ce(model, x, target, eps):
 
 def test_idmm_loss_is_ce_of_group_a_plus_ce_of_group_b(tiny_vit):
     n_instances, eps = 9, 0.1
-    model = IDMM(tiny_vit(), 32, n_instances, 3, {"cutmix_beta": 0.5, "label_smoothing": eps, "views": {}})
+    model = IDMM(tiny_vit(), 32, n_instances, 3, {"cutmix_beta": 0.5, "label_smoothing": eps, "views": {},
+                                                  "mix_parts": 1})
     index = torch.tensor([4, 0, 7])
     group_a, group_b = torch.randn(2 * 3, 3, 16, 16), torch.randn(4 * 3, 3, 16, 16)
     torch.manual_seed(3)
@@ -41,9 +42,24 @@ def test_idmm_loss_is_ce_of_group_a_plus_ce_of_group_b(tiny_vit):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_idmm_cutmixes_each_part_of_the_batch_on_its_own(tiny_vit):
+    """The authors ran 4 GPUs of 64 images: each drew its own lambda and permutation over its own crops. Here 4
+    images in 2 parts: part one holds images 0-1 (rows 0, 1, 4, 5 of a 2-crop group), part two images 2-3."""
+    eps = 0.1
+    model = IDMM(tiny_vit(), 32, 9, 3, {"cutmix_beta": 0.5, "label_smoothing": eps, "views": {}, "mix_parts": 2})
+    index = torch.tensor([4, 0, 7, 2])
+    group_a = torch.randn(2 * 4, 3, 16, 16)
+    torch.manual_seed(5)
+    loss = model.loss([group_a], index, None, 0.0)
+    torch.manual_seed(5)
+    parts = [torch.tensor([0, 1, 4, 5]), torch.tensor([2, 3, 6, 7])]
+    expected = sum(_hand_cutmix_ce(model, group_a[rows], index.repeat(2)[rows], eps) for rows in parts) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_idmm_starts_at_log_n_and_learns_its_instances(tiny_vit):
     torch.manual_seed(0)
-    model = IDMM(tiny_vit(), 32, 6, 6, {"cutmix_beta": 0.5, "label_smoothing": 0.0, "views": {}})
+    model = IDMM(tiny_vit(), 32, 6, 6, {"cutmix_beta": 0.5, "label_smoothing": 0.0, "views": {}, "mix_parts": 1})
     x, index = torch.randn(6, 3, 16, 16), torch.arange(6)
     with torch.no_grad():
         plain = F.cross_entropy(model.classifier(model.encoder(x)), index)

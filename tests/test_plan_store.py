@@ -100,7 +100,8 @@ def test_paper_sota_idmm_cell_is_the_authors_224_to_448_recipe():
     assert (ft448["resolution"], ft448["epochs"], ft448["batch_size"], ft448["lr"]) == (448, 100, 128, 5e-5)
     for ft in (ft224, ft448):
         assert ft["label_smoothing"] == 0.1 and ft["drop_path"] == 0.1 and ft["weight_decay"] == 1e-3
-        assert ft["mixing"] == {"mixup_alpha": 0.5, "cutmix_alpha": 0.5, "schedule": "mixup_even_cutmix_odd"}
+        assert ft["mixing"] == {"mixup_alpha": 0.5, "cutmix_alpha": 0.5, "schedule": "mixup_even_cutmix_odd",
+                                "parts": 4}
         assert ft["views"]["crops"] == [{"count": 1, "size": ft["resolution"], "scale": [0.08, 1.0]}]
         assert ft["views"]["jitter"] == [0.4, 0.4, 0.4, 0.1] and ft["views"]["jitter_p"] == 0.4
         assert ft["views"]["randaugment"] == {"ops": 2, "p": 0.5, "magnitude": [1, 9]}

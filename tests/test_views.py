@@ -38,6 +38,20 @@ def test_cutmix_pastes_a_box_from_the_permuted_batch():
             assert from_other == pytest.approx(1 - lam)
 
 
+def test_mix_in_parts_keeps_each_permutation_and_lambda_inside_its_part():
+    torch.manual_seed(0)
+    b, count, parts = 10, 3, 4
+    x = torch.arange(count * b, dtype=torch.float).view(-1, 1, 1, 1).expand(-1, 3, 8, 8).contiguous()
+    mixed, perm, lam = views.mix_in_parts(x, count, parts, lambda t: views.cutmix(t, 0.5))
+    image = torch.arange(count * b) % b
+    part = torch.bucketize(image, torch.tensor([3, 6, 8]), right=True)  # tensor_split of 10 in 4: 3, 3, 2, 2
+    assert torch.equal(part[perm], part)  # a crop is mixed only with crops of its own part
+    for p in range(parts):
+        assert len(set(lam[part == p].tolist())) == 1
+    assert len(set(lam.tolist())) > 1
+    assert torch.equal(torch.sort(perm).values, torch.arange(count * b))
+
+
 def test_mixed_cross_entropy_matches_hand_computation():
     torch.manual_seed(0)
     logits, y = torch.randn(5, 7), torch.tensor([0, 3, 6, 2, 2])

@@ -172,10 +172,28 @@ def mixup(x, alpha):
     return lam * x + (1 - lam) * x[perm], perm, lam
 
 
+def mix_in_parts(x, count, parts, mix):
+    """Mix the batch in `parts` near-equal parts of its images, each with its own lambda and permutation, as
+    each of the authors' 4 GPUs mixed its own quarter of the batch. x holds `count` crops per image, crop-major;
+    mix(x) -> (mixed, perm, lam). Returns the mixed crops, a permutation of all rows and each row's lambda."""
+    b = len(x) // count
+    if parts <= 1 or b < 2:
+        mixed, perm, lam = mix(x)
+        return mixed, perm, torch.full((len(x),), lam, device=x.device)
+    out, perm, lam = torch.empty_like(x), torch.empty(len(x), dtype=torch.long, device=x.device), \
+        torch.empty(len(x), device=x.device)
+    for images in torch.tensor_split(torch.arange(b, device=x.device), min(parts, b)):
+        rows = (torch.arange(count, device=x.device)[:, None] * b + images[None]).reshape(-1)
+        mixed, p, part_lam = mix(x[rows])
+        out[rows], perm[rows], lam[rows] = mixed, rows[p], part_lam
+    return out, perm, lam
+
+
 def mixed_cross_entropy(logits, target, perm, lam, label_smoothing=0.0):
-    """lam * CE(logits, y) + (1 - lam) * CE(logits, y[perm]), each with label smoothing."""
-    ce = lambda y: F.cross_entropy(logits, y, label_smoothing=label_smoothing)  # noqa: E731
-    return lam * ce(target) + (1 - lam) * ce(target[perm])
+    """lam * CE(logits, y) + (1 - lam) * CE(logits, y[perm]), each with label smoothing; lam may be one per row
+    (mix_in_parts), then each row's own."""
+    ce = lambda y: F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="none")  # noqa: E731
+    return (lam * ce(target) + (1 - lam) * ce(target[perm])).mean()
 
 
 # --- RandAugment, batched ------------------------------------------------------------------------------------
