@@ -266,6 +266,7 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                           "world_size": world}, ckpt_path)
 
     images = (data.images[rows] if world > 1 else data.images).to(dev)
+    sizes = None if data.sizes is None else (data.sizes[rows] if world > 1 else data.sizes).to(dev)
     labels, rows = data.labels.to(dev), rows.to(dev)
     model.train()
     bar = tqdm(total=total, initial=epoch * steps + step, desc=desc, unit="step", dynamic_ncols=True,
@@ -282,7 +283,7 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                 local = perm[step * bs:(step + 1) * bs]
                 idx = rows[local]  # the images' indices in the whole training set (IDMM's instance labels)
                 progress = (epoch * steps + step) / total
-                views = make_views(images[local], model.views)
+                views = make_views(images[local], model.views, None if sizes is None else sizes[local])
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                     loss = model.loss(views, idx, labels[idx], progress)
                 stop, finite = _sync_flags(bool(_stop_requested), bool(torch.isfinite(loss)))

@@ -147,7 +147,7 @@ def _pretrain_config(row, preset, data, seed):
         "data": data, "split": _split(data), "resolution": pre["resolution"],
         "epochs": _pick(pre["epochs"], row.get("pretrain_epochs")), "batch_size": pre["batch_size"],
         "lr": _pick(pre["lr"], bb["lr"]), "warmup_epochs": _pick(pre["warmup_epochs"], bb["warmup_epochs"]),
-        "weight_decay": pre["weight_decay"], "drop_path": pre["drop_path"],
+        "weight_decay": pre["weight_decay"], "drop_path": pre["drop_path"], "max_side": pre["max_side"],
         "lr_schedule": _choice("pretrain.lr_schedule", pre["lr_schedule"], LR_SCHEDULES),
         "precision": _choice("pretrain.precision", pre["precision"], PRECISIONS),
         "method_cfg": method_cfg, "seed": seed,
@@ -167,7 +167,7 @@ def _finetune_config(row, preset, data, stage, init, seed):
         "split": _split(data),
         "resolution": res, "epochs": _pick(ft["epochs"], stage["epochs"]), "batch_size": st["batch_size"],
         "lr": _pick(st["lr"], bb["lr"]), "warmup_epochs": _pick(st["warmup_epochs"], bb["warmup_epochs"]),
-        "weight_decay": ft["weight_decay"], "drop_path": ft["drop_path"],
+        "weight_decay": ft["weight_decay"], "drop_path": ft["drop_path"], "max_side": ft["max_side"],
         "lr_schedule": _choice("finetune.lr_schedule", ft["lr_schedule"], LR_SCHEDULES),
         "precision": _choice("finetune.precision", ft["precision"], PRECISIONS),
         "label_smoothing": ft["label_smoothing"], "mixing": ft["mixing"], "views": views,
@@ -310,12 +310,13 @@ def describe(job: Job) -> dict:
     out = {"stage": c["stage"], "method": job.method, "backbone": c["backbone"], "data": c["data"],
            "epochs": c["epochs"], "res": c["resolution"], "batch": c["batch_size"], "lr": c["lr"],
            "warmup": c["warmup_epochs"], "wd": c["weight_decay"], "drop_path": c["drop_path"],
-           "sched": c["lr_schedule"], "precision": c["precision"]}
+           "sched": c["lr_schedule"], "precision": c["precision"], "max_side": c["max_side"]}
     if c["stage"] == "pretrain":
         mc = c["method_cfg"]
         if "views" in mc:
             out["crops"] = _crops_label(mc["views"])
-        for k, short in (("label_smoothing", "ls"), ("cutmix_beta", "cutmix"), ("mix_parts", "mix_parts")):
+        for k, short in (("label_smoothing", "ls"), ("cutmix_beta", "cutmix"), ("mix_parts", "mix_parts"),
+                         ("export", "export")):
             if k in mc:
                 out[short] = mc[k]
     else:

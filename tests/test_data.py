@@ -35,6 +35,18 @@ def test_each_official_format_gives_its_splits_and_labels(name, root, unverified
     assert 0 <= int(train.labels.min()) and int(train.labels.max()) < len(train.classes)
 
 
+def test_training_splits_keep_whole_images_with_their_aspect_ratio(tmp_path):
+    """Training splits: each image whole (longer side capped), top-left on a canvas, its size beside it."""
+    for i, size in enumerate([(40, 30), (30, 40), (100, 50)]):  # (width, height)
+        fixtures.jpeg(tmp_path / "train" / "a" / f"{i}.jpg", i, size)
+    (tmp_path / "test" / "a").mkdir(parents=True)
+    train = datasets.load(f"folder:{tmp_path}", "train", 20, max_side=64)
+    assert train.sizes.tolist() == [[30, 40], [40, 30], [32, 64]]  # (height, width); 100x50 shrunk to 64x32
+    assert train.images.shape == (3, 3, 40, 64)
+    assert train.images[0, :, 31:].sum() == 0 and train.images[0, :, :30, :40].float().std() > 10
+    assert train.meta["max_side"] == 64
+
+
 def test_labels_follow_the_annotation_files(root, unverified):
     assert datasets.load("flowers102", "train", 16, str(root)).labels.tolist() == [0, 1, 2, 0, 1, 2]  # trn + val
     pets = datasets.load("pets", "test", 16, str(root))

@@ -42,13 +42,13 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, tiny_vit, tiny_images, 
     calls = {"n": 0}
     real = engine.make_views
 
-    def stop_after_three(images, spec):  # a SIGTERM arriving during step 3 of epoch 0
+    def stop_after_three(images, spec, sizes=None):  # a SIGTERM arriving during step 3 of epoch 0
         calls["n"] += 1
         if calls["n"] == 3:
             import os
             import signal
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(images, spec)
+        return real(images, spec, sizes)
 
     monkeypatch.setattr(engine, "make_views", stop_after_three)
     broken = Classifier(tiny_vit(3), FT)

@@ -78,17 +78,45 @@ def test_make_views_shapes_order_and_range():
     assert not torch.allclose(a[:5], a[5:])  # two crops of the same images differ
 
 
-def test_random_boxes_stay_inside_and_follow_the_scale_range():
+@pytest.mark.parametrize("size,scale", [((667, 500), (0.05, 0.4)), ((667, 500), (0.08, 1.0)),
+                                        ((375, 500), (0.14, 1.0)), ((100, 420), (0.08, 1.0))])
+def test_crop_boxes_have_torchvisions_statistics(size, scale):
+    """Area fraction and aspect ratio of our boxes against torchvision's RandomResizedCrop.get_params on the
+    same image size (4,000 each): means within 0.01 / 0.02, quartiles within 0.015 / 0.03; every box inside the
+    image, in whole pixels. The last size is a 1:4.2 strip: most tries fail and the centre fallback shows."""
+    from torchvision.transforms import RandomResizedCrop
+
+    h, w = size
+    n = 4000
     torch.manual_seed(0)
-    boxes = views.random_boxes(2000, 40, 60, (0.05, 0.4))
-    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 60 + 1e-4).all()
-    assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= 40 + 1e-4).all()
-    frac = w * h / (40 * 60)
-    assert frac.max() <= 0.4 + 1e-4 and frac.min() >= 0.05 * 0.7  # clamping to the image only shrinks boxes
-    assert ((w / h).log().abs() <= torch.tensor(4 / 3).log() + 1e-4).float().mean() > 0.95
+    ours = views.random_boxes(n, h, w, scale)
+    bw, bh = ours[:, 2] - ours[:, 0], ours[:, 3] - ours[:, 1]
+    assert (ours[:, :2] >= 0).all() and (ours[:, 2] <= w).all() and (ours[:, 3] <= h).all()
+    assert torch.equal(ours, ours.round())
+    img = torch.zeros(1, h, w)
+    ref = torch.tensor([RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3]) for _ in range(n)]).float()
+    area = (bw * bh / (h * w), ref[:, 2] * ref[:, 3] / (h * w))
+    aspect = (bw / bh, ref[:, 3] / ref[:, 2])
+    q = torch.tensor([0.25, 0.5, 0.75])
+    for (a, b), tol in ((area, 0.01), (aspect, 0.02)):
+        assert abs(a.mean() - b.mean()) < tol, (a.mean(), b.mean())
+        assert (a.quantile(q) - b.quantile(q)).abs().max() < 1.5 * tol, (a.quantile(q), b.quantile(q))
 
 
+def test_crops_come_from_the_whole_image_and_only_from_it():
+    """A 30 x 40 image on a 40 x 40 canvas: crops reach its left and right quarters (outside the centre
+    square a square store would keep) and never the canvas's empty rows below it."""
+    from bench.data import _canvas
+
+    torch.manual_seed(0)
+    image = torch.full((3, 30, 40), 200, dtype=torch.uint8)
+    image[0, :, :5] = image[0, :, 35:] = 10  # marks in the outer columns
+    canvas, sizes = _canvas([image, torch.zeros(3, 40, 40, dtype=torch.uint8)])
+    spec = {"crops": [{"count": 400, "size": 8, "scale": [0.05, 0.4]}]}
+    (crops,) = views.make_views(canvas[:1], spec, sizes[:1])
+    raw = crops * torch.tensor(views.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(views.IMAGENET_MEAN).view(1, 3, 1, 1)
+    assert raw[:, 1].min() > 200 / 255 - 1e-4  # green is 200 all over the image: no black from the empty canvas
+    assert (raw[:, 0] < 0.3).flatten(1).any(1).float().mean() > 0.1  # the marked outer columns are reached
 def test_blur_with_tiny_sigma_is_identity_and_large_sigma_smooths():
     x = torch.rand(2, 3, 16, 16)
     same = views._blur(x, torch.tensor([0.05, 0.05]))

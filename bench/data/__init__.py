@@ -1,6 +1,10 @@
 """Dataset registry: names -> readers that decode a split once into a uint8 tensor held in memory.
 
 Every reader returns an `ImageSet`; the engine's batched view maker crops from it, so no PIL runs in the loop.
+A training split keeps each image whole, with its aspect ratio (the longer side capped at `max_side`), in the
+top-left corner of a shared canvas, its size beside it: random crops are cut from the real image region, as
+the official loaders cut them from the decoded file. A test split is decoded to the centre square the
+evaluation resize would see (shorter side `size`, 256 for 224).
 """
 from __future__ import annotations
 
@@ -22,11 +26,12 @@ from bench.errors import UserError
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # uint8 [N, 3, S, S]
+    images: torch.Tensor  # uint8 [N, 3, H, W]
     labels: torch.Tensor  # int64 [N]; for pretraining the instance index is the row number
     classes: list
     name: str
     meta: dict = field(default_factory=dict)  # what a result should record about the data (skipped files, ...)
+    sizes: torch.Tensor | None = None  # int64 [N, 2]: (height, width) of each image, top-left; None: all H x W
 
     def __len__(self):
         return len(self.labels)
@@ -287,28 +292,49 @@ def split_files(spec: str, split: str, root=None):
     return d.lister(_root_for(spec, root), split)
 
 
-def _decode(path: Path, size: int) -> torch.Tensor:
+def _decode(path: Path, size: int, max_side: int | None = None) -> torch.Tensor:
+    """uint8 [3, h, w]: with max_side, the whole image, shrunk (bicubic, antialiased) only if its longer side
+    exceeds max_side; without, the centre square of side `size` after resizing the shorter side to it."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
             w, h = im.size
-            s = size / min(w, h)  # shorter side -> size, then centre square
-            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
-            im = im.crop((left, top, left + size, top + size))
+            if max_side is not None:
+                if max(w, h) > max_side:
+                    s = max_side / max(w, h)
+                    im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+            else:
+                s = size / min(w, h)  # shorter side -> size, then centre square
+                im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+                w, h = im.size
+                left, top = (w - size) // 2, (h - size) // 2
+                im = im.crop((left, top, left + size, top + size))
             return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
     except (OSError, ValueError, SyntaxError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
 
 
-def _decode_all(files, size, skip_bad):
+def _canvas(decoded):
+    """Images of any sizes -> (uint8 [N, 3, H, W] with each image top-left, int64 [N, 2] of their sizes).
+    An image's last row and column are repeated once into the empty canvas, so that a crop's bilinear samples
+    within half a pixel of its bottom or right edge see the edge, not black (as a resize clamps at the edge)."""
+    sizes = torch.tensor([list(x.shape[1:]) for x in decoded], dtype=torch.long)
+    out = torch.zeros(len(decoded), 3, int(sizes[:, 0].max()), int(sizes[:, 1].max()), dtype=torch.uint8)
+    for i, x in enumerate(decoded):
+        h, w = x.shape[1:]
+        out[i, :, :h, :w] = x
+        out[i, :, h:h + 1, :w] = x[:, -1:]
+        out[i, :, :h + 1, w:w + 1] = out[i, :, :h + 1, w - 1:w]
+    return out, sizes
+
+
+def _decode_all(files, size, skip_bad, max_side=None):
     """Decode with a thread per core (PIL releases the GIL); a bad file stops everything unless skip_bad."""
     def one(f):
         try:
-            return _decode(f, size)
+            return _decode(f, size, max_side)
         except UserError:
             if skip_bad:
                 return None
@@ -320,30 +346,42 @@ def _decode_all(files, size, skip_bad):
 
 @functools.lru_cache(maxsize=8)
 def load(spec: str, split: str, size: int, root: str | None = None, skip_bad: bool = False,
-         cache_dir: str | None = None) -> ImageSet:
-    """One split, decoded once to uint8 [N, 3, size, size]; with `cache_dir`, kept in a file for later jobs."""
+         cache_dir: str | None = None, max_side: int | None = None) -> ImageSet:
+    """One split, decoded once; with `cache_dir`, kept in a file for later jobs.
+
+    With max_side (training splits): every image whole, aspect ratio kept, longer side at most max_side, on a
+    canvas with their sizes. Without (test splits): uint8 [N, 3, size, size] centre squares. Data that is not
+    files (digits) is square at `size` either way."""
     d = info(spec)
     if d.reader is not None:
         return d.reader(root, split, size)
     files, labels, classes, meta = d.lister(_root_for(spec, root), split)
     cache = None
     if cache_dir:
-        stamp = hashlib.sha256(repr([(str(f), *_stat(f)) for f in files] + [size, skip_bad]).encode()).hexdigest()
-        cache = Path(cache_dir) / f"{spec.replace('/', '_').replace(':', '_')}-{split}-{size}-{stamp[:16]}.pt"
+        key = [(str(f), *_stat(f)) for f in files] + [size, skip_bad, max_side]
+        stamp = hashlib.sha256(repr(key).encode()).hexdigest()
+        shape = f"max{max_side}" if max_side else str(size)
+        cache = Path(cache_dir) / f"{spec.replace('/', '_').replace(':', '_')}-{split}-{shape}-{stamp[:16]}.pt"
         if cache.is_file():
             c = torch.load(cache, weights_only=False)
-            return ImageSet(c["images"], c["labels"], c["classes"], spec, c["meta"])
-    decoded = _decode_all(files, size, skip_bad)
+            return ImageSet(c["images"], c["labels"], c["classes"], spec, c["meta"], c.get("sizes"))
+    decoded = _decode_all(files, size, skip_bad, max_side)
     keep = [i for i, x in enumerate(decoded) if x is not None]
     if not keep:
         raise UserError(f"{spec} {split}: no readable images")
     bad = [str(files[i]) for i, x in enumerate(decoded) if x is None]
     meta = {**meta, "files": len(files), **({"skipped_bad_images": bad} if bad else {})}
-    out = ImageSet(torch.stack([decoded[i] for i in keep]), torch.tensor([labels[i] for i in keep]), classes, spec, meta)
+    if max_side:
+        images, sizes = _canvas([decoded[i] for i in keep])
+        meta.update(max_side=max_side, mean_size=[round(v, 1) for v in sizes.float().mean(0).tolist()])
+    else:
+        images, sizes = torch.stack([decoded[i] for i in keep]), None
+    out = ImageSet(images, torch.tensor([labels[i] for i in keep]), classes, spec, meta, sizes)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
-        torch.save({"images": out.images, "labels": out.labels, "classes": classes, "meta": meta}, tmp)
+        torch.save({"images": out.images, "labels": out.labels, "classes": classes, "meta": meta, "sizes": sizes},
+                   tmp)
         os.replace(tmp, cache)
     return out
 

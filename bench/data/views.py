@@ -28,15 +28,32 @@ def _uniform(lo, hi, n, device):
     return torch.rand(n, device=device) * (hi - lo) + lo
 
 
-def random_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), device="cpu"):
-    """RandomResizedCrop boxes [n, 4] (x1, y1, x2, y2): area fraction ~ U(scale), log aspect ~ U(log ratio)."""
-    area = _uniform(*scale, n, device) * height * width
-    log_r = _uniform(math.log(ratio[0]), math.log(ratio[1]), n, device)
-    w = torch.sqrt(area * torch.exp(log_r)).clamp(1, width)
-    h = torch.sqrt(area / torch.exp(log_r)).clamp(1, height)
-    x1 = torch.rand(n, device=device) * (width - w)
-    y1 = torch.rand(n, device=device) * (height - h)
-    return torch.stack([x1, y1, x1 + w, y1 + h], 1)
+def random_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), device="cpu", tries=10):
+    """RandomResizedCrop boxes [n, 4] (x1, y1, x2, y2) in pixels, sampled as torchvision's get_params does:
+    up to ten tries of an area fraction ~ U(scale) and a log aspect ~ U(log ratio), with the sides rounded to
+    whole pixels and the box kept only if it fits; else the centre crop of the image clamped to the ratio range.
+    height, width: the image's size, a number or one per box (each image its own)."""
+    h_img = torch.as_tensor(height, dtype=torch.float, device=device).expand(n)[:, None]
+    w_img = torch.as_tensor(width, dtype=torch.float, device=device).expand(n)[:, None]
+    area = h_img * w_img * (torch.rand(n, tries, device=device) * (scale[1] - scale[0]) + scale[0])
+    log_r = torch.rand(n, tries, device=device) * (math.log(ratio[1]) - math.log(ratio[0])) + math.log(ratio[0])
+    w = torch.round(torch.sqrt(area * torch.exp(log_r)))
+    h = torch.round(torch.sqrt(area / torch.exp(log_r)))
+    fits = (w > 0) & (w <= w_img) & (h > 0) & (h <= h_img)
+    top = torch.floor(torch.rand(n, tries, device=device) * (h_img - h + 1))
+    left = torch.floor(torch.rand(n, tries, device=device) * (w_img - w + 1))
+    first = fits.float().argmax(1, keepdim=True)  # the first try that fits
+    pick = lambda t: t.gather(1, first)[:, 0]  # noqa: E731
+    w, h, top, left = pick(w), pick(h), pick(top), pick(left)
+    # fallback: the whole image, or its centre at the nearest allowed aspect ratio
+    hi, wi = h_img[:, 0], w_img[:, 0]
+    fw = torch.where(wi / hi > ratio[1], torch.round(hi * ratio[1]), wi)
+    fh = torch.where(wi / hi < ratio[0], torch.round(wi / ratio[0]), hi)
+    none = ~fits.any(1)
+    w, h = torch.where(none, fw, w), torch.where(none, fh, h)
+    top = torch.where(none, torch.div(hi - h, 2, rounding_mode="floor"), top)
+    left = torch.where(none, torch.div(wi - w, 2, rounding_mode="floor"), left)
+    return torch.stack([left, top, left + w, top + h], 1)
 
 
 def _grey(x):
@@ -113,15 +130,20 @@ def normalize(x):
     return (x - mean) / std
 
 
-def make_views(images, spec):
+def make_views(images, spec, sizes=None):
     """uint8 [B, 3, H, W] -> one normalised float tensor per crop group, [count * B, 3, size, size] each,
-    ordered crop-major (all images' first crop, then all images' second crop, ...)."""
+    ordered crop-major (all images' first crop, then all images' second crop, ...). sizes: [B, 2] (height,
+    width) of each image's region, top-left in the canvas; None: the whole canvas."""
     x = images.float().div_(255)
     b, _, h, w = x.shape
     groups = []
     for g in spec["crops"]:
         n = g["count"] * b
-        boxes = random_boxes(n, h, w, g["scale"], device=x.device)
+        if sizes is None:
+            boxes = random_boxes(n, h, w, g["scale"], device=x.device)
+        else:
+            hw = sizes.to(x.device).repeat(g["count"], 1)
+            boxes = random_boxes(n, hw[:, 0], hw[:, 1], g["scale"], device=x.device)
         idx = torch.arange(b, device=x.device, dtype=x.dtype).repeat(g["count"])
         crops = roi_align(x, torch.cat([idx[:, None], boxes], 1), output_size=g["size"],
                           spatial_scale=1.0, sampling_ratio=-1, aligned=True)

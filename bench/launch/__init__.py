@@ -29,8 +29,8 @@ from methods import METHODS
 
 def pretrain(cfg, run_dir, data_opts):
     res = cfg["resolution"]
-    # twice the crop size: small crops (5% of the area) still come from real pixels, not upsampled ones
-    train = datasets.load(cfg["data"], "train", 2 * res, **data_opts)
+    # image files whole (longer side capped at max_side); data that is not files at twice the crop size
+    train = datasets.load(cfg["data"], "train", 2 * res, max_side=cfg["max_side"], **data_opts)
     torch.manual_seed(cfg["seed"])
     backbone = models.create(cfg["backbone"], res, 0, cfg["drop_path"], cfg["model_kwargs"])
     method = METHODS[cfg["method"]](backbone, backbone.num_features, len(train), len(train.classes),
