@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -78,6 +79,13 @@ def _slurm_settings(args):
 
 
 def cmd_run(args):
+    if args.checkpoint_every is not None:  # job processes and SLURM tasks inherit the environment
+        if not args.checkpoint_every > 0:
+            raise UserError(f"--checkpoint-every {args.checkpoint_every}: expected a number of seconds > 0")
+        os.environ["BENCH_CHECKPOINT_EVERY_S"] = repr(args.checkpoint_every)
+    from bench.engine import checkpoint_interval
+
+    checkpoint_interval()  # a bad value fails here, before any job
     preset, jobs = _jobs(args)
     store = Store(args.results)
     if args.dry_run:
@@ -327,6 +335,8 @@ def build_parser():
     r.add_argument("--data-root", metavar="DIR", help="where the datasets live (default $BENCH_DATA_ROOT or ~/data)")
     r.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed in the records)")
     r.add_argument("--no-cache", action="store_true", help="do not keep decoded datasets under RESULTS/cache")
+    r.add_argument("--checkpoint-every", type=float, metavar="SECONDS",
+                   help="seconds of training between checkpoints (default $BENCH_CHECKPOINT_EVERY_S or 300)")
     r.add_argument("--launcher", choices=["local", "slurm"], default="local",
                    help="local: this machine (one job after another on CPU, a queue over the GPUs); slurm: submitit")
     r.add_argument("--jobs-per-gpu", type=int, default=1, metavar="K", help="local: pack K jobs on each GPU")

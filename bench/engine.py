@@ -1,9 +1,11 @@
 """The one training loop, shared by every method and every stage.
 
 data (a decoded ImageSet) -> batched views -> model.loss -> AdamW -> per-iteration warmup + cosine.
-A checkpoint is written (atomically) after every epoch and when a stop is requested (the launcher turns its
-signals into `request_stop`), so a job resumes from where it stopped; a JSON-lines metrics log sits beside it in
-the job's run directory. Under torch.distributed the same loop runs on every rank (see `fit`).
+A checkpoint is written (atomically) every few minutes of wall time (`checkpoint_interval`), at the end and
+when a stop is requested (the launcher turns its signals into `request_stop`), so a job resumes from where it
+stopped, mid-epoch included; a JSON-lines metrics log sits beside it in the job's run directory. Inside a step
+nothing waits for the device: the loss is summed and checked for NaN on the device and read once per epoch.
+Under torch.distributed the same loop runs on every rank (see `fit`).
 """
 from __future__ import annotations
 
@@ -154,13 +156,28 @@ def request_stop(signum=signal.SIGTERM):
     _stop_requested.append(signum)
 
 
-def _sync_flags(stop: bool, finite: bool):
-    """Every rank must stop at the same step, and a NaN on one rank stops them all (else: a deadlock)."""
+def _sync_flags(stop: bool, save: bool, bad):
+    """Every rank must stop and save at the same step (a save gathers every rank's state), and a NaN on one rank
+    stops them all (else: a deadlock). `bad` is a device flag; on one rank it is left on the device, unread."""
     if world_size() == 1:
-        return stop, finite
-    t = torch.tensor([float(stop), float(not finite)], device=device())
+        return stop, save, bad
+    t = torch.cat([torch.tensor([float(stop), float(save)], device=device()), bad.float().view(1)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t[0]), not bool(t[1])
+    return bool(t[0]), bool(t[1]), t[2] > 0
+
+
+def checkpoint_interval():
+    """Seconds between time-based checkpoints (BENCH_CHECKPOINT_EVERY_S, default 300; `bench run
+    --checkpoint-every`). A checkpoint is also written at the end of training and on a stop request."""
+    raw = os.environ.get("BENCH_CHECKPOINT_EVERY_S", "300")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        from bench.errors import UserError
+        raise UserError(f"BENCH_CHECKPOINT_EVERY_S={raw}: expected a number of seconds > 0")
+    return value
 
 
 def _average_gradients(params):
@@ -233,6 +250,7 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
     bf16 = dev.type == "cuda" and cfg.get("precision", "bf16") == "bf16"
 
     ckpt_path = run_dir / "checkpoint.pt"
+    log_path = run_dir / "metrics.jsonl"
     epoch, step, perm, last = 0, 0, None, {}
     loss_sum = torch.zeros((), device=dev)  # this epoch's, so far: a resumed epoch still logs its whole mean
     if ckpt_path.exists():
@@ -257,7 +275,15 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
             print(f"{desc}: resumed from epoch {epoch} step {step} of {cfg['epochs']} epochs ({ckpt_path})",
                   file=sys.stderr, flush=True)
 
+    if main and log_path.exists():  # epochs logged after the checkpoint (or without one) are trained again
+        lines = log_path.read_text().splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("epoch", -1) < epoch]
+        if len(kept) != len(lines):
+            log_path.write_text("".join(ln + "\n" for ln in kept))
+
     def save(e, s):
+        nonlocal saved_at
+        saved_at = time.time()
         ranks = _gather_ranks({"perm": perm.cpu(), "epoch_loss": loss_sum.item(), "cpu_rng": torch.get_rng_state(),
                                "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None})
         if main:
@@ -271,7 +297,14 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
     model.train()
     bar = tqdm(total=total, initial=epoch * steps + step, desc=desc, unit="step", dynamic_ncols=True,
                file=sys.stderr, disable=None if main else True, leave=False)
-    log = open(run_dir / "metrics.jsonl", "a") if main else None
+    log = open(log_path, "a") if main else None
+    every, saved_at = checkpoint_interval(), time.time()
+    bad = torch.zeros((), dtype=torch.bool, device=dev)  # a non-finite loss so far this epoch
+
+    def check_finite(where):
+        if bool(bad):
+            raise NonFiniteLoss(f"loss became non-finite {where}")
+
     try:
         while epoch < cfg["epochs"]:
             if step == 0:  # a fresh epoch: its own seed, so a resumed run draws the same crops
@@ -286,9 +319,10 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                 views = make_views(images[local], model.views, None if sizes is None else sizes[local])
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                     loss = model.loss(views, idx, labels[idx], progress)
-                stop, finite = _sync_flags(bool(_stop_requested), bool(torch.isfinite(loss)))
-                if not finite:
-                    raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch} step {step}")
+                bad |= ~torch.isfinite(loss.detach())
+                stop, due, bad = _sync_flags(bool(_stop_requested), main and time.time() - saved_at >= every, bad)
+                if world > 1:  # the flags were read from the device anyway
+                    check_finite(f"at epoch {epoch} step {step}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 _average_gradients(params)
@@ -306,10 +340,12 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                 seen += len(idx) * world
                 loss_sum += loss.detach()
                 bar.update()
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-                if stop:
+                if stop or due:
+                    check_finite(f"in epoch {epoch}")  # never save NaN weights
                     save(epoch, step)
+                if stop:
                     raise Interrupted((_stop_requested or [signal.SIGTERM])[0])
+            check_finite(f"in epoch {epoch}")
             if world > 1:
                 dist.all_reduce(loss_sum)
                 loss_sum /= world
@@ -319,9 +355,11 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
             if main:
                 log.write(json.dumps(last) + "\n")
                 log.flush()
+            bar.set_postfix(epoch=epoch, loss=f"{last['loss']:.3f}")
             epoch, step = epoch + 1, 0
             loss_sum = torch.zeros((), device=dev)
-            save(epoch, 0)
+            if epoch == cfg["epochs"]:
+                save(epoch, 0)  # the end: a finished job is not trained again
     finally:
         bar.close()
         if log:

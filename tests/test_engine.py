@@ -67,13 +67,69 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, tiny_vit, tiny_images, 
     assert logged[1] == pytest.approx(logged[0], rel=1e-6)
 
 
+_KILLED_RUN = """
+import os, signal, sys, timm, torch
+import bench.engine as engine
+from bench.data import ImageSet
+from bench.finetune import Classifier
+sys.path.insert(0, {tests!r})
+from test_engine import FT
+g = torch.Generator().manual_seed(0)
+data = ImageSet(torch.randint(0, 256, (12, 3, 24, 24), dtype=torch.uint8, generator=g), torch.arange(12) % 3,
+                ["a", "b", "c"], "random")
+torch.manual_seed(0)
+model = Classifier(timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=1,
+                                     num_heads=2, num_classes=3), {{**FT, "epochs": 4}})
+real, calls = engine.make_views, [0]
+def views(*args):
+    calls[0] += 1
+    if calls[0] == {kill_at} and {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)  # no handler, no last save: only time-based checkpoints survive
+    return real(*args)
+engine.make_views = views
+engine.fit(model, data, {{**FT, "epochs": 4}}, __import__("pathlib").Path(sys.argv[1]))
+torch.save(model.state_dict(), sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("interval,saved_steps", [("0.000001", 9), ("1e9", None)])
+def test_kill_9_loses_at_most_the_checkpoint_interval_and_resumes_exactly(tmp_path, interval, saved_steps):
+    """4 epochs of 3 steps, SIGKILL while making the views of step 10. With checkpoints after every step the run
+    resumes from the 9 steps done; with an interval longer than the run nothing was saved (no per-epoch
+    checkpoint) and it starts again. Either way it ends with the weights of a run never stopped."""
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(__file__)
+    env = {**os.environ, "BENCH_CHECKPOINT_EVERY_S": interval}
+
+    def run(run_dir, out, kill_at):
+        script = _KILLED_RUN.format(tests=tests, kill_at=kill_at)
+        return subprocess.run([sys.executable, "-c", script, str(run_dir), str(out)], env=env)
+
+    assert run(tmp_path / "ref", tmp_path / "ref.pt", 0).returncode == 0
+    assert run(tmp_path / "run", tmp_path / "run.pt", 10).returncode == -9
+    ck = tmp_path / "run" / "checkpoint.pt"
+    if saved_steps is None:
+        assert not ck.exists()
+    else:
+        c = torch.load(ck, weights_only=False)
+        assert c["epoch"] * 3 + c["step"] == saved_steps
+    assert run(tmp_path / "run", tmp_path / "run.pt", 0).returncode == 0
+    ref, resumed = torch.load(tmp_path / "ref.pt"), torch.load(tmp_path / "run.pt")
+    assert all(torch.equal(ref[k], resumed[k]) for k in ref)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2, 3]  # an epoch logged before the kill but after the checkpoint is not logged twice
+
+
 class _Exploding(Method):
     def loss(self, views, index, label, progress):
         return self.encoder(views[0]).sum() * float("nan")
 
 
 def test_non_finite_loss_stops_the_job(tmp_path, tiny_vit, tiny_images):
-    with pytest.raises(NonFiniteLoss, match="nan at epoch 0 step 0"):
+    with pytest.raises(NonFiniteLoss, match="non-finite in epoch 0"):
         fit(_Exploding(tiny_vit(3), {"views": VIEWS}), tiny_images, CFG, tmp_path)
 
 

@@ -75,9 +75,11 @@ def _hue_rotate(x, shift):
 
 
 def _blur(x, sigma):
-    """Gaussian blur with a per-sample sigma (pixels), separable, as one grouped convolution."""
+    """Gaussian blur with a per-sample sigma (pixels, a host tensor), separable, as one grouped convolution; the
+    kernel reaches 3 sigma of the largest."""
     b, c, h, w = x.shape
     radius = max(1, math.ceil(3 * float(sigma.max())))
+    sigma = sigma.to(x.device, x.dtype)
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*C, K]
@@ -113,11 +115,11 @@ def augment(x, spec):
     # mirror-symmetric, so for the pretraining pipelines (flip first) the order makes no difference
     flip = torch.rand(b, device=dev) < spec.get("flip", 0.0)
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    if spec.get("blur_p", 0) > 0:
-        blur = torch.rand(b, device=dev) < spec["blur_p"]
+    if spec.get("blur_p", 0) > 0:  # drawn on the host: the kernel's size and whether to blur at all are known
+        blur = torch.rand(b) < spec["blur_p"]  # without waiting for the device
         if blur.any():
-            sigma = _uniform(*spec["blur_sigma"], b, dev)
-            x = torch.where(blur[:, None, None, None], _blur(x, sigma), x)
+            sigma = _uniform(*spec["blur_sigma"], b, "cpu")
+            x = torch.where(blur.to(dev)[:, None, None, None], _blur(x, sigma), x)
     if spec.get("solarize_p", 0) > 0:
         sol = torch.rand(b, device=dev) < spec["solarize_p"]
         x = torch.where(sol[:, None, None, None] & (x >= 0.5), 1 - x, x)
@@ -392,17 +394,18 @@ def randaugment(x, ops=2, p=0.5, magnitude=(1, 9)):
     """`ops` slots per image, each an op drawn uniformly from the list with a magnitude uniform in
     [magnitude[0], magnitude[1]], applied with probability p (the reference draws one of all pairs of
     (op, magnitude) uniformly, which is the same)."""
-    names = list(RANDAUGMENT_OPS)
+    names, n, dev = list(RANDAUGMENT_OPS), len(x), x.device
     x = _q(x)
-    for _ in range(ops):
-        pick = torch.randint(len(names), (len(x),), device=x.device)
-        on = torch.rand(len(x), device=x.device) < p
-        m = torch.randint(magnitude[0], magnitude[1] + 1, (len(x),), device=x.device).float()
-        rand = torch.rand(len(x), 3, device=x.device)  # a sign, a cutout centre
+    for _ in range(ops):  # the draws on the host: which images take which op is known without a device sync
+        pick = torch.randint(len(names), (n,))
+        on = torch.rand(n) < p
+        m = torch.randint(magnitude[0], magnitude[1] + 1, (n,)).float()
+        rand = torch.rand(n, 3)  # a sign, a cutout centre
         out = x.clone()
         for k, name in enumerate(names):
-            sel = on & (pick == k)
-            if sel.any():
-                out[sel] = _q(RANDAUGMENT_OPS[name](x[sel], m[sel], rand[sel])).to(x.dtype)
+            idx = torch.nonzero(on & (pick == k))[:, 0]
+            if len(idx):
+                rows = idx.to(dev)
+                out[rows] = _q(RANDAUGMENT_OPS[name](x[rows], m[idx].to(dev), rand[idx].to(dev))).to(x.dtype)
         x = out
     return x
