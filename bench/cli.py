@@ -324,6 +324,24 @@ def cmd_data_make_sin10k(args):
     return 0
 
 
+def cmd_benchmark(args):
+    import torch
+
+    from bench import benchmark
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: torch sees no GPU here")
+    small = device == "cpu"  # CPU: the demo's models on 256 images, in a few minutes
+    for name, value in (("--images", args.images), ("--steps", args.steps), ("--epochs", args.epochs)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} {value}: expected a whole number >= 1")
+    preset = args.preset or ("demo" if small else "paper")
+    benchmark.run(device, preset, args.images or (256 if small else 2040), args.steps or (5 if small else 30),
+                  args.epochs or (2 if small else 3), Path(args.out), args.only)
+    return 0
+
+
 def build_parser():
     p = Parser(prog="bench", description="Reproduce the tables of 'Training Vision Transformers with Only 2040 "
                                           "Images' (IDMM) beside self-supervised baselines.")
@@ -371,6 +389,17 @@ def build_parser():
     c = sub.add_parser("cancel", help="cancel the queued and running SLURM jobs of a table (default: of the store)")
     _plan_args(c)
     c.set_defaults(func=cmd_cancel, table=None)
+
+    b = sub.add_parser("benchmark", help="images/s: official-style pipeline, this project end to end, the step "
+                                         "alone; implied device-hours per table")
+    b.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when torch sees a GPU)")
+    b.add_argument("--preset", help="default: demo on CPU (tiny models), paper on a GPU")
+    b.add_argument("--images", type=int, help="JPEGs to write and train on (default 256 on CPU, 2040 on a GPU)")
+    b.add_argument("--steps", type=int, help="timed steps of (a) and (c) (default 5 on CPU, 30 on a GPU)")
+    b.add_argument("--epochs", type=int, help="epochs of (b) (default 2 on CPU, 3 on a GPU)")
+    b.add_argument("--only", nargs="+", metavar="TEXT", help="only the measurements whose label contains TEXT")
+    b.add_argument("--out", default="reports/benchmark.json", metavar="FILE", help="the JSON written")
+    b.set_defaults(func=cmd_benchmark)
 
     m = sub.add_parser("methods", help="the pretraining methods and where their defaults come from")
     m.set_defaults(func=cmd_methods)

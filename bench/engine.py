@@ -110,6 +110,9 @@ class Interrupted(RuntimeError):
 
 
 def device():
+    """Where this process trains: $BENCH_DEVICE when set (cpu, cuda, cuda:1), else the rank's GPU, else CPU."""
+    if os.environ.get("BENCH_DEVICE"):
+        return torch.device(os.environ["BENCH_DEVICE"])
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")

@@ -107,3 +107,21 @@ def test_transfer_demo_pretrains_on_the_stand_in_and_fine_tunes_on_digits(tmp_pa
         row = "IDMM" if r["method"] == "idmm" else "supervised"
         line = next(line for line in rep.stdout.splitlines() if "PVTv2-B0" in line and f"| {row} " in line)
         assert "digits_extra (sin10k)" in line and f"{100 * r['metrics']['top1']:.1f}" in line
+
+
+def test_benchmark_measures_the_three_pipelines_and_writes_json(tmp_path):
+    out = tmp_path / "b.json"
+    run = bench("benchmark", "--device", "cpu", "--images", "48", "--steps", "1", "--epochs", "1",
+                "--only", "idmm deit_tiny", "finetune deit_tiny", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert result["hardware"]["device"] == "cpu" and result["hardware"]["cpus"] >= 1
+    assert set(result["runs"]) == {"pretrain idmm deit_tiny_patch16_224", "finetune deit_tiny_patch16_224 224"}
+    for r in result["runs"].values():
+        assert min(r["official_style"], r["end_to_end"], r["step_alone"]) > 0
+        assert r["b_over_a"] == round(r["end_to_end"] / r["official_style"], 2)
+        assert r["b_over_c"] == round(r["end_to_end"] / r["step_alone"], 2)
+    assert result["implied_hours"]["comparison"]["hours"] > 0
+    assert "(a)" in run.stdout and "b/c" in run.stdout
+    bad = bench("benchmark", "--device", "cpu", "--images", "0")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0

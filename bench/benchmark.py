@@ -1,0 +1,292 @@
+"""`bench benchmark`: training throughput, measured three ways on one machine in one run.
+
+(a) official-style: the authors' kind of pipeline, PIL decoding and torchvision transforms of every crop in a
+    DataLoader with a worker per core, feeding the same model step; (b) this project end to end: decode once,
+    then `engine.fit` for a few epochs, every per-epoch cost (checkpoints, logging, seeding) included; (c) the
+    training step alone on views made in advance. For IDMM and every baseline on DeiT-Tiny, IDMM on each other
+    backbone, and fine-tuning on each backbone; then the device-hours each paper table implies at rate (b).
+The images are JPEGs it writes itself, of Flowers' size (500 px on the shorter side, 3:4).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import data as datasets
+from bench import engine, models
+from bench import plan as planner
+from bench.data.views import IMAGENET_MEAN, IMAGENET_STD, make_views
+from bench.finetune import Classifier
+from bench.results import hardware, versions
+from methods import METHODS
+
+BASELINES = ["idmm", "simclr", "supcon", "mocov2", "mocov3", "dino"]
+BACKBONES = ["deit_tiny_patch16_224", "deit_base_patch16_224", "pvt_v2_b0", "pvt_v2_b3", "t2t_vit_7"]
+
+
+def make_jpegs(root: Path, n: int, classes: int = 4, seed: int = 0):
+    """n JPEGs of 500 x 667 (or 667 x 500) px, smooth colour fields with shapes, as folder:root with a train split."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:667, 0:500] / 500
+    for i in range(n):
+        c = rng.uniform(0, 255, (3, 3))
+        a = np.stack([c[k, 0] + c[k, 1] * xx + c[k, 2] * yy for k in range(3)], -1) % 255
+        y0, x0 = rng.integers(0, 400), rng.integers(0, 300)
+        a[y0:y0 + 200, x0:x0 + 150] = rng.uniform(0, 255, 3)
+        a = a + rng.normal(0, 8, a.shape)
+        img = Image.fromarray(a.clip(0, 255).astype(np.uint8))
+        if i % 3 == 0:
+            img = img.transpose(Image.Transpose.ROTATE_90)
+        path = root / "train" / f"c{i % classes}" / f"{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, quality=90)
+    for k in range(classes):
+        (root / "test" / f"c{k}").mkdir(parents=True, exist_ok=True)
+
+
+def _official_transform(views):
+    """The torchvision pipeline that makes one image's crops the way the official loaders do (per crop group:
+    RandomResizedCrop bicubic, flip, jitter, greyscale, blur, solarise; RandAugment where the recipe has it)."""
+    import torchvision.transforms as T
+
+    def group(g):
+        spec = {**views, **g}
+        steps = [T.RandomResizedCrop(g["size"], scale=tuple(g["scale"]), interpolation=T.InterpolationMode.BICUBIC),
+                 T.RandomHorizontalFlip(spec.get("flip", 0.0))]
+        if spec.get("jitter") and spec.get("jitter_p", 0):
+            steps.append(T.RandomApply([T.ColorJitter(*spec["jitter"])], p=spec["jitter_p"]))
+        if spec.get("grayscale_p", 0):
+            steps.append(T.RandomGrayscale(spec["grayscale_p"]))
+        if spec.get("randaugment"):
+            steps.append(T.RandAugment(num_ops=spec["randaugment"]["ops"], magnitude=9))
+        if spec.get("blur_p", 0):
+            sigma = tuple(spec["blur_sigma"])
+            steps.append(T.RandomApply([T.GaussianBlur(2 * int(3 * sigma[1]) + 1, sigma)], p=spec["blur_p"]))
+        if spec.get("solarize_p", 0):
+            steps.append(T.RandomSolarize(128, p=spec["solarize_p"]))
+        steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        return g["count"], T.Compose(steps)
+
+    return [group(g) for g in views["crops"]]
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, files, views):
+        self.files, self.groups = files, _official_transform(views)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            im = im.convert("RGB")
+            return [torch.stack([t(im) for _ in range(count)]) for count, t in self.groups], i
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _step_fn(model, cfg, dev):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
+                            weight_decay=cfg["weight_decay"], fused=dev.type == "cuda")
+    bf16 = dev.type == "cuda" and cfg["precision"] == "bf16"
+
+    def step(views, index, labels):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model.loss(views, index, labels, 0.5)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.after_step(0.5)
+    return step
+
+
+def _build(cfg, train):
+    if cfg["stage"] == "pretrain":
+        backbone = models.create(cfg["backbone"], cfg["resolution"], 0, cfg["drop_path"], cfg["model_kwargs"])
+        return METHODS[cfg["method"]](backbone, backbone.num_features, len(train), len(train.classes),
+                                      cfg["method_cfg"])
+    net = models.create(cfg["backbone"], cfg["resolution"], len(train.classes), cfg["drop_path"], cfg["model_kwargs"])
+    model = Classifier(net, cfg)
+    model.start_epoch(1)  # CutMix epochs (even ones mix up): the costlier of the two
+    return model
+
+
+def _views_of(cfg):
+    return cfg["method_cfg"]["views"] if cfg["stage"] == "pretrain" else cfg["views"]
+
+
+def measure(cfg, train, files, dev, steps, epochs):
+    """Images/s of (a), (b), (c) for one job config on the decoded `train` (and its `files`)."""
+    bs = min(cfg["batch_size"], len(train))
+    out = {}
+    # (c) the step alone: the same batch's views, made once, on the device
+    torch.manual_seed(0)
+    model = _build(cfg, train).to(dev).train()
+    step = _step_fn(model, cfg, dev)
+    imgs, sizes = train.images[:bs].to(dev), train.sizes[:bs].to(dev)
+    index, labels = torch.arange(bs, device=dev), train.labels[:bs].to(dev)
+    views = make_views(imgs, _views_of(cfg), sizes)
+    step(views, index, labels)  # warm-up (allocations, kernels)
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step(views, index, labels)
+    _sync(dev)
+    out["step_alone"] = round(bs * steps / (time.perf_counter() - t), 1)
+    # (a) official-style: PIL + torchvision in a DataLoader with a worker per core
+    loader = torch.utils.data.DataLoader(_Files(files, _views_of(cfg)), batch_size=bs, shuffle=True,
+                                         num_workers=os.cpu_count() or 1, drop_last=True)
+    def forever():  # epochs after epochs, as training does (a new epoch restarts the workers, as it did there)
+        while True:
+            yield from loader
+
+    batches, n, t = forever(), 0, None
+    for k in range(steps + 1):
+        crops, idx = next(batches)
+        group_views = [g.to(dev).transpose(0, 1).reshape(-1, *g.shape[2:]) for g in crops]  # crop-major
+        step(group_views, idx.to(dev), train.labels[idx].to(dev))
+        if k == 0:  # the first batch pays for starting the workers
+            _sync(dev)
+            t = time.perf_counter()
+        else:
+            n += len(idx)
+    _sync(dev)
+    out["official_style"] = round(n / (time.perf_counter() - t), 1)
+    del batches, loader
+    # (b) this project end to end: engine.fit for `epochs`, every per-epoch cost included
+    torch.manual_seed(0)
+    model = _build(cfg, train)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = {**cfg, "epochs": epochs, "warmup_epochs": 0}
+        t = time.perf_counter()
+        engine.fit(model, train, run, Path(tmp), desc="benchmark")
+        _sync(dev)
+        wall = time.perf_counter() - t
+        logged = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    out["end_to_end"] = round(len(train) * epochs / wall, 1)
+    out["epoch_wall_s"] = round(wall / epochs, 3)
+    out["inside_epochs"] = round(sum(m["images_per_s"] for m in logged) / len(logged), 1)
+    out["b_over_a"] = round(out["end_to_end"] / out["official_style"], 2)
+    out["b_over_c"] = round(out["end_to_end"] / out["step_alone"], 2)
+    return out
+
+
+def _configs(preset, data):
+    """(label, job config) for every measured combination."""
+    out = []
+    for method in BASELINES:
+        out.append((f"pretrain {method} deit_tiny_patch16_224", {"method": method, "backbone": BACKBONES[0]}))
+    for backbone in BACKBONES[1:]:
+        out.append((f"pretrain idmm {backbone}", {"method": "idmm", "backbone": backbone}))
+    for backbone in BACKBONES:
+        out.append((f"finetune {backbone} 224", {"method": "random", "backbone": backbone}))
+    configs = []
+    for label, row in out:
+        row = {**row, "id": label, "pretrain_epochs": 1}
+        if label.startswith("pretrain"):
+            cfg = planner._pretrain_config(row, preset, data, 0)
+        else:
+            cfg = planner._finetune_config(row, preset, data, {"res": 224, "epochs": 1}, "random", 0)
+        configs.append((label, cfg))
+    return configs
+
+
+def implied_hours(preset, rates):
+    """Device-hours of every paper table under `preset` at the end-to-end rates measured (448 px stages: a
+    quarter of the 224 px rate, an estimate: 4x the tokens)."""
+    out = {}
+    for name in planner.load_tables():
+        seconds, missing = 0.0, set()
+        for job in planner.plan(name, preset):
+            c = job.config
+            if c["stage"] == "skipped" or c["data"] not in datasets.DATASETS:
+                continue
+            n = datasets.DATASETS[c["data"]].train
+            if c["stage"] == "pretrain":
+                rate = rates.get(f"pretrain {c['method']} {c['backbone']}") or rates.get(f"finetune {c['backbone']} 224")
+            else:
+                rate = rates.get(f"finetune {c['backbone']} 224")
+                rate = rate / 4 if rate and c["resolution"] > 224 else rate
+            if not rate:
+                missing.add(c["backbone"])
+                continue
+            seconds += n * c["epochs"] / rate
+        out[name] = {"hours": round(seconds / 3600, 2), **({"not_counted": sorted(missing)} if missing else {})}
+    return out
+
+
+def _cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out: Path, only=None, say=print):
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    os.environ.setdefault("BENCH_CHECKPOINT_EVERY_S", "300")
+    preset = planner.load_preset(preset_name)
+    hw = {**hardware(), "cpu": _cpu_name(), "device": str(dev)}
+    if dev.type == "cuda":
+        hw["gpu"] = torch.cuda.get_device_name(dev)
+    say(f"bench benchmark: preset {preset['name']}, {images} images of 500x667, device {dev}"
+        f" ({hw.get('gpu', hw['cpu'])}), {hw['cpus']} CPUs, torch {torch.__version__}")
+    results = {"hardware": hw, "versions": versions(), "preset": preset["name"], "images": images,
+               "steps": steps, "epochs": epochs, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t = time.perf_counter()
+        make_jpegs(root, images)
+        data = f"folder:{root}"
+        files = datasets.split_files(data, "train")[0]
+        say(f"  wrote {images} JPEGs in {time.perf_counter() - t:.1f} s")
+        decoded = {}
+        prev = os.environ.get("BENCH_DEVICE")
+        os.environ["BENCH_DEVICE"] = str(dev)  # the engine trains where the benchmark was told to
+        try:
+            for label, cfg in _configs(preset, data):
+                if only and not any(o in label for o in only):
+                    continue
+                side = cfg["max_side"]
+                if side not in decoded:
+                    t = time.perf_counter()
+                    decoded[side] = datasets.load(data, "train", 256, max_side=side)
+                    say(f"  decoded the split once (max side {side}) in {time.perf_counter() - t:.1f} s")
+                r = measure(copy.deepcopy(cfg), decoded[side], files, dev, steps, epochs)
+                results["runs"][label] = r
+                say(f"  {label:38s} (a) {r['official_style']:>8} (b) {r['end_to_end']:>8} (c) {r['step_alone']:>8}"
+                    f" images/s   b/a {r['b_over_a']}  b/c {r['b_over_c']}  epoch {r['epoch_wall_s']} s")
+        finally:
+            if prev is None:
+                os.environ.pop("BENCH_DEVICE")
+            else:
+                os.environ["BENCH_DEVICE"] = prev
+    rates = {k: v["end_to_end"] for k, v in results["runs"].items()}
+    results["implied_hours"] = implied_hours(preset, rates)
+    for name, v in results["implied_hours"].items():
+        say(f"  table {name:10s} {v['hours']:>9} device-hours at rate (b)"
+            + (f" (not counted: {', '.join(v['not_counted'])})" if v.get("not_counted") else ""))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    say(f"  written to {out}")
+    return results
