@@ -39,6 +39,9 @@ def _plan_args(p):
 
 
 def _jobs(args):
+    bad = [s for s in args.seeds if not 0 <= s < 2 ** 31]
+    if bad:
+        raise UserError(f"--seeds {bad[0]}: expected a whole number in [0, 2**31)")
     preset = planner.load_preset(args.preset, args.set)
     return preset, planner.plan(args.table, preset, args.methods, args.datasets, args.backbones, args.seeds,
                                 args.init_weights)
@@ -78,6 +81,23 @@ def _slurm_settings(args):
     return slurm.load_settings(args.slurm_config, flags)
 
 
+def _rerun(prefixes, jobs, store):
+    """Set aside the records (and checkpoints) of the named jobs and of every job that depends on them."""
+    picked = set()
+    for p in prefixes:
+        hits = [j.hash for j in jobs if j.hash.startswith(p)]
+        if len(p) < 4 or len(hits) != 1:
+            raise UserError(f"--rerun {p}: {'no' if not hits else 'more than one'} job of this table has a hash "
+                            f"starting so (see --dry-run; give at least 4 characters)")
+        picked.add(hits[0])
+    for j in jobs:  # plan order: parents first, so a child of a picked job is picked too
+        if j.parent in picked:
+            picked.add(j.hash)
+    for h in sorted(picked):
+        store.set_aside(h)
+    print(f"--rerun: {len(picked)} jobs will train again", file=sys.stderr)
+
+
 def cmd_run(args):
     if args.checkpoint_every is not None:  # job processes and SLURM tasks inherit the environment
         if not args.checkpoint_every > 0:
@@ -88,6 +108,8 @@ def cmd_run(args):
     checkpoint_interval()  # a bad value fails here, before any job
     preset, jobs = _jobs(args)
     store = Store(args.results)
+    if args.rerun and not args.dry_run:
+        _rerun(args.rerun, jobs, store)
     if args.dry_run:
         print(_job_table(jobs, store))
         return 0
@@ -188,6 +210,7 @@ def cmd_status(args):
         hashes, planned = _known_hashes(store), {}
     if not hashes:
         print(f"no results in {args.results}")
+        _print_damaged(store)
         return 0
     launched = {h: store.launch(h) for h in hashes}
     try:
@@ -229,7 +252,15 @@ def cmd_status(args):
         print(f"\n{h[:10]}: {why}")
         for line in tail:
             print(f"  | {line}")
+    _print_damaged(store)
     return 0
+
+
+def _print_damaged(store):
+    """Record files that cannot be read: ignored everywhere else, named here (their jobs run again)."""
+    for path, why in store.damaged():
+        print(f"\ndamaged record {path}: {why}; its job counts as not run (bench run trains it again, the file "
+              f"is then kept aside)")
 
 
 def cmd_cancel(args):
@@ -285,6 +316,7 @@ def cmd_data_check(args):
         if missing:
             raise UserError(f"{d.name} {split}: {len(missing)} listed images are missing, e.g. {missing[0]}")
         found[split] = (len(files), len(set(labels)))
+    datasets.check_available(args.name, args.data_root)  # the same classes in train and test; pixel modes
     if not d.train:  # the user's own folder: no paper split to compare with
         print(f"{d.name}: " + ", ".join(f"{s} {n} images / {c} classes" for s, (n, c) in found.items()))
         return 0
@@ -353,6 +385,8 @@ def build_parser():
     r.add_argument("--data-root", metavar="DIR", help="where the datasets live (default $BENCH_DATA_ROOT or ~/data)")
     r.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed in the records)")
     r.add_argument("--no-cache", action="store_true", help="do not keep decoded datasets under RESULTS/cache")
+    r.add_argument("--rerun", nargs="+", default=[], metavar="HASH",
+                   help="train these jobs (hash prefixes) and all that depend on them again; old records kept aside")
     r.add_argument("--checkpoint-every", type=float, metavar="SECONDS",
                    help="seconds of training between checkpoints (default $BENCH_CHECKPOINT_EVERY_S or 300)")
     r.add_argument("--launcher", choices=["local", "slurm"], default="local",

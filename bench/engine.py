@@ -145,7 +145,7 @@ def lr_factor(step, warmup_steps, total_steps, schedule="cosine"):
 
 
 def _atomic_save(obj, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
@@ -256,8 +256,20 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
     log_path = run_dir / "metrics.jsonl"
     epoch, step, perm, last = 0, 0, None, {}
     loss_sum = torch.zeros((), device=dev)  # this epoch's, so far: a resumed epoch still logs its whole mean
+    ck, epoch_s, epoch_seen, earlier_s, session_t0 = None, 0.0, 0, 0.0, time.time()
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        try:
+            ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        except Exception as e:  # cut short, overwritten, not a checkpoint: kept aside, and the job starts over
+            if main:
+                from bench.results import aside
+                aside(ckpt_path, f"cannot be read ({type(e).__name__}); the job starts again from epoch 0")
+            ck = None
+        if world > 1:  # every rank must agree on resuming or starting over
+            flag = torch.tensor([float(ck is None)], device=dev)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            ck = None if flag.item() else ck
+    if ck is not None:
         if ck.get("world_size", 1) != world:
             raise RuntimeError(f"{ckpt_path} was written by {ck.get('world_size', 1)} processes, this run has "
                                f"{world}: resume with the same --gpus-per-job or delete the checkpoint")
@@ -269,8 +281,10 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
         mine = ck["ranks"][rk] if "ranks" in ck else {"perm": ck["perm"], "epoch_loss": 0.0, "cpu_rng": ck["rng"],
                                                       "cuda_rng": ck.get("cuda_rng")}
         perm = mine["perm"].to(dev)
+        earlier_s = ck.get("elapsed_s", 0.0)
         if step:
             loss_sum += mine["epoch_loss"]
+            epoch_s, epoch_seen = ck.get("epoch_s", 0.0), ck.get("epoch_seen", 0)
         torch.set_rng_state(mine["cpu_rng"].cpu())
         if dev.type == "cuda" and mine["cuda_rng"] is not None:
             torch.cuda.set_rng_state(mine["cuda_rng"].cpu(), dev)
@@ -292,7 +306,11 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
         if main:
             _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict(), "epoch": e, "step": s, "metrics": last, "ranks": ranks,
-                          "world_size": world}, ckpt_path)
+                          "world_size": world, "elapsed_s": earlier_s + saved_at - session_t0,
+                          "epoch_s": saved_at - t0 if s else 0.0, "epoch_seen": seen if s else 0}, ckpt_path)
+            lock = run_dir / "lock"
+            if lock.exists():  # the job's owner is alive (bench.results.Lock)
+                os.utime(lock)
 
     images = (data.images[rows] if world > 1 else data.images).to(dev)
     sizes = None if data.sizes is None else (data.sizes[rows] if world > 1 else data.sizes).to(dev)
@@ -314,7 +332,8 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                 torch.manual_seed(cfg["seed"] * 100_003 + epoch + 1_000_003 * rk)
                 perm = torch.randperm(n, device=dev)
             model.start_epoch(epoch)
-            t0, seen = time.time(), 0
+            t0, seen = time.time() - epoch_s, epoch_seen  # a resumed epoch counts its time before the stop
+            epoch_s, epoch_seen = 0.0, 0
             while step < steps:
                 local = perm[step * bs:(step + 1) * bs]
                 idx = rows[local]  # the images' indices in the whole training set (IDMM's instance labels)
@@ -367,7 +386,7 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
         bar.close()
         if log:
             log.close()
-    return last
+    return {**last, "earlier_sessions_s": earlier_s}
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -65,13 +66,54 @@ def preset_names():
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def load_preset(name: str, overrides=()) -> dict:
-    """A preset by name (bench/presets/NAME.yaml) or path, its `base` merged under it, then `--set` overrides."""
+def _read_preset(path: Path) -> dict:
+    """A preset file's own content: a map of settings, or one clear line saying why not."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (a preset is YAML)") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it: {e.strerror}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a map of settings (key: value), got a {type(raw).__name__}")
+    return raw
+
+
+def _preset_path(name: str) -> Path:
     path = Path(name) if name.endswith((".yaml", ".yml")) else PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         raise UserError(f"unknown preset '{name}': choose from {', '.join(preset_names())} or a .yaml path")
-    raw = yaml.safe_load(path.read_text()) or {}
-    preset = _merge(load_preset(raw.pop("base")), raw) if "base" in raw else raw
+    return path
+
+
+def _resolve(path: Path, seen=()) -> dict:
+    raw = _read_preset(path)
+    if "base" not in raw:
+        if path.parent != PRESET_DIR:  # a whole preset of one's own: its keys are the paper preset's
+            _check_keys(raw, _read_preset(PRESET_DIR / "paper.yaml"), str(path))
+        return raw
+    base = raw.pop("base")
+    if not isinstance(base, str):
+        raise UserError(f"{path}: base: expected a preset name or a .yaml path, got {base!r}")
+    base_path = _preset_path(base if not base.endswith((".yaml", ".yml")) or Path(base).is_absolute()
+                             else str(path.parent / base))
+    if base_path.resolve() in seen or base_path.resolve() == path.resolve():
+        raise UserError(f"{path}: base '{base}' leads back to this file")
+    parent = _resolve(base_path, (*seen, path.resolve()))
+    _check_keys(raw, parent, str(path))
+    return _merge(parent, raw)
+
+
+def load_preset(name: str, overrides=()) -> dict:
+    """A preset by name (bench/presets/NAME.yaml) or path, its `base` merged under it, then `--set` overrides;
+    every key known and every value checked (`check_values`) before anything runs."""
+    path = _preset_path(name)
+    preset = _resolve(path)
+    check_values(preset, str(path))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -87,9 +129,107 @@ def load_preset(name: str, overrides=()) -> dict:
                 node = node.setdefault(_key(node, k), {})
                 where = f"{where}.{k}".lstrip(".")
         node[_key(node, last)] = _scalar(value)
+        check_values(preset, f"--set {item}")
     # built-in presets by name; a user's file by its path, so that the report can load it again
     preset["name"] = path.stem if path.parent == PRESET_DIR else str(path.resolve())
     return preset
+
+
+def _check_keys(raw, base, origin, where=""):
+    """Every key of a preset file exists in its base, except where users add entries (`_open`)."""
+    for k, v in raw.items():
+        here = f"{where}.{k}".lstrip(".")
+        if not isinstance(base, dict):
+            return
+        known = _key(base, str(k)) if isinstance(k, str) else k
+        if known not in base:
+            if _open(where, str(k)) or where.startswith(_OPEN_BELOW) or (where.endswith("views") and k in VIEW_KEYS):
+                continue
+            raise UserError(f"{origin}: unknown setting '{here}'"
+                            + (f" (known under {where or 'the top'}: {', '.join(map(str, base))})" if base else ""))
+        if isinstance(v, dict) and isinstance(base[known], dict):
+            _check_keys(v, base[known], origin, here)
+
+
+VIEW_KEYS = ("crops", "flip", "jitter", "jitter_p", "grayscale_p", "randaugment", "blur_p", "blur_sigma",
+             "solarize_p")  # what bench.data.views.make_views reads
+
+# where anything goes below: a backbone's timm keywords, a new method's or backbone's own settings
+_OPEN_BELOW = ("backbones.", "pretrain_data", "finetune.resolution")
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _unit(v):
+    return _is_num(v) and 0 <= v <= 1
+
+
+_RULES = {  # setting name -> (test, what it must be); checked wherever the name appears (outside kwargs)
+    "epochs": (lambda v: v is None or _is_int(v) and v >= 1, "a whole number >= 1"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
+    "max_side": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
+    "lr": (lambda v: v is None or _is_num(v) and v > 0, "a finite number > 0"),
+    "warmup_epochs": (lambda v: v is None or _is_num(v) and v >= 0, "a number >= 0"),
+    "weight_decay": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
+    "weight_decay_end": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
+    "clip_grad": (lambda v: v is None or _is_num(v) and v > 0, "a finite number > 0"),
+    "drop_path": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "label_smoothing": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "mixup_alpha": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
+    "cutmix_alpha": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
+    "cutmix_beta": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
+    "parts": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
+    "mix_parts": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
+    "eval_resize": (lambda v: _is_num(v) and v >= 1, "a number >= 1"),
+    "temperature": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
+    "momentum": (_unit, "a number in [0, 1]"),
+    "center_momentum": (_unit, "a number in [0, 1]"),
+    "count": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
+    "size": (lambda v: v is None or _is_int(v) and v >= 1, "a whole number >= 1"),
+    "scale": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_is_num, v)) and 0 < v[0] <= v[1] <= 1,
+              "[low, high] with 0 < low <= high <= 1"),
+    "blur_sigma": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_is_num, v)) and 0 < v[0] <= v[1],
+                   "[low, high] with 0 < low <= high"),
+    "jitter": (lambda v: isinstance(v, list) and len(v) == 4 and all(_is_num(x) and x >= 0 for x in v),
+               "four numbers >= 0 (brightness, contrast, saturation, hue)"),
+    "magnitude": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_is_int, v)) and 1 <= v[0] <= v[1] <= 9,
+                  "[low, high], whole numbers with 1 <= low <= high <= 9"),
+    "ops": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
+    "crops": (lambda v: isinstance(v, list) and v and all(isinstance(g, dict) for g in v),
+              "a list of crop groups ({count, size, scale})"),
+    "datasets": (lambda v: v is None or isinstance(v, list) and all(isinstance(x, str) for x in v),
+                 "a list of dataset names"),
+    **{k: (_unit, "a probability in [0, 1]") for k in ("flip", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "p")},
+    **{k: (lambda v: _is_int(v) and v >= 1, "a whole number >= 1")
+       for k in ("hidden_dim", "out_dim", "bottleneck_dim", "queue", "global_crops")},
+    **{k: (lambda v: isinstance(v, dict), "a group of settings")
+       for k in ("pretrain", "finetune", "backbones", "methods", "stages", "mixing", "views", "kwargs",
+                 "pretrain_data", "randaugment")},
+}
+
+
+def check_values(preset, origin, node=None, where=""):
+    """Types and ranges of every setting the rules name; the first bad one is one line naming `origin`."""
+    node = preset if node is None else node
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for k, v in items:
+        here = f"{where}.{k}".lstrip(".") if isinstance(node, dict) else f"{where}[{k}]"
+        rule = _RULES.get(k) if isinstance(k, str) else None
+        if k == "resolution" and where == "finetune":
+            rule = (lambda r: isinstance(r, dict) and all(_is_int(x) and x >= 1 for x in r.values()),
+                    "a map of table resolution -> trained resolution")
+        elif k == "resolution":
+            rule = (lambda r: _is_int(r) and r >= 1, "a whole number >= 1")
+        if rule and not rule[0](v):
+            raise UserError(f"{origin}: {here}: expected {rule[1]}, got {v!r}")
+        if k != "kwargs" and isinstance(v, (dict, list)):
+            check_values(preset, origin, v, here)
 
 
 def _open(where, key):

@@ -9,14 +9,53 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import socket
+import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
+
+from bench.errors import UserError
+
+
+_RECORD_NAME = re.compile(r"^[0-9a-f]{16}\.json$")  # <config hash>.json; any other JSON file is not ours
+
+
+def aside(path: Path, why: str) -> Path:
+    """Move a damaged file out of the way, keeping it (PATH.damaged-<time>), and say so on stderr."""
+    dest = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.replace(path, dest)
+    print(f"bench: {path} {why}; moved aside to {dest.name}", file=sys.stderr, flush=True)
+    return dest
+
+
+def _write_durably(path: Path, text: str):
+    """Write to a unique temporary name, fsync it, rename it over `path`, fsync the directory: after a crash the
+    file is the old one or the new one, whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some filesystems cannot fsync a directory
+        pass
 
 
 class Store:
     def __init__(self, root):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"--results {self.root}: is a file, not a directory")
 
     def path(self, h):
         return self.root / f"{h}.json"
@@ -27,36 +66,66 @@ class Store:
     def weights(self, h):
         return self.run_dir(h) / "weights.pt"
 
-    def get(self, h):
+    @staticmethod
+    def _read(path):
+        """A record, or (None, why) when the file is not one."""
         try:
-            return json.loads(self.path(h).read_text())
+            rec = json.loads(path.read_text())
         except FileNotFoundError:
-            return None
+            return None, None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return None, f"does not parse ({type(e).__name__}: {e})"
+        if not isinstance(rec, dict) or not {"hash", "status"} <= set(rec):
+            return None, "is not a record (no hash and status)"
+        return rec, None
+
+    def get(self, h):
+        return self._read(self.path(h))[0]  # a damaged record counts as none: the job runs again
 
     def records(self):
         if not self.root.is_dir():
             return []
-        return [json.loads(p.read_text()) for p in sorted(self.root.glob("*.json"))]
+        return [rec for p in sorted(self.root.glob("*.json")) if _RECORD_NAME.match(p.name)
+                for rec in [self._read(p)[0]] if rec is not None]
+
+    def damaged(self):
+        """(path, why) of every record file that cannot be read: `bench status` lists them."""
+        if not self.root.is_dir():
+            return []
+        return [(p, why) for p in sorted(self.root.glob("*.json")) if _RECORD_NAME.match(p.name)
+                for why in [self._read(p)[1]] if why]
 
     def put(self, record):
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.path(record["hash"])
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            path = self.path(record["hash"])
+            if path.exists() and self._read(path)[1]:
+                aside(path, "was a damaged record")
+            _write_durably(path, json.dumps(record, indent=1, sort_keys=True))
+        except OSError as e:
+            raise UserError(f"cannot write the record of job {record['hash'][:10]} under {self.root}: "
+                            f"{e.strerror}") from None
+
+    def set_aside(self, h):
+        """For `bench run --rerun`: the job's record and checkpoint are moved aside (kept), so it runs again."""
+        moved = []
+        for path in (self.path(h), self.run_dir(h) / "checkpoint.pt"):
+            if path.exists():
+                moved.append(aside(path, "is set aside for --rerun"))
+        return moved
 
     def put_launch(self, h, info):
         path = self.run_dir(h) / "launch.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".launch.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(info, indent=1))
-        os.replace(tmp, path)
+        _write_durably(path, json.dumps(info, indent=1))
 
     def launch(self, h):
         try:
             return json.loads((self.run_dir(h) / "launch.json").read_text())
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None  # only where a job was sent: `bench status` shows it without
 
     def state(self, h):
         """done / failed / partial (a checkpoint exists) / pending."""
@@ -64,6 +133,71 @@ class Store:
         if rec is not None:
             return rec["status"]
         return "partial" if (self.run_dir(h) / "checkpoint.pt").exists() else "pending"
+
+
+class Lock:
+    """A job's lock: RUNDIR/lock, created atomically, holding the owner's host and pid. A lock whose owner is
+    dead (same host, no such process) or silent for `stale_s` (another host: the engine touches the lock at each
+    checkpoint) is taken over. Usage: `with Lock(dir) as held: if held: ...`."""
+
+    def __init__(self, run_dir: Path, stale_s: float = 3 * 3600):
+        self.path, self.stale_s, self.held, self.owner = Path(run_dir) / "lock", stale_s, False, None
+
+    def _owner_alive(self):
+        try:
+            owner = json.loads(self.path.read_text())
+            age = time.time() - self.path.stat().st_mtime
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        self.owner = f"{owner.get('host')}:{owner.get('pid')}"
+        if owner.get("host") == socket.gethostname():
+            try:
+                os.kill(int(owner["pid"]), 0)
+                return True
+            except (ProcessLookupError, ValueError, KeyError, TypeError):
+                return False
+            except PermissionError:
+                return True
+        return age < self.stale_s
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    judged = self.path.read_bytes()
+                except FileNotFoundError:
+                    continue
+                if self._owner_alive():
+                    return False
+                # its owner is gone: take it over. Moved to a unique name first (only one taker succeeds); if what
+                # was moved is not the lock judged dead (a new owner came in between), it is put back
+                moved = self.path.with_name(f"lock.stale-{os.getpid()}-{threading.get_ident()}")
+                try:
+                    os.rename(self.path, moved)
+                except FileNotFoundError:
+                    continue
+                if moved.read_bytes() != judged:
+                    try:
+                        os.link(moved, self.path)
+                    except FileExistsError:
+                        pass
+                    moved.unlink(missing_ok=True)
+                    return False
+                moved.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, f)
+            self.held = True
+            return True
+        return False
+
+    def __exit__(self, *exc):
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
 
 
 def hardware():

@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import random
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,11 +279,29 @@ def _root_for(spec, root):
 
 
 def check_available(spec: str, root=None):
-    """Fail before any training when a dataset a plan needs cannot be found (its split files are read)."""
+    """Fail before any training when a dataset a plan needs cannot be found (its split files are read), or when
+    its train and test splits name different classes."""
     d = info(spec)
     if d.lister is not None:
-        for split in ("train", "test") if d.has_test else ("train",):
-            d.lister(_root_for(spec, root), split)
+        classes = [d.lister(_root_for(spec, root), split)[2] for split in (("train", "test") if d.has_test
+                                                                           else ("train",))]
+        if len(classes) == 2 and classes[0] != classes[1]:
+            only_train = sorted(set(classes[0]) - set(classes[1]))
+            only_test = sorted(set(classes[1]) - set(classes[0]))
+            raise UserError(f"{spec}: train and test have different classes (only in train: "
+                            f"{', '.join(only_train[:5]) or '-'}; only in test: {', '.join(only_test[:5]) or '-'})")
+        if not d.train:  # a user's folder: every file's pixel mode, from its header (cheap), before any job
+            from PIL import Image
+
+            for split in ("train", "test"):
+                for f in d.lister(_root_for(spec, root), split)[0]:
+                    try:
+                        with Image.open(f) as im:
+                            mode = im.mode
+                    except (OSError, ValueError, SyntaxError):
+                        continue  # unreadable: the decode step names it (or skips it with --skip-bad)
+                    if mode in ("I", "F"):
+                        _to_rgb(im, f)
 
 
 def split_files(spec: str, split: str, root=None):
@@ -299,7 +318,7 @@ def _decode(path: Path, size: int, max_side: int | None = None) -> torch.Tensor:
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = _to_rgb(im, path)
             w, h = im.size
             if max_side is not None:
                 if max(w, h) > max_side:
@@ -314,6 +333,21 @@ def _decode(path: Path, size: int, max_side: int | None = None) -> torch.Tensor:
             return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
     except (OSError, ValueError, SyntaxError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def _to_rgb(im, path):
+    """8-bit RGB, faithfully: 16-bit greyscale is scaled down (PIL's convert would clip it to white); modes whose
+    scale is unknown (32-bit integer or float pixels) are refused by name rather than decoded wrong."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        a = np.asarray(im, dtype=np.float64) / 257.0
+        return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("I", "F"):
+        kind = "32-bit integer" if im.mode == "I" else "floating-point"
+        raise UserError(f"cannot read image {path}: {kind} pixels ({im.mode} mode) have no known 0-255 scale; "
+                        f"convert it to 8 or 16 bits")
+    return im.convert("RGB")
 
 
 def _canvas(decoded):
@@ -357,14 +391,20 @@ def load(spec: str, split: str, size: int, root: str | None = None, skip_bad: bo
         return d.reader(root, split, size)
     files, labels, classes, meta = d.lister(_root_for(spec, root), split)
     cache = None
+    if cache_dir and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise UserError(f"{cache_dir} is not a directory: remove it, or run with --no-cache")
     if cache_dir:
         key = [(str(f), *_stat(f)) for f in files] + [size, skip_bad, max_side]
         stamp = hashlib.sha256(repr(key).encode()).hexdigest()
         shape = f"max{max_side}" if max_side else str(size)
         cache = Path(cache_dir) / f"{spec.replace('/', '_').replace(':', '_')}-{split}-{shape}-{stamp[:16]}.pt"
         if cache.is_file():
-            c = torch.load(cache, weights_only=False)
-            return ImageSet(c["images"], c["labels"], c["classes"], spec, c["meta"], c.get("sizes"))
+            try:
+                c = torch.load(cache, weights_only=False)
+                return ImageSet(c["images"], c["labels"], c["classes"], spec, c["meta"], c.get("sizes"))
+            except Exception as e:  # cut short or overwritten: decoded again below
+                from bench.results import aside
+                aside(cache, f"cannot be read ({type(e).__name__}); decoding the images again")
     decoded = _decode_all(files, size, skip_bad, max_side)
     keep = [i for i, x in enumerate(decoded) if x is not None]
     if not keep:
@@ -378,11 +418,15 @@ def load(spec: str, split: str, size: int, root: str | None = None, skip_bad: bo
         images, sizes = torch.stack([decoded[i] for i in keep]), None
     out = ImageSet(images, torch.tensor([labels[i] for i in keep]), classes, spec, meta, sizes)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
-        torch.save({"images": out.images, "labels": out.labels, "classes": classes, "meta": meta, "sizes": sizes},
-                   tmp)
-        os.replace(tmp, cache)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
+            torch.save({"images": out.images, "labels": out.labels, "classes": classes, "meta": meta,
+                        "sizes": sizes}, tmp)
+            os.replace(tmp, cache)
+        except OSError as e:  # a cache is an optimisation: the job goes on without it
+            print(f"bench: cannot keep the decoded {spec} {split} under {cache.parent}: {e.strerror}",
+                  file=sys.stderr)
     return out
 
 

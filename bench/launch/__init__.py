@@ -23,7 +23,7 @@ from bench import data as datasets
 from bench import engine, finetune, models
 from bench.engine import Interrupted, NonFiniteLoss, fit
 from bench.errors import UserError
-from bench.results import Store, hardware, versions
+from bench.results import Lock, Store, hardware, versions
 from methods import METHODS
 
 
@@ -40,7 +40,7 @@ def pretrain(cfg, run_dir, data_opts):
         return {}
     torch.save(models.export(method.backbone(), cfg["backbone"], res), run_dir / "weights.pt")
     return {"train_loss": last.get("loss"), "train_images_per_s": last.get("images_per_s"),
-            "train_size": len(train), "data": train.meta}
+            "train_size": len(train), "data": train.meta, "earlier_sessions_s": last.get("earlier_sessions_s", 0)}
 
 
 def _init_weights(job, store):
@@ -63,9 +63,31 @@ def execute(job, store: Store, preset_name="", overrides=(), data_opts=None):
     every rank trains and rank 0 alone writes the record (the others return None).
     data_opts: root, skip_bad, cache_dir (see bench.data.load)."""
     data_opts = data_opts or {}
-    cfg = job.config
     run_dir = store.run_dir(job.hash)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {run_dir}: {e.strerror}") from None
+    if engine.rank() != 0:
+        return _train(job, store, run_dir, preset_name, overrides, data_opts)
+    lock, said = Lock(run_dir), False
+    while not lock.__enter__():  # another process trains this job: wait, then use its record
+        if not said:
+            print(f"bench: job {job.short} is being trained by {lock.owner}; waiting for it", file=sys.stderr,
+                  flush=True)
+            said = True
+        time.sleep(2)
+    try:
+        rec = store.get(job.hash)
+        if rec is not None and rec["status"] == "done":  # trained by another process meanwhile
+            return rec
+        return _train(job, store, run_dir, preset_name, overrides, data_opts)
+    finally:
+        lock.__exit__()
+
+
+def _train(job, store, run_dir, preset_name, overrides, data_opts):
+    cfg = job.config
     t0 = time.time()
     record = {"hash": job.hash, "stage": cfg["stage"], "method": job.method, "config": cfg, "seed": cfg["seed"],
               "cells": [list(c) for c in job.cells], "preset": preset_name, "overrides": list(overrides),
@@ -87,7 +109,8 @@ def execute(job, store: Store, preset_name="", overrides=(), data_opts=None):
         return None
     if engine.world_size() > 1:
         record["hardware"]["ranks"] = engine.world_size()
-    record.update(wall_time_s=round(time.time() - t0, 2),
+    earlier = record.get("metrics", {}).pop("earlier_sessions_s", 0)  # training before a resume counts too
+    record.update(wall_time_s=round(time.time() - t0 + earlier, 2),
                   finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     store.put(record)
     if record["status"] == "done":  # the record and weights.pt are the result; the optimiser state is dead weight
