@@ -24,9 +24,9 @@ from bench.errors import UserError
 _RECORD_NAME = re.compile(r"^[0-9a-f]{16}\.json$")  # <config hash>.json; any other JSON file is not ours
 
 
-def aside(path: Path, why: str) -> Path:
-    """Move a damaged file out of the way, keeping it (PATH.damaged-<time>), and say so on stderr."""
-    dest = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+def aside(path: Path, why: str, tag: str = "damaged") -> Path:
+    """Move a file out of the way, keeping it (PATH.<tag>-<time>-<pid>), and say so on stderr."""
+    dest = path.with_name(f"{path.name}.{tag}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     os.replace(path, dest)
     print(f"bench: {path} {why}; moved aside to {dest.name}", file=sys.stderr, flush=True)
     return dest
@@ -111,7 +111,7 @@ class Store:
         moved = []
         for path in (self.path(h), self.run_dir(h) / "checkpoint.pt"):
             if path.exists():
-                moved.append(aside(path, "is set aside for --rerun"))
+                moved.append(aside(path, "is set aside for --rerun", tag="replaced"))
         return moved
 
     def put_launch(self, h, info):

@@ -7,6 +7,7 @@ dataset columns (`folder:DIR`) are taken from the records themselves.
 from __future__ import annotations
 
 import math
+import sys
 from importlib import resources
 
 import jinja2
@@ -14,6 +15,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from bench import plan as planner
+from bench.errors import UserError
 from bench.models import NAMES
 
 FORMATS = {"markdown": "md", "latex": "tex", "html": "html"}
@@ -50,7 +52,14 @@ def gather(table_name, store, preset_name=None):
     variants = variants or {("paper", ()): []}
     out = []
     for (name, overrides), recs in sorted(variants.items()):
-        preset = planner.load_preset(name, overrides)
+        try:
+            preset = planner.load_preset(name, overrides)
+        except UserError as e:
+            if preset_name:  # asked for by name: the user wants to know
+                raise
+            print(f"bench: warning: {len(recs)} records of preset {name} left out of the {table_name} table: {e}",
+                  file=sys.stderr)
+            continue
         seeds = sorted({r["seed"] for r in recs}) or [0]
         cols = planner.columns(planner.table(table_name), preset)
         cols += sorted({r["config"]["data"] for r in recs if r["stage"] == "finetune"} - set(cols))

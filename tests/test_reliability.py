@@ -1,0 +1,234 @@
+"""Damaged state, concurrent runs and bad values: each case heals and finishes, or is one line and exit 2."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fixtures
+from bench import data as datasets
+from bench import plan as planner
+from bench.errors import UserError
+from bench.results import Lock, Store
+from conftest import FAST
+from test_engine import _KILLED_RUN
+
+
+def bench(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def one_line_exit_2(res, *words):
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    for w in words:
+        assert w in res.stderr, (w, res.stderr)
+
+
+@pytest.mark.parametrize("content,words", [
+    ("base: paper\npretrain: 5\n", ["pretrain", "group of settings"]),
+    ("- 1\n- 2\n", ["map of settings"]),
+    ("base: SELF\n", ["leads back to this file"]),
+    ("base: paper\npretrain: {epoch: 3}\n", ["unknown setting 'pretrain.epoch'"]),
+    ("base: paper\nfoo: 1\n", ["unknown setting 'foo'"]),
+    ("x: [1\n", ["not valid YAML"]),
+    (b"\x89\xff\x00\x12binary", ["not a text file"]),
+    ("base: paper\nmethods: {idmm: {label_smoothing: 2}}\n", ["methods.idmm.label_smoothing", "[0, 1)"]),
+    ("base: paper\nfinetune: {views: {crops: [{count: 1, size: 8, scale: [0.5, 0.1]}]}}\n", ["scale"]),
+])
+def test_a_bad_preset_file_is_named_with_its_key(tmp_path, content, words):
+    path = tmp_path / "mine.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content.replace("SELF", str(path)))
+    with pytest.raises(UserError) as e:
+        planner.load_preset(str(path))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    for w in words:
+        assert w in str(e.value)
+
+
+@pytest.mark.parametrize("item,words", [
+    ("pretrain.epochs=-1", ["pretrain.epochs", ">= 1"]), ("pretrain.epochs=0", ["pretrain.epochs"]),
+    ("pretrain.epochs=abc", ["'abc'"]), ("pretrain.batch_size=0", ["pretrain.batch_size"]),
+    ("pretrain.lr=nan", ["pretrain.lr", "finite"]), ("pretrain.lr=-1", ["pretrain.lr"]),
+    ("finetune.stages.224.batch_size=0", ["finetune.stages.224.batch_size"]),
+    ("finetune.mixing.parts=0", ["finetune.mixing.parts"]), ("pretrain.max_side=0", ["pretrain.max_side"]),
+    ("finetune.drop_path=1.5", ["finetune.drop_path"]),
+])
+def test_a_bad_set_value_is_refused_before_any_work(item, words):
+    with pytest.raises(UserError) as e:
+        planner.load_preset("demo", [item])
+    assert str(e.value).startswith(f"--set {item}: ")
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_bad_values_on_the_command_line_are_one_line_and_exit_2(tmp_path):
+    res = str(tmp_path / "r")
+    one_line_exit_2(bench("run", "--preset", "demo", "--set", "pretrain.epochs=-1", "--results", res),
+                    "pretrain.epochs")
+    one_line_exit_2(bench("run", "--preset", "demo", "--seeds", str(2 ** 40), "--results", res), "--seeds")
+    (tmp_path / "file").write_text("x")
+    one_line_exit_2(bench("run", "--preset", "demo", "--results", str(tmp_path / "file")), "is a file")
+    assert not (tmp_path / "r").exists()  # nothing ran
+
+
+def _record(h, **kw):
+    return {"hash": h, "status": "done", "stage": "finetune", "config": {"stage": "finetune"}, "cells": [],
+            "metrics": {"top1": 0.5}, **kw}
+
+
+def test_damaged_and_foreign_json_files_are_ignored_and_named(tmp_path):
+    store = Store(tmp_path)
+    store.put(_record("0123456789abcdef"))
+    (tmp_path / "fedcba9876543210.json").write_text('{"hash": "fedcba98765')  # cut short
+    (tmp_path / "notes.json").write_text("[1, 2]")  # not ours
+    assert [r["hash"] for r in store.records()] == ["0123456789abcdef"]
+    assert store.get("fedcba9876543210") is None
+    assert [p.name for p, _ in store.damaged()] == ["fedcba9876543210.json"]
+    status = bench("status", "--results", str(tmp_path))
+    assert status.returncode == 0 and "damaged record" in status.stdout and "fedcba9876543210.json" in status.stdout
+    report = bench("report", "--results", str(tmp_path), "--out", str(tmp_path / "rep"))
+    assert report.returncode == 0, report.stderr
+    # writing that job's record again keeps the damaged file aside rather than losing it
+    store.put(_record("fedcba9876543210"))
+    assert store.get("fedcba9876543210")["status"] == "done"
+    assert len(list(tmp_path.glob("fedcba9876543210.json.damaged-*"))) == 1
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_job_starts_over(tmp_path, tiny_vit, tiny_images):
+    from bench.engine import fit
+    from bench.finetune import Classifier
+    from test_engine import FT
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    ref = Classifier(tiny_vit(3), FT)
+    fit(ref, tiny_images, FT, tmp_path / "ref")
+    model = Classifier(tiny_vit(3), FT)
+    fit(model, tiny_images, FT, run)
+    assert len(list(run.glob("checkpoint.pt.damaged-*"))) == 1
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_damaged_cache_is_rebuilt_and_a_file_named_cache_is_refused(tmp_path):
+    for i in range(3):
+        fixtures.jpeg(tmp_path / "d" / "train" / "a" / f"{i}.jpg", i)
+    (tmp_path / "d" / "test" / "a").mkdir(parents=True)
+    spec, cache = f"folder:{tmp_path / 'd'}", tmp_path / "cache"
+    first = datasets.load.__wrapped__(spec, "train", 20, cache_dir=str(cache), max_side=64)
+    (kept,) = cache.glob("*.pt")
+    kept.write_bytes(os.urandom(100))
+    again = datasets.load.__wrapped__(spec, "train", 20, cache_dir=str(cache), max_side=64)
+    assert torch.equal(first.images, again.images)
+    assert len(list(cache.glob("*.damaged-*"))) == 1 and len(list(cache.glob("*.pt"))) == 1
+    (tmp_path / "cachefile").write_text("x")
+    with pytest.raises(UserError, match="is not a directory"):
+        datasets.load.__wrapped__(spec, "train", 20, cache_dir=str(tmp_path / "cachefile"), max_side=64)
+
+
+def test_a_lock_of_a_dead_owner_is_taken_over_and_a_live_one_is_not(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    (tmp_path / "lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+    with Lock(tmp_path) as held:
+        assert held
+        with Lock(tmp_path) as again:  # this process holds it: a second taker must wait
+            assert not again
+    assert not (tmp_path / "lock").exists()
+
+
+def test_two_runs_on_one_results_directory_train_each_job_once(tmp_path):
+    res = str(tmp_path / "results")
+    args = [sys.executable, "-m", "bench", "run", "--table", "comparison", "--preset", "demo", "--methods",
+            "random", "--results", res, *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    (record,) = Store(res).records()
+    assert record["status"] == "done"
+    lines = (tmp_path / "results" / "runs" / record["hash"] / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # one epoch, trained once: the other process waited and took the record
+    assert any("waiting for it" in err for _, err in outs) or record["wall_time_s"] < 3
+
+
+def test_kill_9_at_random_moments_still_ends_with_the_uninterrupted_weights(tmp_path):
+    tests = os.path.dirname(__file__)
+    env = {**os.environ, "BENCH_CHECKPOINT_EVERY_S": "0.000001"}
+
+    def run(run_dir, out, kill_at):
+        script = _KILLED_RUN.format(tests=tests, kill_at=kill_at)
+        return subprocess.run([sys.executable, "-c", script, str(run_dir), str(out)], env=env).returncode
+
+    assert run(tmp_path / "ref", tmp_path / "ref.pt", 0) == 0
+    kills = sorted(random.Random().sample(range(1, 12), 3))
+    for k in kills:  # each process dies at its k-th step: a moment drawn anew for every run of this test
+        assert run(tmp_path / "run", tmp_path / "run.pt", k) in (-9, 0), kills
+    assert run(tmp_path / "run", tmp_path / "run.pt", 0) == 0
+    ref, got = torch.load(tmp_path / "ref.pt"), torch.load(tmp_path / "run.pt")
+    assert all(torch.equal(ref[k], got[k]) for k in ref), kills
+
+
+def test_resumed_jobs_report_their_whole_training(tmp_path, tiny_vit, tiny_images, monkeypatch):
+    import bench.engine as engine
+    from bench.finetune import Classifier
+    from bench.launch import stop_on_signals
+    from test_engine import FT
+
+    real, calls = engine.make_views, {"n": 0}
+
+    def slow_then_stop(images, spec, sizes=None):
+        calls["n"] += 1
+        import time
+        time.sleep(0.2)
+        if calls["n"] == 5:
+            os.kill(os.getpid(), 15)
+        return real(images, spec, sizes)
+
+    monkeypatch.setattr(engine, "make_views", slow_then_stop)
+    with pytest.raises(engine.Interrupted), stop_on_signals():
+        engine.fit(Classifier(tiny_vit(3), FT), tiny_images, FT, tmp_path)
+    monkeypatch.setattr(engine, "make_views", real)
+    last = engine.fit(Classifier(tiny_vit(3), FT), tiny_images, FT, tmp_path)
+    assert last["earlier_sessions_s"] >= 1.0  # five slowed steps before the stop
+    first_epoch, second_epoch = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert second_epoch["seconds"] >= 0.4  # its two slowed steps before the stop are counted
+
+
+def test_16_bit_images_decode_faithfully_and_float_ones_are_refused(tmp_path):
+    grey = np.full((20, 30), 40000, dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    x = datasets._decode(tmp_path / "deep.png", 20, max_side=64)
+    assert abs(float(x.float().mean()) - 40000 / 257) < 1  # not clipped to white
+    Image.fromarray(np.full((20, 30), 0.5, dtype=np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(UserError, match="float.tif.*floating-point"):
+        datasets._decode(tmp_path / "float.tif", 20, max_side=64)
+
+
+def test_a_folder_whose_test_classes_differ_is_refused_before_training(tmp_path):
+    fixtures.jpeg(tmp_path / "d" / "train" / "cat" / "0.jpg", 0)
+    fixtures.jpeg(tmp_path / "d" / "test" / "dog" / "0.jpg", 1)
+    one_line_exit_2(bench("data", "check", f"folder:{tmp_path / 'd'}"), "different classes")
+    res = tmp_path / "r"
+    one_line_exit_2(bench("run", "--preset", "demo", "--datasets", f"folder:{tmp_path / 'd'}", "--results",
+                          str(res)), "different classes")
+    assert not list(res.glob("*.json"))
+
+
+def test_a_deleted_custom_preset_leaves_the_other_tables_reportable(tmp_path):
+    store = Store(tmp_path)
+    store.put(_record("0123456789abcdef", preset=str(tmp_path / "gone.yaml"),
+                      cells=[["comparison", "deit_tiny/idmm", "digits"]]))
+    res = bench("report", "--results", str(tmp_path), "--out", str(tmp_path / "rep"))
+    assert res.returncode == 0 and "gone.yaml" in res.stderr and "Traceback" not in res.stderr
