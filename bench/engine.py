@@ -260,6 +260,8 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
     if ckpt_path.exists():
         try:
             ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+            if not isinstance(ck, dict) or not {"model", "optimizer", "epoch", "step"} <= set(ck):
+                raise ValueError("not a training checkpoint")
         except Exception as e:  # cut short, overwritten, not a checkpoint: kept aside, and the job starts over
             if main:
                 from bench.results import aside
@@ -293,8 +295,14 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                   file=sys.stderr, flush=True)
 
     if main and log_path.exists():  # epochs logged after the checkpoint (or without one) are trained again
-        lines = log_path.read_text().splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("epoch", -1) < epoch]
+        def before(line):  # a line cut short by a crash is dropped with the rest
+            try:
+                return json.loads(line).get("epoch", -1) < epoch
+            except (ValueError, AttributeError):
+                return False
+
+        lines = log_path.read_text(errors="replace").splitlines()
+        kept = [ln for ln in lines if before(ln)]
         if len(kept) != len(lines):
             log_path.write_text("".join(ln + "\n" for ln in kept))
 

@@ -136,11 +136,12 @@ class Store:
 
 
 class Lock:
-    """A job's lock: RUNDIR/lock, created atomically, holding the owner's host and pid. A lock whose owner is
-    dead (same host, no such process) or silent for `stale_s` (another host: the engine touches the lock at each
-    checkpoint) is taken over. Usage: `with Lock(dir) as held: if held: ...`."""
+    """A job's lock: RUNDIR/lock, created atomically, holding the owner's host, pid and SLURM job. A lock is
+    taken over when its owner is dead (same host, no such process), is this same SLURM job before a requeue, or
+    has been silent for `stale_s` (another host: the engine touches the lock at each checkpoint).
+    Usage: `with Lock(dir) as held: if held: ...`."""
 
-    def __init__(self, run_dir: Path, stale_s: float = 3 * 3600):
+    def __init__(self, run_dir: Path, stale_s: float = 1800):
         self.path, self.stale_s, self.held, self.owner = Path(run_dir) / "lock", stale_s, False, None
 
     def _owner_alive(self):
@@ -150,6 +151,8 @@ class Lock:
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return False
         self.owner = f"{owner.get('host')}:{owner.get('pid')}"
+        if owner.get("slurm_job") and owner.get("slurm_job") == os.environ.get("SLURM_JOB_ID"):
+            return False  # this job itself, before SLURM requeued it (perhaps onto another node)
         if owner.get("host") == socket.gethostname():
             try:
                 os.kill(int(owner["pid"]), 0)
@@ -189,7 +192,8 @@ class Lock:
                 moved.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, f)
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
+                           "slurm_job": os.environ.get("SLURM_JOB_ID")}, f)
             self.held = True
             return True
         return False

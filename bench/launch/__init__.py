@@ -70,7 +70,8 @@ def execute(job, store: Store, preset_name="", overrides=(), data_opts=None):
         raise UserError(f"cannot create {run_dir}: {e.strerror}") from None
     if engine.rank() != 0:
         return _train(job, store, run_dir, preset_name, overrides, data_opts)
-    lock, said = Lock(run_dir), False
+    # a lock of another host is stale when silent for 3 checkpoint intervals (at least 30 min: decoding)
+    lock, said = Lock(run_dir, stale_s=max(1800.0, 3 * engine.checkpoint_interval())), False
     while not lock.__enter__():  # another process trains this job: wait, then use its record
         if not said:
             print(f"bench: job {job.short} is being trained by {lock.owner}; waiting for it", file=sys.stderr,
