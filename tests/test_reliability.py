@@ -232,3 +232,21 @@ def test_a_deleted_custom_preset_leaves_the_other_tables_reportable(tmp_path):
                       cells=[["comparison", "deit_tiny/idmm", "digits"]]))
     res = bench("report", "--results", str(tmp_path), "--out", str(tmp_path / "rep"))
     assert res.returncode == 0 and "gone.yaml" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_damaged_parent_weights_file_names_the_way_to_regenerate_it(tmp_path):
+    res = str(tmp_path / "results")
+    base = ["run", "--table", "comparison", "--preset", "demo", "--methods", "idmm", "--results", res, *FAST]
+    assert bench(*base).returncode == 0
+    store = Store(res)
+    pre = next(r for r in store.records() if r["stage"] == "pretrain")
+    fine = next(r for r in store.records() if r["stage"] == "finetune")
+    store.weights(pre["hash"]).write_bytes(b"garbage")
+    store.set_aside(fine["hash"])
+    blocked = bench(*base)  # the run's progress lines, then the error: one line, with the way out
+    assert blocked.returncode == 2 and "Traceback" not in blocked.stderr
+    error = blocked.stderr.strip().splitlines()[-1]
+    assert error.startswith("bench: error: cannot read weights file") and f"--rerun {pre['hash'][:10]}" in error
+    again = bench(*base, "--rerun", pre["hash"][:10])
+    assert again.returncode == 0, again.stderr
+    assert {r["status"] for r in Store(res).records()} == {"done"} and len(Store(res).records()) == 2

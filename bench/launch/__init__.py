@@ -47,9 +47,13 @@ def _init_weights(job, store):
     """What a fine-tuning job starts from: its parent's weights, a file, timm's ImageNet weights, or nothing."""
     if job.parent:
         path = store.weights(job.parent)
+        regenerate = f"run the same command with --rerun {job.parent[:10]} to train that job again"
         if not path.exists():
-            raise UserError(f"job {job.short} needs the weights of {job.parent[:10]}, which are missing")
-        return models.read_weights(path, job.config["backbone"])
+            raise UserError(f"job {job.short} needs the weights of {job.parent[:10]}, which are missing: {regenerate}")
+        try:
+            return models.read_weights(path, job.config["backbone"])
+        except UserError as e:
+            raise UserError(f"{e}: {regenerate}") from None
     if job.init_path:
         return models.read_weights(job.init_path, job.config["backbone"])
     if job.config["init"].startswith("timm:"):

@@ -78,8 +78,8 @@ def read_weights(path, name):
     """A weights file: one of ours, or a plain state dict (optionally under 'model' / 'state_dict'), taken as `name`."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise UserError(f"cannot read weights file {path}: {e}") from None
+    except Exception as e:  # missing, cut short, not a torch file: whatever it is, it cannot be used
+        raise UserError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
     if isinstance(obj, dict) and "backbone" in obj and "state_dict" in obj:
         return obj
     for key in ("state_dict", "model"):
