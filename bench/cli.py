@@ -179,13 +179,35 @@ def cmd_report(args):
     from bench import report
 
     store = Store(args.results)
-    tables = [args.table] if args.table else (report.tables_with_results(store) or ["comparison"])
-    out_dir = Path(args.out)
-    for name in tables:
-        text = report.render(name, store, args.format, args.preset)
-        sys.stdout.write(text)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"{name}.{report.FORMATS[args.format]}").write_text(text)
+    if args.table == "all" or not args.table:
+        tables = report.tables_with_results(store) or ["comparison"]
+    else:
+        tables = [args.table]
+    texts = [report.render(name, store, args.format, args.preset, args.seeds) for name in tables]
+    if args.format == "csv":  # one table of jobs: the header once
+        import io
+
+        import pandas as pd
+        frames = [pd.read_csv(io.StringIO(t)) for t in texts if t.strip()]
+        text = pd.concat(frames, ignore_index=True).to_csv(index=False) if frames else ""
+    else:
+        text = "\n".join(texts)
+    if args.out:
+        out = Path(args.out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+        except OSError as e:
+            raise UserError(f"--out {out}: {e.strerror}") from None
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
+    sys.stdout.write(text)
+    copy = Path("reports") / f"{'-'.join(tables) if len(tables) < 4 else 'all'}.{report.FORMATS[args.format]}"
+    try:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text(text)
+    except OSError:
+        pass  # the copy is a convenience; stdout has the report
     return 0
 
 
@@ -409,10 +431,11 @@ def build_parser():
     r.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="render a table from the records, paper numbers beside")
-    rep.add_argument("--table", help="default: every table with results")
-    rep.add_argument("--format", default="markdown", choices=["markdown", "latex", "html"])
+    rep.add_argument("--table", help="comparison | transfer | sota | imagenet | all (default: all with results)")
+    rep.add_argument("--format", default="markdown", choices=["markdown", "latex", "html", "csv"])
     rep.add_argument("--preset", help="default: every preset that has results for the table")
-    rep.add_argument("--out", default="reports", metavar="DIR", help="also write the report here (default ./reports)")
+    rep.add_argument("--out", metavar="FILE", help="write the report here (default: stdout, and a copy under reports/)")
+    rep.add_argument("--seeds", nargs="+", type=int, metavar="S", help="only these seeds in each cell's mean")
     _store_args(rep)
     rep.set_defaults(func=cmd_report)
 

@@ -222,4 +222,22 @@ def versions():
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = None
+    out["commit"] = _commit()
     return out
+
+
+def _commit():
+    """The project's git commit (with -dirty when files differ from it), or None outside a checkout."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip()[:12] + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None

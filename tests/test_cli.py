@@ -32,7 +32,7 @@ def test_demo_comparison_idmm_and_random_through_to_the_report(tmp_path):
                   "--results", res, *FAST)
     assert again.returncode == 0 and "nothing to train" in again.stderr
 
-    rep = bench("report", "--format", "markdown", "--results", res, "--out", str(tmp_path / "reports"))
+    rep = bench("report", "--format", "markdown", "--results", res, cwd=str(tmp_path))
     assert rep.returncode == 0, rep.stderr
     for r in finals:
         row = "IDMM" if r["method"] == "idmm" else "random init."
@@ -84,7 +84,7 @@ def test_imagenet_init_row_is_skipped_without_weights_and_runs_from_a_file(tmp_p
     assert run.returncode == 0, run.stderr
     (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
     assert rec["status"] == "done" and rec["config"]["init"].startswith("file:")
-    rep = bench("report", "--table", "sota", "--results", str(tmp_path / "r"), "--out", str(tmp_path / "rep"))
+    rep = bench("report", "--table", "sota", "--results", str(tmp_path / "r"), cwd=str(tmp_path))
     line = next(line for line in rep.stdout.splitlines() if "DeiT-Tiny" in line and "IN super." in line)
     assert f"{100 * rec['metrics']['top1']:.1f}" in line
 
@@ -102,7 +102,7 @@ def test_transfer_demo_pretrains_on_the_stand_in_and_fine_tunes_on_digits(tmp_pa
     fine = [r for r in records if r["stage"] == "finetune"]
     assert {r["config"]["data"] for r in pre} == {"digits_extra"} and {r["metrics"]["train_size"] for r in pre} == {450}
     assert {r["config"]["data"] for r in fine} == {"digits"} and len(fine) == 2
-    rep = bench("report", "--table", "transfer", "--results", res, "--out", str(tmp_path / "rep"))
+    rep = bench("report", "--table", "transfer", "--results", res, cwd=str(tmp_path))
     for r in fine:
         row = "IDMM" if r["method"] == "idmm" else "supervised"
         line = next(line for line in rep.stdout.splitlines() if "PVTv2-B0" in line and f"| {row} " in line)

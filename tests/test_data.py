@@ -70,9 +70,9 @@ def test_missing_split_file_is_named(root, tmp_path):
         datasets.split_files("indoor67", "train", tmp_path)
 
 
-def bench(*args, env=None):
+def bench(*args, env=None, cwd=None):
     import os
-    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, "BENCH_VERIFY_CHECKSUMS": "0", **(env or {})})
 
 
@@ -167,7 +167,7 @@ def test_a_folder_named_in_the_users_file_is_a_column(root, tmp_path):
     assert run.returncode == 0, run.stderr
     (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
     assert rec["config"]["data"] == "mine" and rec["metrics"]["train_size"] == 6
-    rep = bench("report", "--results", str(tmp_path / "r"), "--out", str(tmp_path / "rep"), env=env)
+    rep = bench("report", "--results", str(tmp_path / "r"), env=env, cwd=str(tmp_path))
     header = next(line for line in rep.stdout.splitlines() if line.startswith("| Backbone"))
     assert [c.strip() for c in header.strip("|").split("|")][-1] == "mine"  # the records add their column
     unknown = bench("run", "--datasets", "yours", env=env)

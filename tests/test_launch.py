@@ -189,7 +189,7 @@ def test_slurm_table_matches_a_local_run_and_is_not_submitted_twice(tmp_path, sl
         other = b.get(rec["hash"])
         assert other["status"] == "done" and other["metrics"].get("top1") == rec["metrics"].get("top1")
         assert other["metrics"]["train_loss"] == pytest.approx(rec["metrics"]["train_loss"], rel=1e-6)
-    tables = [[line for line in bench("report", "--results", str(d), "--out", str(tmp_path / "rep")).stdout
+    tables = [[line for line in bench("report", "--results", str(d), cwd=str(tmp_path)).stdout
                .splitlines() if line.startswith("|")] for d in (tmp_path / "local", tmp_path / "results")]
     assert tables[0] == tables[1] and any("IDMM" in line for line in tables[0])  # the table, not its wall times
     again = bench("run", "--table", "comparison", "--preset", "demo", *methods, *FAST, *slurm_env)

@@ -95,7 +95,7 @@ def test_damaged_and_foreign_json_files_are_ignored_and_named(tmp_path):
     assert [p.name for p, _ in store.damaged()] == ["fedcba9876543210.json"]
     status = bench("status", "--results", str(tmp_path))
     assert status.returncode == 0 and "damaged record" in status.stdout and "fedcba9876543210.json" in status.stdout
-    report = bench("report", "--results", str(tmp_path), "--out", str(tmp_path / "rep"))
+    report = bench("report", "--results", str(tmp_path), cwd=str(tmp_path))
     assert report.returncode == 0, report.stderr
     # writing that job's record again keeps the damaged file aside rather than losing it
     store.put(_record("fedcba9876543210"))
@@ -230,7 +230,7 @@ def test_a_deleted_custom_preset_leaves_the_other_tables_reportable(tmp_path):
     store = Store(tmp_path)
     store.put(_record("0123456789abcdef", preset=str(tmp_path / "gone.yaml"),
                       cells=[["comparison", "deit_tiny/idmm", "digits"]]))
-    res = bench("report", "--results", str(tmp_path), "--out", str(tmp_path / "rep"))
+    res = bench("report", "--results", str(tmp_path), cwd=str(tmp_path))
     assert res.returncode == 0 and "gone.yaml" in res.stderr and "Traceback" not in res.stderr
 
 

@@ -18,7 +18,7 @@ from bench import plan as planner
 from bench.errors import UserError
 from bench.models import NAMES
 
-FORMATS = {"markdown": "md", "latex": "tex", "html": "html"}
+FORMATS = {"markdown": "md", "latex": "tex", "html": "html", "csv": "csv"}
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$",
         "{": r"\{", "}": r"\}", "±": r"$\pm$", "—": "--", "→": r"$\to$"}
 
@@ -82,25 +82,35 @@ def gather(table_name, store, preset_name=None):
                 top1 = rec["metrics"].get("top1") if rec and rec["status"] == "done" else None
                 rows.append({"row": row_id, "column": col, "seed": job.config["seed"],
                              "top1": None if top1 is None else 100 * top1,
-                             "status": rec["status"] if rec else ("skipped" if job.skip else "pending")})
+                             "status": rec["status"] if rec else ("skipped" if job.skip else "pending"),
+                             "error": (rec or {}).get("error") if rec and rec["status"] == "failed" else None})
         label = " ".join([name] + [f"--set {o}" for o in overrides])
-        out.append((label, pd.DataFrame(rows, columns=["row", "column", "seed", "top1", "status"]),
+        out.append((label, pd.DataFrame(rows, columns=["row", "column", "seed", "top1", "status", "error"]),
                     cols, skips, used, recipes))
     return out
 
 
-def _cells(df):
-    """{(row id, column): (mean, std, n, failed)} from the long frame."""
+def _cells(df, seeds=None):
+    """{(row id, column): (mean, std, n, failed, first error)} from the long frame, over the chosen seeds."""
+    if seeds:
+        df = df[df["seed"].isin(seeds)]
     stats = df.groupby(["row", "column"]).agg(mean=("top1", "mean"), std=("top1", "std"), n=("top1", "count"),
-                                               failed=("status", lambda s: (s == "failed").sum()))
+                                               failed=("status", lambda s: (s == "failed").sum()),
+                                               error=("error", lambda e: next((x for x in e if x), None)))
     return {k: tuple(v) for k, v in stats.iterrows()}
 
 
 def _value(stat):
-    mean, std, n, failed = stat if stat else (math.nan, math.nan, 0, 0)
+    mean, std, n, failed, _ = stat if stat else (math.nan, math.nan, 0, 0, None)
     if n == 0:
         return "failed" if failed else "—"
-    return f"{mean:.1f}" + (f" ± {std:.1f}" if n > 1 else "")
+    return f"{mean:.1f}" + (f" ± {std:.1f} (n={n})" if n > 1 else "")
+
+
+def _gap(mean, paper):
+    """The reproduced mean minus the paper's number, and its mark: = within one point, + above, - below."""
+    diff = mean - paper
+    return diff, "=" if abs(diff) <= 1 else "+" if diff > 0 else "-"
 
 
 def _row_labels(spec, row, recipe):
@@ -119,25 +129,44 @@ def _row_labels(spec, row, recipe):
     return out
 
 
-def build(spec, df, cols, recipes):
-    """Header and rows of plain strings, plus the best reproduced mean per column (for bold)."""
-    stats = _cells(df)
+def build(spec, df, cols, recipes, seeds=None):
+    """Header and rows of plain strings, plus the best reproduced mean per column (for bold), the gap to the
+    paper per cell, footnotes for failed cells and the paper-comparison summary."""
+    stats = _cells(df, seeds)
     paper_cols = spec["columns"]
     header = [next(iter(c)) if isinstance(c, dict) else c for c in spec["row_columns"]] + cols
     body, best = [], {}
     for c in cols:
         means = [stats[(r["id"], c)][0] for r in spec["rows"] if (r["id"], c) in stats and stats[(r["id"], c)][2]]
         best[c] = max(means) if means else None
+    notes, gaps, pairs = [], [], {}
     for r in spec["rows"]:
         line = _row_labels(spec, r, recipes.get(r["id"]))
         cells = []
         for c in cols:
             st = stats.get((r["id"], c))
             paper = r["paper"][paper_cols.index(c)] if c in paper_cols else None
-            cells.append({"value": _value(st), "paper": paper,
-                          "best": st is not None and st[2] > 0 and st[0] == best[c]})
+            cell = {"value": _value(st), "paper": paper, "best": st is not None and st[2] > 0 and st[0] == best[c],
+                    "gap": None, "mark": "", "note": None}
+            if st is not None and st[2] == 0 and st[3]:
+                notes.append(f"{r['id']} on {c}: {st[4]}")
+                cell["note"] = len(notes)
+            if st is not None and st[2] > 0 and paper is not None:
+                cell["gap"], cell["mark"] = _gap(st[0], paper)
+                gaps.append(abs(cell["gap"]))
+                pairs.setdefault(c, []).append((st[0], paper))
+            cells.append(cell)
         body.append((line, cells))
-    return header, body
+    in_paper = sum(v is not None for r in spec["rows"] for c, v in zip(paper_cols, r["paper"]) if c in cols)
+    rhos = [pd.Series([a for a, _ in p]).corr(pd.Series([b for _, b in p]), method="spearman")
+            for p in pairs.values() if len(p) >= 3]
+    rhos = [x for x in rhos if not math.isnan(x)]
+    summary = (f"Against the paper: {len(gaps)} of its {in_paper} cells run"
+               + (f", mean absolute gap {sum(gaps) / len(gaps):.1f} points" if gaps else "")
+               + (f", rank correlation of the methods per dataset (Spearman) {sum(rhos) / len(rhos):.2f} over "
+                  f"{len(rhos)} datasets" if rhos else "")
+               + "; = within one point of the paper, + above, - below.")
+    return header, body, notes, summary
 
 
 def _footer(used, skips, preset):
@@ -152,16 +181,38 @@ def _footer(used, skips, preset):
     return lines
 
 
-def render(table_name, store, fmt="markdown", preset_name=None):
+def _cell_text(c):
+    text = c["value"] + (f"[{c['note']}]" if c["note"] else "")
+    if c["paper"] is not None:
+        text += f" ({c['paper']})"
+    if c["gap"] is not None:
+        text += f" {c['mark']}{abs(c['gap']):.1f}" if c["mark"] != "=" else " ="
+    return text
+
+
+def csv_rows(table_name, store, preset_name=None):
+    """One row per job record the table uses: every config field flattened, seed, metric, status, wall time,
+    images/s, hardware, package versions and commit."""
+    recs = {}
+    for preset, _df, _cols, _skips, used, _recipes in gather(table_name, store, preset_name):
+        for r in used:
+            recs[r["hash"]] = {**{k: v for k, v in r.items() if k not in ("traceback", "cells")}, "table": table_name,
+                               "preset_label": preset, "top1": (r.get("metrics") or {}).get("top1")}
+    df = pd.json_normalize(list(recs.values()), sep=".")
+    return df.drop(columns=[c for c in df.columns if c.startswith("metrics.data")], errors="ignore")
+
+
+def render(table_name, store, fmt="markdown", preset_name=None, seeds=None):
+    if fmt == "csv":
+        return csv_rows(table_name, store, preset_name).to_csv(index=False)
     spec = planner.table(table_name)
     parts = []
     for preset, df, cols, skips, used, recipes in gather(table_name, store, preset_name):
-        header, body = build(spec, df, cols, recipes)
-        footer = _footer(used, skips, preset)
+        header, body, notes, summary = build(spec, df, cols, recipes, seeds)
+        footer = _footer(used, skips, preset) + [summary] + [f"[{i}] failed: {n}" for i, n in enumerate(notes, 1)]
         title = f"{spec['title']} (preset: {preset})"
         if fmt == "markdown":
-            rows = [line + [c["value"] + (f" ({c['paper']})" if c["paper"] is not None else "") for c in cells]
-                    for line, cells in body]
+            rows = [line + [_cell_text(c) for c in cells] for line, cells in body]
             note = "Top-1 (%) on the test split, and the recipe's numbers: reproduced (paper)."
             parts.append("\n".join([f"### {title}", "", tabulate(rows, header, tablefmt="pipe", disable_numparse=True), "", note]
                                    + [f"- {f}" for f in footer]))
