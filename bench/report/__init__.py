@@ -161,6 +161,8 @@ def build(spec, df, cols, recipes, seeds=None):
     rhos = [pd.Series([a for a, _ in p]).corr(pd.Series([b for _, b in p]), method="spearman")
             for p in pairs.values() if len(p) >= 3]
     rhos = [x for x in rhos if not math.isnan(x)]
+    if not in_paper:  # columns the paper does not have (the demo's digits, a user's folder)
+        return header, body, notes, ""
     summary = (f"Against the paper: {len(gaps)} of its {in_paper} cells run"
                + (f", mean absolute gap {sum(gaps) / len(gaps):.1f} points" if gaps else "")
                + (f", rank correlation of the methods per dataset (Spearman) {sum(rhos) / len(rhos):.2f} over "
@@ -209,7 +211,8 @@ def render(table_name, store, fmt="markdown", preset_name=None, seeds=None):
     parts = []
     for preset, df, cols, skips, used, recipes in gather(table_name, store, preset_name):
         header, body, notes, summary = build(spec, df, cols, recipes, seeds)
-        footer = _footer(used, skips, preset) + [summary] + [f"[{i}] failed: {n}" for i, n in enumerate(notes, 1)]
+        footer = (_footer(used, skips, preset) + ([summary] if summary else [])
+                  + [f"[{i}] failed: {n}" for i, n in enumerate(notes, 1)])
         title = f"{spec['title']} (preset: {preset})"
         if fmt == "markdown":
             rows = [line + [_cell_text(c) for c in cells] for line, cells in body]
