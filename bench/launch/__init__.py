@@ -72,8 +72,8 @@ def execute(job, store: Store, preset_name="", overrides=(), data_opts=None):
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {run_dir}: {e.strerror}") from None
-    if engine.rank() != 0:
-        return _train(job, store, run_dir, preset_name, overrides, data_opts)
+    if engine.rank() != 0:  # rank 0 holds the job's lock and decides for every rank whether to train
+        return _train(job, store, run_dir, preset_name, overrides, data_opts) if _rank0_says(False) else None
     # a lock of another host is stale when silent for 3 checkpoint intervals (at least 30 min: decoding)
     lock, said = Lock(run_dir, stale_s=max(1800.0, 3 * engine.checkpoint_interval())), False
     while not lock.__enter__():  # another process trains this job: wait, then use its record
@@ -84,11 +84,21 @@ def execute(job, store: Store, preset_name="", overrides=(), data_opts=None):
         time.sleep(2)
     try:
         rec = store.get(job.hash)
-        if rec is not None and rec["status"] == "done":  # trained by another process meanwhile
+        done = rec is not None and rec["status"] == "done"  # trained by another process meanwhile
+        if not _rank0_says(not done):
             return rec
         return _train(job, store, run_dir, preset_name, overrides, data_opts)
     finally:
         lock.__exit__()
+
+
+def _rank0_says(flag: bool) -> bool:
+    """Rank 0's flag, on every rank of a multi-GPU job (the others pass anything)."""
+    if engine.world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=engine.device())
+    torch.distributed.broadcast(t, 0)
+    return bool(t.item())
 
 
 def _train(job, store, run_dir, preset_name, overrides, data_opts):
