@@ -24,6 +24,7 @@ from timm.layers import DropPath
 from tqdm import tqdm
 
 from bench.data.views import make_views
+from bench.results import Lock, aside, write_durably
 
 
 class Method(torch.nn.Module):
@@ -144,12 +145,6 @@ def lr_factor(step, warmup_steps, total_steps, schedule="cosine"):
     return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / span))
 
 
-def _atomic_save(obj, path: Path):
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # "Stop soon and save": a launcher turns its signals (SIGTERM, SIGUSR2, Ctrl-C) into a request; the loop checks
 # it after every step, saves a checkpoint and raises Interrupted. The engine knows nothing about SLURM.
 _stop_requested: list[int] = []
@@ -264,7 +259,6 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                 raise ValueError("not a training checkpoint")
         except Exception as e:  # cut short, overwritten, not a checkpoint: kept aside, and the job starts over
             if main:
-                from bench.results import aside
                 aside(ckpt_path, f"cannot be read ({type(e).__name__}); the job starts again from epoch 0")
             ck = None
         if world > 1:  # every rank must agree on resuming or starting over
@@ -312,13 +306,12 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
         ranks = _gather_ranks({"perm": perm.cpu(), "epoch_loss": loss_sum.item(), "cpu_rng": torch.get_rng_state(),
                                "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None})
         if main:
-            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "epoch": e, "step": s, "metrics": last, "ranks": ranks,
-                          "world_size": world, "elapsed_s": earlier_s + saved_at - session_t0,
-                          "epoch_s": saved_at - t0 if s else 0.0, "epoch_seen": seen if s else 0}, ckpt_path)
-            lock = run_dir / "lock"
-            if lock.exists():  # the job's owner is alive (bench.results.Lock)
-                os.utime(lock)
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "epoch": e, "step": s, "metrics": last, "ranks": ranks, "world_size": world,
+                     "elapsed_s": earlier_s + saved_at - session_t0, "epoch_s": saved_at - t0 if s else 0.0,
+                     "epoch_seen": seen if s else 0}
+            write_durably(ckpt_path, lambda f: torch.save(state, f))
+            Lock.touch(run_dir)
 
     images = (data.images[rows] if world > 1 else data.images).to(dev)
     sizes = None if data.sizes is None else (data.sizes[rows] if world > 1 else data.sizes).to(dev)

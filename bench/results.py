@@ -32,12 +32,16 @@ def aside(path: Path, why: str, tag: str = "damaged") -> Path:
     return dest
 
 
-def _write_durably(path: Path, text: str):
+def write_durably(path: Path, content):
     """Write to a unique temporary name, fsync it, rename it over `path`, fsync the directory: after a crash the
-    file is the old one or the new one, whole."""
+    file is the old one or the new one, whole. content: text, or a function that writes to a binary file
+    (`lambda f: torch.save(obj, f)`). The one way records, checkpoints and caches reach the disk."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        if callable(content):
+            content(f)
+        else:
+            f.write(content.encode())
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -101,7 +105,7 @@ class Store:
             path = self.path(record["hash"])
             if path.exists() and self._read(path)[1]:
                 aside(path, "was a damaged record")
-            _write_durably(path, json.dumps(record, indent=1, sort_keys=True))
+            write_durably(path, json.dumps(record, indent=1, sort_keys=True))
         except OSError as e:
             raise UserError(f"cannot write the record of job {record['hash'][:10]} under {self.root}: "
                             f"{e.strerror}") from None
@@ -117,7 +121,7 @@ class Store:
     def put_launch(self, h, info):
         path = self.run_dir(h) / "launch.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_durably(path, json.dumps(info, indent=1))
+        write_durably(path, json.dumps(info, indent=1))
 
     def launch(self, h):
         try:
@@ -197,6 +201,14 @@ class Lock:
             self.held = True
             return True
         return False
+
+    @staticmethod
+    def touch(run_dir: Path):
+        """Tell other hosts the lock's owner is alive (the engine calls this at each checkpoint)."""
+        try:
+            os.utime(Path(run_dir) / "lock")
+        except FileNotFoundError:  # a job trained without a lock (tests, benchmark)
+            pass
 
     def __exit__(self, *exc):
         if self.held:

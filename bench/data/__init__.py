@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import UserError
+from bench.results import aside, write_durably
 
 
 @dataclass
@@ -403,7 +404,6 @@ def load(spec: str, split: str, size: int, root: str | None = None, skip_bad: bo
                 c = torch.load(cache, weights_only=False)
                 return ImageSet(c["images"], c["labels"], c["classes"], spec, c["meta"], c.get("sizes"))
             except Exception as e:  # cut short or overwritten: decoded again below
-                from bench.results import aside
                 aside(cache, f"cannot be read ({type(e).__name__}); decoding the images again")
     decoded = _decode_all(files, size, skip_bad, max_side)
     keep = [i for i, x in enumerate(decoded) if x is not None]
@@ -420,10 +420,8 @@ def load(spec: str, split: str, size: int, root: str | None = None, skip_bad: bo
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
-            torch.save({"images": out.images, "labels": out.labels, "classes": classes, "meta": meta,
-                        "sizes": sizes}, tmp)
-            os.replace(tmp, cache)
+            kept = {"images": out.images, "labels": out.labels, "classes": classes, "meta": meta, "sizes": sizes}
+            write_durably(cache, lambda f: torch.save(kept, f))
         except OSError as e:  # a cache is an optimisation: the job goes on without it
             print(f"bench: cannot keep the decoded {spec} {split} under {cache.parent}: {e.strerror}",
                   file=sys.stderr)
