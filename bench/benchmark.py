@@ -101,17 +101,14 @@ def _sync(dev):
 
 
 def _step_fn(model, cfg, dev):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
-                            weight_decay=cfg["weight_decay"], fused=dev.type == "cuda")
+    """The engine's own step (its optimiser and update), without the loop around it."""
+    opt, params = engine.optimizer(model, cfg, dev)
     bf16 = dev.type == "cuda" and cfg["precision"] == "bf16"
 
     def step(views, index, labels):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model.loss(views, index, labels, 0.5)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        model.after_step(0.5)
+        engine.update(model, opt, params, loss, cfg, 1, 0.5)
     return step
 
 

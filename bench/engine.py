@@ -217,6 +217,31 @@ def shard(n, rank_, world):
     return torch.arange(rank_, per_rank * world, world)
 
 
+def optimizer(model: Method, cfg: dict, dev):
+    """AdamW over the method's parameter groups (fused on GPU), and the flat list of its parameters."""
+    groups = model.param_groups()
+    opt = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=dev.type == "cuda")
+    return opt, [p for g in groups for p in g["params"]]
+
+
+def update(model: Method, opt, params, loss, cfg: dict, epoch: int, progress: float):
+    """One optimiser update from `loss`: backward, gradients averaged over the ranks and clipped per parameter,
+    the method's last changes, the weight-decay ramp, AdamW, the method's momentum updates (not the lr
+    schedule: its owner steps it)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    _average_gradients(params)
+    if cfg.get("clip_grad"):
+        clip_each(params, cfg["clip_grad"])
+    model.before_optimizer_step(epoch)
+    if cfg.get("weight_decay_end") is not None:
+        for g in opt.param_groups:
+            if g.get("ramp_weight_decay", True):
+                g["weight_decay"] = cosine_ramp(cfg["weight_decay"], cfg["weight_decay_end"], progress)
+    opt.step()
+    model.after_step(progress)
+
+
 def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
     """Train `model` on `data` for cfg['epochs']; resume from run_dir/checkpoint.pt when it exists.
 
@@ -233,9 +258,7 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
     main = rk == 0
     run_dir.mkdir(parents=True, exist_ok=True)
     model.to(dev)
-    groups = model.param_groups()
-    params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=dev.type == "cuda")
+    opt, params = optimizer(model, cfg, dev)
     rows = shard(len(data), rk, world) if world > 1 else torch.arange(len(data))
     n = len(rows)
     bs = min(cfg["batch_size"], len(data)) // world
@@ -346,19 +369,8 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                 stop, due, bad = _sync_flags(bool(_stop_requested), main and time.time() - saved_at >= every, bad)
                 if world > 1:  # the flags were read from the device anyway
                     check_finite(f"at epoch {epoch} step {step}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                _average_gradients(params)
-                if cfg.get("clip_grad"):
-                    clip_each(params, cfg["clip_grad"])
-                model.before_optimizer_step(epoch)
-                if cfg.get("weight_decay_end") is not None:
-                    for g in opt.param_groups:
-                        if g.get("ramp_weight_decay", True):
-                            g["weight_decay"] = cosine_ramp(cfg["weight_decay"], cfg["weight_decay_end"], progress)
-                opt.step()
+                update(model, opt, params, loss, cfg, epoch, progress)
                 sched.step()
-                model.after_step(progress)
                 step += 1
                 seen += len(idx) * world
                 loss_sum += loss.detach()
