@@ -183,15 +183,13 @@ def cmd_report(args):
         tables = report.tables_with_results(store) or ["comparison"]
     else:
         tables = [args.table]
-    texts = [report.render(name, store, args.format, args.preset, args.seeds) for name in tables]
-    if args.format == "csv":  # one table of jobs: the header once
-        import io
-
+    if args.format == "csv":  # one table of jobs over every table asked for: the header once
         import pandas as pd
-        frames = [pd.read_csv(io.StringIO(t)) for t in texts if t.strip()]
-        text = pd.concat(frames, ignore_index=True).to_csv(index=False) if frames else ""
+
+        text = pd.concat([report.csv_rows(name, store, args.preset) for name in tables],
+                         ignore_index=True).to_csv(index=False)
     else:
-        text = "\n".join(texts)
+        text = "\n".join(report.render(name, store, args.format, args.preset, args.seeds) for name in tables)
     if args.out:
         out = Path(args.out)
         try:

@@ -283,26 +283,26 @@ def check_available(spec: str, root=None):
     """Fail before any training when a dataset a plan needs cannot be found (its split files are read), or when
     its train and test splits name different classes."""
     d = info(spec)
-    if d.lister is not None:
-        classes = [d.lister(_root_for(spec, root), split)[2] for split in (("train", "test") if d.has_test
-                                                                           else ("train",))]
-        if len(classes) == 2 and classes[0] != classes[1]:
-            only_train = sorted(set(classes[0]) - set(classes[1]))
-            only_test = sorted(set(classes[1]) - set(classes[0]))
-            raise UserError(f"{spec}: train and test have different classes (only in train: "
-                            f"{', '.join(only_train[:5]) or '-'}; only in test: {', '.join(only_test[:5]) or '-'})")
-        if not d.train:  # a user's folder: every file's pixel mode, from its header (cheap), before any job
-            from PIL import Image
+    if d.lister is None:
+        return
+    listed = {split: d.lister(_root_for(spec, root), split) for split in (("train", "test") if d.has_test
+                                                                          else ("train",))}
+    if d.has_test and listed["train"][2] != listed["test"][2]:
+        train, test = set(listed["train"][2]), set(listed["test"][2])
+        raise UserError(f"{spec}: train and test have different classes (only in train: "
+                        f"{', '.join(sorted(train - test)[:5]) or '-'}; only in test: "
+                        f"{', '.join(sorted(test - train)[:5]) or '-'})")
+    if not d.train:  # a user's folder: every file's pixel mode, from its header (cheap), before any job
+        from PIL import Image
 
-            for split in ("train", "test"):
-                for f in d.lister(_root_for(spec, root), split)[0]:
-                    try:
-                        with Image.open(f) as im:
-                            mode = im.mode
-                    except (OSError, ValueError, SyntaxError):
-                        continue  # unreadable: the decode step names it (or skips it with --skip-bad)
-                    if mode in ("I", "F"):
-                        _to_rgb(im, f)
+        for files, *_ in listed.values():
+            for f in files:
+                try:
+                    with Image.open(f) as im:
+                        mode = im.mode
+                except (OSError, ValueError, SyntaxError):
+                    continue  # unreadable: the decode step names it (or skips it with --skip-bad)
+                _refuse_unknown_scale(mode, f)
 
 
 def split_files(spec: str, split: str, root=None):
@@ -344,11 +344,15 @@ def _to_rgb(im, path):
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         a = np.asarray(im, dtype=np.float64) / 257.0
         return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
-    if im.mode in ("I", "F"):
-        kind = "32-bit integer" if im.mode == "I" else "floating-point"
-        raise UserError(f"cannot read image {path}: {kind} pixels ({im.mode} mode) have no known 0-255 scale; "
-                        f"convert it to 8 or 16 bits")
+    _refuse_unknown_scale(im.mode, path)
     return im.convert("RGB")
+
+
+def _refuse_unknown_scale(mode, path):
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise UserError(f"cannot read image {path}: {kind} pixels ({mode} mode) have no known 0-255 scale; "
+                        f"convert it to 8 or 16 bits")
 
 
 def _canvas(decoded):
