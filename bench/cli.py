@@ -178,18 +178,22 @@ def _run_slurm(args, preset, jobs, store, data_opts, settings, gpus):
 def cmd_report(args):
     from bench import report
 
+    if args.standalone and args.format != "latex":
+        raise UserError("--standalone makes a LaTeX document: use it with --format latex")
     store = Store(args.results)
+    compare = None
+    if args.compare:
+        compare = tuple((d, Store(d)) for d in args.compare)
+        for d, s in compare:
+            if not s.records():
+                raise UserError(f"--compare {d}: no records there (is it a --results directory?)")
+    stores = [s for _, s in compare] if compare else [store]
     if args.table == "all" or not args.table:
-        tables = report.tables_with_results(store) or ["comparison"]
+        tables = sorted({t for s in stores for t in report.tables_with_results(s)},
+                        key=list(planner.load_tables()).index) or ["comparison"]
     else:
         tables = [args.table]
-    if args.format == "csv":  # one table of jobs over every table asked for: the header once
-        import pandas as pd
-
-        text = pd.concat([report.csv_rows(name, store, args.preset) for name in tables],
-                         ignore_index=True).to_csv(index=False)
-    else:
-        text = "\n".join(report.render(name, store, args.format, args.preset, args.seeds) for name in tables)
+    text = report.document(tables, store, args.format, args.preset, args.seeds, args.standalone, compare)
     if args.out:
         out = Path(args.out)
         try:
@@ -200,7 +204,8 @@ def cmd_report(args):
         print(f"wrote {out}", file=sys.stderr)
         return 0
     sys.stdout.write(text)
-    copy = Path("reports") / f"{'-'.join(tables) if len(tables) < 4 else 'all'}.{report.FORMATS[args.format]}"
+    name = ("compare-" if compare else "") + ("-".join(tables) if len(tables) < 4 else "all")
+    copy = Path("reports") / f"{name}.{report.FORMATS[args.format]}"
     try:
         copy.parent.mkdir(parents=True, exist_ok=True)
         copy.write_text(text)
@@ -434,6 +439,9 @@ def build_parser():
     rep.add_argument("--preset", help="default: every preset that has results for the table")
     rep.add_argument("--out", metavar="FILE", help="write the report here (default: stdout, and a copy under reports/)")
     rep.add_argument("--seeds", nargs="+", type=int, metavar="S", help="only these seeds in each cell's mean")
+    rep.add_argument("--standalone", action="store_true", help="LaTeX: a complete document that pdflatex compiles")
+    rep.add_argument("--compare", nargs=2, metavar=("RESULTS_A", "RESULTS_B"),
+                     help="two result stores side by side per cell: A → B and the difference")
     _store_args(rep)
     rep.set_defaults(func=cmd_report)
 

@@ -1,3 +1,13 @@
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
 from bench import plan as planner
 from bench import report
 from bench.results import Store
@@ -99,6 +109,10 @@ def test_csv_has_one_row_per_job_and_round_trips_through_pandas(tmp_path):
             "versions.commit", "config.mixing.parts"} <= set(df.columns)
     assert sorted(df["top1"]) == [0.3, 0.42] and set(df["config.mixing.parts"]) == {4}
     assert set(df["versions.commit"]) == {"abc123"}
+    rec = next(r for r in store.records() if r["metrics"]["top1"] == 0.42)
+    row = df[df["top1"] == 0.42].iloc[0]
+    assert json.loads(row["config.views.crops"]) == rec["config"]["views"]["crops"]  # lists come back as JSON
+    assert row["config.lr"] == rec["config"]["lr"] and row["hash"] == rec["hash"]
 
 
 def test_report_command_all_tables_csv_to_a_file_and_markdown_to_stdout_with_a_copy(tmp_path, monkeypatch, capsys):
@@ -120,3 +134,123 @@ def test_report_command_all_tables_csv_to_a_file_and_markdown_to_stdout_with_a_c
     text = capsys.readouterr().out
     assert "Comparison of different pretraining methods" in text and "42.0" in text
     assert (tmp_path / "reports" / "comparison-transfer.md").read_text() == text
+
+
+# --- golden files, the LaTeX compile, the page in a browser, --compare -----------------------------------------
+
+GOLDEN = Path(__file__).parent / "golden"
+_PNG = re.compile(r"data:image/png;base64,[A-Za-z0-9+/=]+")
+
+
+def _golden_store(root):
+    """Fixed records: IDMM and random init. with two seeds on two datasets, SimCLR failed on one, the rest of the
+    table missing; a metrics log for every job so that the page has curves."""
+    store = Store(root)
+    for seed, (idmm, rand) in enumerate([(0.80, 0.58), (0.82, 0.60)]):
+        _fill(store, "comparison", "paper", {"deit_tiny/idmm": idmm, "deit_tiny/random": rand,
+                                             "deit_tiny/simclr": "loss became non-finite (x_1 & 50% ≥ 1e3)"},
+              seed=seed, datasets=["flowers102", "pets"])
+    for rec in store.records():
+        run = store.run_dir(rec["hash"])
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "metrics.jsonl").write_text("".join(
+            json.dumps({"epoch": e, "loss": 4.0 / (1 + e + rec["seed"]), "lr": 5e-4 * (1 - e / 10)}) + "\n"
+            for e in range(10)))
+    return store
+
+
+@pytest.mark.parametrize("fmt", ["markdown", "latex", "html", "csv"])
+def test_each_format_matches_its_golden_file(tmp_path, fmt):
+    """The whole rendered report, byte for byte (the PNG payloads aside). After a deliberate change to the
+    output, BENCH_UPDATE_GOLDEN=1 pytest tests/test_report.py rewrites them: review the diff."""
+    text = report.document(["comparison"], _golden_store(tmp_path), fmt, standalone=fmt == "latex")
+    if fmt == "html":
+        assert len(_PNG.findall(text)) == 4  # the cells' plot and three rows' curves
+        text = _PNG.sub("data:image/png;base64,...", text)
+    golden = GOLDEN / f"comparison.{report.FORMATS[fmt]}"
+    if os.environ.get("BENCH_UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert text == golden.read_text()
+
+
+def _tool(name, hint):
+    """A system tool the test needs: skipped where it is missing, except in CI, where .ci/setup installs it."""
+    path = shutil.which(name)
+    if path is None and not os.environ.get("CI"):
+        pytest.skip(f"{name} is not installed here: {hint}")
+    assert path, f"{name} is missing: {hint}"
+    return path
+
+
+def test_standalone_latex_compiles_with_pdflatex(tmp_path):
+    pdflatex = _tool("pdflatex", "sudo .ci/setup installs TeX Live's base packages")
+    store = _golden_store(tmp_path / "r")
+    _fill(store, "sota", "paper", {"t2t_vit_7/idmm": 0.7})  # a second table, with its backbone groups
+    (tmp_path / "t.tex").write_text(report.document(["comparison", "sota"], store, "latex", standalone=True))
+    out = subprocess.run([pdflatex, "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert (tmp_path / "t.pdf").stat().st_size > 1000
+    assert "Overfull" not in out.stdout  # the tables fit the page
+
+
+def test_the_page_renders_in_a_browser_with_tables_and_plots(tmp_path):
+    browser = _tool("chromium-headless-shell", "sudo .ci/setup installs Debian's chromium-headless-shell")
+    from playwright.sync_api import sync_playwright
+
+    store = _golden_store(tmp_path / "r")
+    _fill(store, "transfer", "paper", {"pvt_v2_b0/sin10k/idmm": 0.5})
+    page_file = tmp_path / "report.html"
+    page_file.write_text(report.document(["comparison", "transfer"], store, "html"))
+    problems = []
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=browser, args=["--no-sandbox"])
+        page = b.new_page()
+        page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url[:80]}"))
+        page.goto(page_file.as_uri())
+        page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
+        images = page.evaluate("[...document.images].map(i => [i.complete, i.naturalWidth, i.alt])")
+        tables = page.evaluate("[...document.querySelectorAll('table.bench')].map(t => t.rows.length)")
+        idmm = page.evaluate("[...document.querySelectorAll('table.bench tr')].find(r => r.innerText.includes("
+                             "'IDMM')).innerText")
+        b.close()
+    assert problems == []
+    assert tables == [1 + len(planner.table(t)["rows"]) for t in ("comparison", "transfer")]  # header + rows
+    assert len(images) >= 5 and all(ok and width > 100 for ok, width, _ in images), images
+    assert "81.0 ± 1.4 (n=2) (79.9)" in idmm
+
+
+def test_compare_puts_two_stores_side_by_side_with_the_difference(tmp_path, monkeypatch):
+    from bench.cli import main
+
+    a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
+    _fill(a, "comparison", "demo", {"deit_tiny/idmm": 0.40, "deit_tiny/random": 0.30})
+    _fill(b, "comparison", "demo", {"deit_tiny/idmm": 0.43, "deit_tiny/dino": 0.2})
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--compare", "a", "b", "--out", "c.md"]) == 0
+    md = (tmp_path / "c.md").read_text()
+    assert "a → b" in md
+    idmm = next(line for line in md.splitlines() if "IDMM" in line)
+    assert "40.0 → 43.0 +3.0" in idmm
+    assert "30.0 → —" in next(line for line in md.splitlines() if "random" in line)
+    assert "— → 20.0" in next(line for line in md.splitlines() if "DINO" in line)
+    assert "SimCLR" not in md  # in neither store
+    assert "1 cells in both; b minus a: mean +3.0" in md
+    assert main(["report", "--compare", "a", "b", "--format", "csv", "--out", "c.csv"]) == 0
+    df = pd.read_csv(tmp_path / "c.csv")
+    assert len(df) == 3 and df.set_index("row").loc["deit_tiny/idmm", "difference"] == pytest.approx(3.0)
+
+
+def test_report_refuses_a_compare_store_without_records_and_standalone_outside_latex(tmp_path, capsys):
+    from bench.cli import main
+
+    _fill(Store(tmp_path / "a"), "comparison", "demo", {"deit_tiny/idmm": 0.4})
+    (tmp_path / "empty").mkdir()
+    assert main(["report", "--compare", str(tmp_path / "a"), str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "empty: no records there" in err and len(err.strip().splitlines()) == 1
+    assert main(["report", "--results", str(tmp_path / "a"), "--standalone"]) == 2
+    assert "--format latex" in capsys.readouterr().err

@@ -1,4 +1,6 @@
-"""Records -> pandas -> one pivot per table and preset -> Markdown (tabulate) / LaTeX, HTML (jinja2).
+"""Records -> pandas -> one table model per table and preset -> Markdown (tabulate), LaTeX and an HTML page
+(jinja2, with matplotlib's figures from plots.py), or CSV of the jobs; `--compare` builds the same models from
+two stores, A → B per cell.
 
 A table is re-planned under the preset its records came from, and each cell is looked up by its job's hash:
 a record counts for a cell only if it was made by exactly the recipe the preset gives now. Seeds and extra
@@ -6,8 +8,11 @@ dataset columns (`folder:DIR`) are taken from the records themselves.
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
+import unicodedata
+from dataclasses import dataclass, field
 from importlib import resources
 
 import jinja2
@@ -20,11 +25,23 @@ from bench.models import NAMES
 
 FORMATS = {"markdown": "md", "latex": "tex", "html": "html", "csv": "csv"}
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$",
-        "{": r"\{", "}": r"\}", "±": r"$\pm$", "—": "--", "→": r"$\to$"}
+        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
+        ">": r"\textgreater{}", "±": r"$\pm$", "—": "--", "–": "--", "→": r"$\to$", "×": r"$\times$",
+        "≤": r"$\leq$", "≥": r"$\geq$"}
 
 
 def tex(s):
-    return "".join(_TEX.get(ch, ch) for ch in str(s))
+    """Text that pdflatex typesets as written: specials escaped, the report's own symbols as math, any other
+    character outside ASCII by its closest ASCII letters (an error message can hold anything)."""
+    out = []
+    for ch in str(s):
+        if ch in _TEX:
+            out.append(_TEX[ch])
+        elif ord(ch) < 128:
+            out.append(ch)
+        else:
+            out.append(unicodedata.normalize("NFKD", ch).encode("ascii", "ignore").decode() or "?")
+    return "".join(out)
 
 
 def _variants(store, table_name):
@@ -43,9 +60,21 @@ def _paper_recipe(row, spec):
             "finetune_epochs": "→".join(str(s["epochs"]) for s in ft)}
 
 
+@dataclass
+class Section:
+    """One table under one (preset, --set overrides): the long frame of cells and what the report needs beside it."""
+    table: str
+    label: str
+    df: pd.DataFrame
+    cols: list
+    skips: dict
+    used: list                                     # the records of every stage that fills a cell
+    recipes: dict                                  # row id -> the derived row fields of its first chain
+    chains: dict = field(default_factory=dict)     # row id -> [[job, ...] one chain per cell and seed]
+
+
 def gather(table_name, store, preset_name=None):
-    """One entry per (preset, --set overrides) that has results for the table (or the paper preset when none):
-    a long DataFrame of cells, the columns, skip reasons, the records used and each row's resolved recipe."""
+    """One Section per (preset, --set overrides) that has results for the table (or the paper preset when none)."""
     variants = _variants(store, table_name)
     if preset_name:
         variants = {k: v for k, v in variants.items() if k[0] == preset_name} or {(preset_name, ()): []}
@@ -67,26 +96,27 @@ def gather(table_name, store, preset_name=None):
                         if r["stage"] == "finetune" and r["config"]["init"].startswith("file:")})
         jobs = planner.plan(table_name, preset, datasets_=cols, seeds=seeds, init_weights=files)
         by_hash = {j.hash: j for j in jobs}
-        rows, skips, used, recipes = [], {}, [], {}
+        sec = Section(table_name, " ".join([name] + [f"--set {o}" for o in overrides]), None, cols, {}, [], {})
+        rows = []
         for job in jobs:
             rec = None if job.skip else store.get(job.hash)
             for t, row_id, col in job.cells:
                 if t != table_name:
                     continue
                 if job.skip:
-                    skips[row_id] = job.skip
+                    sec.skips[row_id] = job.skip
                 else:
                     chain = planner.chain(job, by_hash)
-                    recipes.setdefault(row_id, planner.recipe([j.config for j in chain]))
-                    used += [r for r in map(store.get, (j.hash for j in chain)) if r is not None]
+                    sec.recipes.setdefault(row_id, planner.recipe([j.config for j in chain]))
+                    sec.chains.setdefault(row_id, []).append(chain)
+                    sec.used += [r for r in map(store.get, (j.hash for j in chain)) if r is not None]
                 top1 = rec["metrics"].get("top1") if rec and rec["status"] == "done" else None
                 rows.append({"row": row_id, "column": col, "seed": job.config["seed"],
                              "top1": None if top1 is None else 100 * top1,
                              "status": rec["status"] if rec else ("skipped" if job.skip else "pending"),
                              "error": (rec or {}).get("error") if rec and rec["status"] == "failed" else None})
-        label = " ".join([name] + [f"--set {o}" for o in overrides])
-        out.append((label, pd.DataFrame(rows, columns=["row", "column", "seed", "top1", "status", "error"]),
-                    cols, skips, used, recipes))
+        sec.df = pd.DataFrame(rows, columns=["row", "column", "seed", "top1", "status", "error"])
+        out.append(sec)
     return out
 
 
@@ -107,10 +137,9 @@ def _value(stat):
     return f"{mean:.1f}" + (f" ± {std:.1f} (n={n})" if n > 1 else "")
 
 
-def _gap(mean, paper):
-    """The reproduced mean minus the paper's number, and its mark: = within one point, + above, - below."""
-    diff = mean - paper
-    return diff, "=" if abs(diff) <= 1 else "+" if diff > 0 else "-"
+def _gap(diff, tolerance):
+    """A difference and its mark: = within the tolerance, + above, - below."""
+    return diff, "=" if abs(diff) <= tolerance else "+" if diff > 0 else "-"
 
 
 def _row_labels(spec, row, recipe):
@@ -129,46 +158,109 @@ def _row_labels(spec, row, recipe):
     return out
 
 
-def build(spec, df, cols, recipes, seeds=None):
-    """Header and rows of plain strings, plus the best reproduced mean per column (for bold), the gap to the
-    paper per cell, footnotes for failed cells and the paper-comparison summary."""
-    stats = _cells(df, seeds)
-    paper_cols = spec["columns"]
-    header = [next(iter(c)) if isinstance(c, dict) else c for c in spec["row_columns"]] + cols
-    body, best = [], {}
-    for c in cols:
-        means = [stats[(r["id"], c)][0] for r in spec["rows"] if (r["id"], c) in stats and stats[(r["id"], c)][2]]
-        best[c] = max(means) if means else None
-    notes, gaps, pairs = [], [], {}
+def _rows(spec, recipes, cells_of, keep=lambda cells: True):
+    """The table body: per row its labels, its cells, and whether it opens a new backbone group (LaTeX rules
+    between groups and names the backbone once); the best mean per column is marked."""
+    body, last = [], None
     for r in spec["rows"]:
-        line = _row_labels(spec, r, recipes.get(r["id"]))
+        cells = cells_of(r)
+        if not keep(cells):
+            continue
+        labels = _row_labels(spec, r, recipes.get(r["id"]))
+        grouped = [("" if r["backbone"] == last and col == "Backbone" else v)
+                   for col, v in zip(spec["row_columns"], labels)]
+        body.append({"id": r["id"], "labels": labels, "grouped": grouped, "cells": cells,
+                     "new_group": last is not None and r["backbone"] != last})
+        last = r["backbone"]
+    for i in range(len(body[0]["cells"]) if body else 0):
+        means = [b["cells"][i]["mean"] for b in body if b["cells"][i]["mean"] is not None]
+        for b in body:
+            b["cells"][i]["best"] = bool(means) and b["cells"][i]["mean"] == max(means)
+    return body
+
+
+def _cell(stat, value=None, paper=None):
+    have = stat is not None and stat[2] > 0
+    return {"value": value or _value(stat), "mean": stat[0] if have else None, "paper": paper, "gap": None,
+            "mark": "", "note": None, "best": False}
+
+
+def build(spec, sec, seeds=None):
+    """The table as plain strings and cell dicts: the reproduced mean beside the paper's number and the gap,
+    footnotes for failed cells, and the footer (jobs, hardware, the paper-comparison summary)."""
+    stats = _cells(sec.df, seeds)
+    paper_cols = spec["columns"]
+    notes, gaps, pairs = [], [], {}
+
+    def cells_of(r):
         cells = []
-        for c in cols:
+        for c in sec.cols:
             st = stats.get((r["id"], c))
-            paper = r["paper"][paper_cols.index(c)] if c in paper_cols else None
-            cell = {"value": _value(st), "paper": paper, "best": st is not None and st[2] > 0 and st[0] == best[c],
-                    "gap": None, "mark": "", "note": None}
+            cell = _cell(st, paper=r["paper"][paper_cols.index(c)] if c in paper_cols else None)
             if st is not None and st[2] == 0 and st[3]:
                 notes.append(f"{r['id']} on {c}: {st[4]}")
                 cell["note"] = len(notes)
-            if st is not None and st[2] > 0 and paper is not None:
-                cell["gap"], cell["mark"] = _gap(st[0], paper)
+            if cell["mean"] is not None and cell["paper"] is not None:
+                cell["gap"], cell["mark"] = _gap(cell["mean"] - cell["paper"], 1.0)
                 gaps.append(abs(cell["gap"]))
-                pairs.setdefault(c, []).append((st[0], paper))
+                pairs.setdefault(c, []).append((cell["mean"], cell["paper"]))
             cells.append(cell)
-        body.append((line, cells))
-    in_paper = sum(v is not None for r in spec["rows"] for c, v in zip(paper_cols, r["paper"]) if c in cols)
+        return cells
+
+    body = _rows(spec, sec.recipes, cells_of)
+    in_paper = sum(v is not None for r in spec["rows"] for c, v in zip(paper_cols, r["paper"]) if c in sec.cols)
     rhos = [pd.Series([a for a, _ in p]).corr(pd.Series([b for _, b in p]), method="spearman")
             for p in pairs.values() if len(p) >= 3]
     rhos = [x for x in rhos if not math.isnan(x)]
-    if not in_paper:  # columns the paper does not have (the demo's digits, a user's folder)
-        return header, body, notes, ""
-    summary = (f"Against the paper: {len(gaps)} of its {in_paper} cells run"
-               + (f", mean absolute gap {sum(gaps) / len(gaps):.1f} points" if gaps else "")
-               + (f", rank correlation of the methods per dataset (Spearman) {sum(rhos) / len(rhos):.2f} over "
-                  f"{len(rhos)} datasets" if rhos else "")
-               + "; = within one point of the paper, + above, - below.")
-    return header, body, notes, summary
+    summary = []
+    if in_paper:  # not for columns the paper does not have (the demo's digits, a user's folder)
+        summary = [f"Against the paper: {len(gaps)} of its {in_paper} cells run"
+                   + (f", mean absolute gap {sum(gaps) / len(gaps):.1f} points" if gaps else "")
+                   + (f", rank correlation of the methods per dataset (Spearman) {sum(rhos) / len(rhos):.2f} "
+                      f"over {len(rhos)} datasets" if rhos else "")
+                   + "; = within one point of the paper, + above, - below."]
+    footer = (_footer(sec.used, sec.skips, sec.label) + summary
+              + [f"[{i}] failed: {n}" for i, n in enumerate(notes, 1)])
+    return {"title": f"{spec['title']} (preset: {sec.label})", "header": _header(spec, sec.cols), "body": body,
+            "footer": footer, "legend": "Top-1 (%) on the test split, and the recipe's numbers: reproduced (paper).",
+            "n_row_cols": len(spec["row_columns"]), "section": sec}
+
+
+def build_compare(spec, a, b, names, seeds=None):
+    """Two result stores side by side per cell: A's value → B's value and B minus A."""
+    sa = _cells(a.df, seeds) if a else {}
+    sb = _cells(b.df, seeds) if b else {}
+    cols = (a.cols if a else []) + [c for c in (b.cols if b else []) if c not in (a.cols if a else [])]
+    diffs = []
+
+    def cells_of(r):
+        cells = []
+        for c in cols:
+            x, y = sa.get((r["id"], c)), sb.get((r["id"], c))
+            cell = _cell(y, value=f"{_value(x)} → {_value(y)}")
+            if cell["mean"] is not None and x is not None and x[2] > 0:
+                cell["gap"], cell["mark"] = _gap(y[0] - x[0], 0.05)
+                diffs.append(cell["gap"])
+            cells.append(cell)
+        return cells
+
+    body = _rows(spec, {**(b.recipes if b else {}), **(a.recipes if a else {})}, cells_of,
+                 keep=lambda cells: any(c["value"] != "— → —" for c in cells))
+    footer = []
+    for name, sec in ((names[0], a), (names[1], b)):
+        footer += [f"{name}: {line}" for line in (_footer(sec.used, {}, sec.label) if sec else ["no results"])]
+    if diffs:
+        footer.append(f"{len(diffs)} cells in both; {names[1]} minus {names[0]}: mean "
+                      f"{sum(diffs) / len(diffs):+.1f}, mean absolute {sum(map(abs, diffs)) / len(diffs):.1f} "
+                      "points; = the same to 0.1.")
+    label = (a or b).label
+    return {"title": f"{spec['title']} (preset: {label}): {names[0]} → {names[1]}", "header": _header(spec, cols),
+            "body": body, "footer": footer, "legend": f"Top-1 (%) on the test split: {names[0]} → {names[1]}.",
+            "n_row_cols": len(spec["row_columns"]), "section": b or a, "axes": names}
+
+
+def _header(spec, cols):
+    return [next(iter(c)) if isinstance(c, dict) else c for c in spec["row_columns"]] + list(cols)
 
 
 def _footer(used, skips, preset):
@@ -196,37 +288,91 @@ def csv_rows(table_name, store, preset_name=None):
     """One row per job record the table uses: every config field flattened, seed, metric, status, wall time,
     images/s, hardware, package versions and commit."""
     recs = {}
-    for preset, _df, _cols, _skips, used, _recipes in gather(table_name, store, preset_name):
-        for r in used:
+    for sec in gather(table_name, store, preset_name):
+        for r in sec.used:
             recs[r["hash"]] = {**{k: v for k, v in r.items() if k not in ("traceback", "cells")}, "table": table_name,
-                               "preset_label": preset, "top1": (r.get("metrics") or {}).get("top1")}
+                               "preset_label": sec.label, "top1": (r.get("metrics") or {}).get("top1")}
     df = pd.json_normalize(list(recs.values()), sep=".")
-    return df.drop(columns=[c for c in df.columns if c.startswith("metrics.data")], errors="ignore")
+    df = df.drop(columns=[c for c in df.columns if c.startswith("metrics.data")], errors="ignore")
+    return df.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)  # JSON, not Python's repr
+
+
+def compare_rows(table_name, a, b, names, preset_name=None, seeds=None):
+    """The compared cells as a long frame: one row per (preset, row, column) with both sides and the difference."""
+    out = []
+    sides = [{s.label: s for s in gather(table_name, store, preset_name)} for store in (a, b)]
+    for label in sorted(set(sides[0]) | set(sides[1])):
+        stats = [_cells(side[label].df, seeds) if label in side else {} for side in sides]
+        for key in sorted(k for k in set(stats[0]) | set(stats[1])
+                          if any(st.get(k, (0, 0, 0, 0))[2] or st.get(k, (0, 0, 0, 0))[3] for st in stats)):
+            row = {"table": table_name, "preset_label": label, "row": key[0], "column": key[1]}
+            for name, st in zip(names, stats):
+                mean, std, n, failed, _ = st.get(key, (None, None, 0, 0, None))
+                row.update({f"{name}.mean": mean if n else None, f"{name}.std": std if n > 1 else None,
+                            f"{name}.n": n, f"{name}.failed": failed})
+            both = row[f"{names[0]}.n"] and row[f"{names[1]}.n"]
+            row["difference"] = row[f"{names[1]}.mean"] - row[f"{names[0]}.mean"] if both else None
+            out.append(row)
+    return pd.DataFrame(out)
+
+
+def models(tables, store, preset_name=None, seeds=None, compare=None):
+    """The table models to render: one per table and preset, or per table and preset present in either of the
+    two compared stores."""
+    out = []
+    for name in tables:
+        spec = planner.table(name)
+        if compare is None:
+            out += [build(spec, sec, seeds) for sec in gather(name, store, preset_name)]
+            continue
+        (na, sa), (nb, sb) = compare
+        a = {s.label: s for s in gather(name, sa, preset_name) if s.used}  # not the empty default section
+        b = {s.label: s for s in gather(name, sb, preset_name) if s.used}
+        out += [build_compare(spec, a.get(k), b.get(k), (na, nb), seeds) for k in sorted(set(a) | set(b))]
+    return out
+
+
+def _env():
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resources.files("bench") / "report" / "templates")),
+                             autoescape=jinja2.select_autoescape(["html.j2"]), trim_blocks=True, lstrip_blocks=True)
+    env.filters["tex"] = tex
+    env.filters["cell"] = _cell_text
+    return env
+
+
+def document(tables, store, fmt="markdown", preset_name=None, seeds=None, standalone=False, compare=None):
+    """The whole report, every table asked for, in one format. HTML is always a complete self-contained page;
+    LaTeX is a run of table floats, or with `standalone` a document that compiles on its own."""
+    if fmt == "csv":
+        if compare is not None:
+            (na, sa), (nb, sb) = compare
+            frames = [compare_rows(t, sa, sb, (na, nb), preset_name, seeds) for t in tables]
+        else:
+            frames = [csv_rows(t, store, preset_name) for t in tables]
+        return pd.concat(frames, ignore_index=True).to_csv(index=False)
+    ms = models(tables, store, preset_name, seeds, compare)
+    if fmt == "markdown":
+        return "\n\n".join(_markdown(m) for m in ms) + "\n"
+    env = _env()
+    if fmt == "latex":
+        body = "\n\n".join(env.get_template("table.tex.j2").render(**m) for m in ms)
+        return (env.get_template("document.tex.j2").render(body=body) if standalone else body) + "\n"
+    from bench.report import plots
+
+    for m in ms:
+        m["plots"] = plots.for_table(m, store if compare is None else compare[1][1])
+    return env.get_template("page.html.j2").render(tables=ms, title="bench report: " + ", ".join(tables))
+
+
+def _markdown(m):
+    rows = [b["labels"] + [_cell_text(c) for c in b["cells"]] for b in m["body"]]
+    return "\n".join([f"### {m['title']}", "", tabulate(rows, m["header"], tablefmt="pipe", disable_numparse=True),
+                      "", m["legend"]] + [f"- {f}" for f in m["footer"]])
 
 
 def render(table_name, store, fmt="markdown", preset_name=None, seeds=None):
-    if fmt == "csv":
-        return csv_rows(table_name, store, preset_name).to_csv(index=False)
-    spec = planner.table(table_name)
-    parts = []
-    for preset, df, cols, skips, used, recipes in gather(table_name, store, preset_name):
-        header, body, notes, summary = build(spec, df, cols, recipes, seeds)
-        footer = (_footer(used, skips, preset) + ([summary] if summary else [])
-                  + [f"[{i}] failed: {n}" for i, n in enumerate(notes, 1)])
-        title = f"{spec['title']} (preset: {preset})"
-        if fmt == "markdown":
-            rows = [line + [_cell_text(c) for c in cells] for line, cells in body]
-            note = "Top-1 (%) on the test split, and the recipe's numbers: reproduced (paper)."
-            parts.append("\n".join([f"### {title}", "", tabulate(rows, header, tablefmt="pipe", disable_numparse=True), "", note]
-                                   + [f"- {f}" for f in footer]))
-        else:
-            env = jinja2.Environment(loader=jinja2.FileSystemLoader(
-                str(resources.files("bench") / "report" / "templates")), autoescape=fmt == "html",
-                trim_blocks=True, lstrip_blocks=True)
-            env.filters["tex"] = tex
-            parts.append(env.get_template(f"table.{FORMATS[fmt]}.j2").render(
-                title=title, header=header, body=body, n_row_cols=len(spec["row_columns"]), footer=footer))
-    return "\n\n".join(parts) + "\n"
+    """One table in one format (the tests' and scripts' shorthand for `document`)."""
+    return document([table_name], store, fmt, preset_name, seeds)
 
 
 def tables_with_results(store):
