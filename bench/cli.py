@@ -47,18 +47,49 @@ def _jobs(args):
                                 args.init_weights)
 
 
-def _job_table(jobs, store):
+def _data_opts(args, preset):
+    """How jobs read their images: the command's flags and the preset's `data` settings."""
+    return {"root": args.data_root, "skip_bad": args.skip_bad,
+            "cache_dir": None if args.no_cache else str(Path(args.results).resolve() / "cache"), **preset["data"]}
+
+
+def _data_paths(cfg, data_opts, seen):
+    """The dry-run's word on a job's splits: resident or streamed, and (in brackets) their decoded size if
+    held resident, from the registry's split sizes or the files of a folder."""
+    sizes = ([("train", 2 * cfg["resolution"], cfg["max_side"])] if cfg["stage"] == "pretrain" else
+             [("train", datasets.store_size(cfg["resolution"]), cfg["max_side"]),
+              ("test", datasets.store_size(cfg["resolution"]), None)])
+    out, held = [], 0
+    for split, size, max_side in sizes:
+        path, est = datasets.planned_path(cfg["data"], split, size, max_side, data_opts)
+        if est is not None:
+            seen[(cfg["data"], split, size, max_side)] = path
+            held += est if path == "resident" else 0
+        out.append(f"{split}:{path}" + (f"({est / 2 ** 30:.1f}GB)" if est is not None else ""))
+    return ",".join(out), held
+
+
+def _job_table(jobs, store, data_opts):
     by_hash = {j.hash: j for j in jobs}
-    rows = []
+    rows, seen, most = [], {}, 0
     for j in jobs:
         d = planner.describe(j)
+        if not j.skip:
+            d["data_path"], held = _data_paths(j.config, data_opts, seen)
+            most = max(most, held)
         if j.cells and not j.skip:  # a cell's final job: the whole chain, as the table's columns give it
             r = planner.recipe([c.config for c in planner.chain(j, by_hash)])
             d["chain"] = f"{r['finetune_res']}/{r['finetune_epochs']}"
             d["cells"] = ",".join(f"{t}:{row}:{col}" for t, row, col in j.cells)
         state = "skipped: " + j.skip if j.skip else store.state(j.hash)
         rows.append([j.short, "  ".join(f"{k}={v}" for k, v in d.items()), state])
-    return tabulate(rows, ["hash", "recipe", "state"], tablefmt="plain")
+    text = tabulate(rows, ["hash", "recipe", "state"], tablefmt="plain")
+    if seen:
+        text += (f"\ndata: {len(seen)} splits of image files, {list(seen.values()).count('streamed')} streamed "
+                 f"(data.stream={str(data_opts['stream']).lower()}, data.memory_gb={data_opts['memory_gb']} per split); in "
+                 f"brackets, a split's decoded size if held resident; the most one job holds resident: "
+                 f"{most / 2 ** 30:.1f} GB")
+    return text
 
 
 def _check_launch(args, jobs, gpus):
@@ -109,9 +140,10 @@ def cmd_run(args):
     preset, jobs = _jobs(args)
     store = Store(args.results)
     if args.rerun and not args.dry_run:
+        store.check_writable()
         _rerun(args.rerun, jobs, store)
     if args.dry_run:
-        print(_job_table(jobs, store))
+        print(_job_table(jobs, store, _data_opts(args, preset)))
         return 0
     if args.launcher == "slurm":
         from bench.launch import slurm
@@ -130,16 +162,17 @@ def cmd_run(args):
     runnable = [j for j in jobs if not j.skip]
     todo = [j for j in runnable if store.state(j.hash) != "done"]
     for spec in sorted({j.config["data"] for j in todo}):  # missing data fails here, before any training
-        datasets.check_available(spec, args.data_root)
+        datasets.check_available(spec, args.data_root, args.skip_bad)
     done = len(runnable) - len(todo)
     skipped = len(jobs) - len(runnable)
+    if todo:
+        store.check_writable()
     print(f"{args.table} / {preset['name']}: {len(runnable)} jobs, {done} done already"
           + (f", {skipped} cells skipped" if skipped else ""), file=sys.stderr)
     if done == len(runnable):
         print(f"all {done} jobs are done; nothing to train", file=sys.stderr)
         return 0
-    data_opts = {"root": args.data_root, "skip_bad": args.skip_bad,
-                 "cache_dir": None if args.no_cache else str(Path(args.results).resolve() / "cache")}
+    data_opts = _data_opts(args, preset)
     if args.launcher == "slurm":
         return _run_slurm(args, preset, jobs, store, data_opts, settings, gpus)
     ran, failed = local.run(jobs, store, preset["name"], args.set, data_opts, devices=devices,
@@ -341,7 +374,7 @@ def cmd_data_check(args):
         if missing:
             raise UserError(f"{d.name} {split}: {len(missing)} listed images are missing, e.g. {missing[0]}")
         found[split] = (len(files), len(set(labels)))
-    datasets.check_available(args.name, args.data_root)  # the same classes in train and test; pixel modes
+    datasets.check_available(args.name, args.data_root)  # the same classes in train and test; a folder's images
     if not d.train:  # the user's own folder: no paper split to compare with
         print(f"{d.name}: " + ", ".join(f"{s} {n} images / {c} classes" for s, (n, c) in found.items()))
         return 0

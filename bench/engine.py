@@ -1,6 +1,7 @@
 """The one training loop, shared by every method and every stage.
 
-data (a decoded ImageSet) -> batched views -> model.loss -> AdamW -> per-iteration warmup + cosine.
+data (resident or streamed: batches from data.feed) -> batched views -> model.loss -> AdamW -> per-iteration
+warmup + cosine.
 A checkpoint is written (atomically) every few minutes of wall time (`checkpoint_interval`), at the end and
 when a stop is requested (the launcher turns its signals into `request_stop`), so a job resumes from where it
 stopped, mid-epoch included; a JSON-lines metrics log sits beside it in the job's run directory. Inside a step
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from timm.layers import DropPath
 from tqdm import tqdm
 
+from bench.data import feed
 from bench.data.views import make_views
 from bench.results import Lock, aside, write_durably
 
@@ -336,9 +338,8 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
             write_durably(ckpt_path, lambda f: torch.save(state, f))
             Lock.touch(run_dir)
 
-    images = (data.images[rows] if world > 1 else data.images).to(dev)
-    sizes = None if data.sizes is None else (data.sizes[rows] if world > 1 else data.sizes).to(dev)
-    labels, rows = data.labels.to(dev), rows.to(dev)
+    source = feed(data, rows, dev)  # resident or streamed: batches of uint8 images on the device either way
+    labels = data.labels.to(dev)
     model.train()
     bar = tqdm(total=total, initial=epoch * steps + step, desc=desc, unit="step", dynamic_ncols=True,
                file=sys.stderr, disable=None if main else True, leave=False)
@@ -358,11 +359,12 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
             model.start_epoch(epoch)
             t0, seen = time.time() - epoch_s, epoch_seen  # a resumed epoch counts its time before the stop
             epoch_s, epoch_seen = 0.0, 0
+            batches = source.epoch(perm, step, steps, bs)
             while step < steps:
-                local = perm[step * bs:(step + 1) * bs]
-                idx = rows[local]  # the images' indices in the whole training set (IDMM's instance labels)
+                # idx: the images' indices in the whole training set (IDMM's instance labels)
+                idx, images, sizes = next(batches)
                 progress = (epoch * steps + step) / total
-                views = make_views(images[local], model.views, None if sizes is None else sizes[local])
+                views = make_views(images, model.views, sizes)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                     loss = model.loss(views, idx, labels[idx], progress)
                 bad |= ~torch.isfinite(loss.detach())
@@ -403,12 +405,14 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
 
 
 @torch.no_grad()
-def predict(model, images, transform, batch_size=256, precision="bf16"):
+def predict(model, data, transform, batch_size=256, precision="bf16"):
+    """(indices, predicted classes) over a split in order, resident or streamed; a streamed split read with
+    --skip-bad leaves its unreadable files out of the indices."""
     dev = device()
     model.to(dev).eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = transform(images[i:i + batch_size].to(dev))
+    idx, out = [], []
+    for i, images in feed(data, torch.arange(len(data)), dev).in_order(batch_size):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda" and precision == "bf16"):
-            out.append(model(x).float().argmax(1).cpu())
-    return torch.cat(out)
+            out.append(model(transform(images)).float().argmax(1).cpu())
+        idx.append(i.cpu())
+    return torch.cat(idx), torch.cat(out)

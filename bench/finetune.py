@@ -37,8 +37,8 @@ class Classifier(Method):
 
 
 def top1(model, test, resolution, resize_ratio, precision="bf16"):
-    pred = predict(model, test.images, lambda x: eval_view(x, resolution, resize_ratio), precision=precision)
-    return (pred == test.labels).float().mean().item()
+    idx, pred = predict(model, test, lambda x: eval_view(x, resolution, resize_ratio), precision=precision)
+    return (pred == test.labels[idx]).float().mean().item()
 
 
 def run(cfg: dict, run_dir: Path, init: dict | None, data_opts: dict):

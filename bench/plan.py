@@ -52,7 +52,7 @@ def table(name: str) -> dict:
     tables = load_tables()
     if name not in tables:
         raise UserError(f"unknown table '{name}': choose from {', '.join(tables)}")
-    return tables[name]
+    return {**tables[name], "name": name}
 
 
 def _merge(base, over):
@@ -170,6 +170,10 @@ def _unit(v):
     return _is_num(v) and 0 <= v <= 1
 
 
+def _names(v):
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
 _RULES = {  # setting name -> (test, what it must be); checked wherever the name appears (outside kwargs)
     "epochs": (lambda v: v is None or _is_int(v) and v >= 1, "a whole number >= 1"),
     "batch_size": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
@@ -203,14 +207,17 @@ _RULES = {  # setting name -> (test, what it must be); checked wherever the name
     "ops": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
     "crops": (lambda v: isinstance(v, list) and v and all(isinstance(g, dict) for g in v),
               "a list of crop groups ({count, size, scale})"),
-    "datasets": (lambda v: v is None or isinstance(v, list) and all(isinstance(x, str) for x in v),
-                 "a list of dataset names"),
+    "datasets": (lambda v: v is None or _names(v) or isinstance(v, dict) and all(map(_names, v.values())),
+                 "a list of dataset names, or a map of table -> list of dataset names"),
+    "stream": (lambda v: v in (True, False, "auto"), "true, false or auto"),
+    "memory_gb": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
+    "workers": (lambda v: v is None or _is_int(v) and v >= 0, "a whole number >= 0"),
     **{k: (_unit, "a probability in [0, 1]") for k in ("flip", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "p")},
     **{k: (lambda v: _is_int(v) and v >= 1, "a whole number >= 1")
        for k in ("hidden_dim", "out_dim", "bottleneck_dim", "queue", "global_crops")},
     **{k: (lambda v: isinstance(v, dict), "a group of settings")
        for k in ("pretrain", "finetune", "backbones", "methods", "stages", "mixing", "views", "kwargs",
-                 "pretrain_data", "randaugment")},
+                 "pretrain_data", "randaugment", "data")},
 }
 
 
@@ -355,7 +362,12 @@ def parse_init_weights(items, backbones):
 
 
 def columns(spec: dict, preset: dict) -> list:
-    return list(preset.get("datasets") or spec["columns"])
+    """The table's dataset columns under a preset: its `datasets` list, or its list for this table, or the
+    table's own."""
+    chosen = preset.get("datasets")
+    if isinstance(chosen, dict):
+        chosen = chosen.get(spec["name"])
+    return list(chosen or spec["columns"])
 
 
 def _check_choice(kind, given, valid, extra=""):

@@ -12,6 +12,7 @@ import platform
 import re
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -109,6 +110,17 @@ class Store:
         except OSError as e:
             raise UserError(f"cannot write the record of job {record['hash'][:10]} under {self.root}: "
                             f"{e.strerror}") from None
+
+    def check_writable(self):
+        """Before any training: a results directory that cannot take a record fails now, not after hours of a
+        job (a read-only mount, a full disk, no permission)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=self.root)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise UserError(f"--results {self.root}: cannot write there ({e.strerror}); nothing was run") from None
 
     def set_aside(self, h):
         """For `bench run --rerun`: the job's record and checkpoint are moved aside (kept), so it runs again."""

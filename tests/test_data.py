@@ -134,6 +134,8 @@ def test_a_corrupt_jpeg_is_named_and_leaves_no_record(root, tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("bench: error:")]
     assert len(errors) == 1 and str(victim) in errors[0] and "Traceback" not in out.stderr
     assert not list((tmp_path / "r").glob("*.json"))
+    checked = bench("data", "check", f"folder:{bad}")  # the whole folder decoded, before any job
+    assert checked.returncode == 2 and str(victim) in checked.stderr and len(checked.stderr.splitlines()) == 1
     skipped = bench(*args, "--skip-bad")
     assert skipped.returncode == 0, skipped.stderr
     (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]

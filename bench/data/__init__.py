@@ -1,6 +1,10 @@
-"""Dataset registry: names -> readers that decode a split once into a uint8 tensor held in memory.
+"""Dataset registry: names -> readers that give a split as uint8 images, by one of two paths.
 
-Every reader returns an `ImageSet`; the engine's batched view maker crops from it, so no PIL runs in the loop.
+Resident (`ImageSet`): the split is decoded once into a tensor held in memory; the engine's batched view maker
+crops from it, so no PIL runs in the loop. Streamed (`StreamedSet`): a split too large for that (ImageNet's
+1.28M images) is read from its files a batch at a time, decoded in DataLoader workers onto the same canvas,
+so the views see the same pixels either way. `feed` is the engine's one way to get batches from either.
+
 A training split keeps each image whole, with its aspect ratio (the longer side capped at `max_side`), in the
 top-left corner of a shared canvas, its size beside it: random crops are cut from the real image region, as
 the official loaders cut them from the decoded file. A test split is decoded to the centre square the
@@ -37,6 +41,109 @@ class ImageSet:
 
     def __len__(self):
         return len(self.labels)
+
+
+@dataclass
+class StreamedSet:
+    """A split read from its files a batch at a time (see `feed`): what `load` returns when the decoded split
+    would not fit the memory budget, or when streaming is asked for."""
+    files: list
+    labels: torch.Tensor
+    classes: list
+    name: str
+    meta: dict
+    size: int
+    max_side: int | None
+    skip_bad: bool = False
+    workers: int = 1
+
+    def __len__(self):
+        return len(self.labels)
+
+    def decode(self, indices: torch.Tensor):
+        """(uint8 images, sizes or None, the indices decoded) of these rows, as the resident path holds them;
+        with skip_bad an unreadable file is left out of its batch (and named on stderr)."""
+        decoded, kept = [], []
+        for i in indices.tolist():
+            try:
+                decoded.append(_decode(self.files[i], self.size, self.max_side))
+                kept.append(i)
+            except UserError as e:
+                if not self.skip_bad:
+                    raise
+                print(f"bench: skipped: {e}", file=sys.stderr)
+        if not decoded:
+            raise UserError(f"{self.name}: no readable image in a batch of {len(indices)}")
+        images, sizes = _canvas(decoded) if self.max_side else (torch.stack(decoded), None)
+        return images, sizes, torch.tensor(kept)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """The batches of a streamed epoch as a map-style dataset: item i is batch i, decoded in a worker."""
+
+    def __init__(self, data: StreamedSet, chunks):
+        self.data, self.chunks = data, chunks
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, i):
+        return self.data.decode(self.chunks[i])
+
+
+class _Feed:
+    """Batches of uint8 images on the device, from either path: `epoch` yields (indices in the whole split,
+    images, sizes or None) for the steps start..steps-1 of a permutation of this rank's rows; `in_order` walks
+    the split once in order (evaluation)."""
+
+    def __init__(self, data, rows, dev):
+        self.data, self.dev, self.rows = data, dev, rows.cpu()
+        self._resident = None
+
+    def resident(self):
+        """The shard on the device, once (training); evaluation moves one batch at a time instead."""
+        if self._resident is None:
+            d, whole = self.data, len(self.rows) == len(self.data)
+            self._resident = ((d.images if whole else d.images[self.rows]).to(self.dev),
+                              None if d.sizes is None else (d.sizes if whole else d.sizes[self.rows]).to(self.dev),
+                              self.rows.to(self.dev))
+        return self._resident
+
+    def _stream(self, chunks):
+        pin = self.dev.type == "cuda"
+        # its own generator: a DataLoader draws its workers' seeds from the global RNG otherwise, and the crops
+        # drawn after a mid-epoch resume would differ from those of an uninterrupted run
+        loader = torch.utils.data.DataLoader(_Batches(self.data, chunks), batch_size=None, shuffle=False,
+                                             num_workers=self.data.workers, pin_memory=pin,
+                                             prefetch_factor=4 if self.data.workers else None,
+                                             generator=torch.Generator().manual_seed(0))
+        for images, sizes, idx in loader:
+            yield (idx.to(self.dev), images.to(self.dev, non_blocking=pin),
+                   None if sizes is None else sizes.to(self.dev, non_blocking=pin))
+
+    def epoch(self, perm, start, steps, bs):
+        if isinstance(self.data, StreamedSet):  # the order is the permutation: a resumed epoch reads the rest
+            perm = perm.cpu()
+            yield from self._stream([self.rows[perm[s * bs:(s + 1) * bs]] for s in range(start, steps)])
+            return
+        images, sizes, rows = self.resident()
+        for s in range(start, steps):
+            local = perm[s * bs:(s + 1) * bs]
+            yield rows[local], images[local], None if sizes is None else sizes[local]
+
+    def in_order(self, bs):
+        chunks = [self.rows[i:i + bs] for i in range(0, len(self.rows), bs)]
+        if isinstance(self.data, StreamedSet):
+            for idx, images, _ in self._stream(chunks):
+                yield idx, images
+            return
+        for c in chunks:
+            yield c.to(self.dev), self.data.images[c].to(self.dev)
+
+
+def feed(data, rows, dev) -> _Feed:
+    """The engine's one way to its images, resident or streamed alike."""
+    return _Feed(data, rows, dev)
 
 
 @dataclass(frozen=True)
@@ -279,9 +386,10 @@ def _root_for(spec, root):
     return spec[len("folder:"):] if spec.startswith("folder:") else str(data_root(root))
 
 
-def check_available(spec: str, root=None):
+def check_available(spec: str, root=None, skip_bad=False):
     """Fail before any training when a dataset a plan needs cannot be found (its split files are read), or when
-    its train and test splits name different classes."""
+    its train and test splits name different classes; a user's folder also when one of its images is unreadable
+    (unless skip_bad) or has pixels of no known scale."""
     d = info(spec)
     if d.lister is None:
         return
@@ -292,17 +400,20 @@ def check_available(spec: str, root=None):
         raise UserError(f"{spec}: train and test have different classes (only in train: "
                         f"{', '.join(sorted(train - test)[:5]) or '-'}; only in test: "
                         f"{', '.join(sorted(test - train)[:5]) or '-'})")
-    if not d.train:  # a user's folder: every file's pixel mode, from its header (cheap), before any job
+    if not d.train:  # a user's folder, checked whole before any job: every file decodes, in a faithful mode
         from PIL import Image
 
         for files, *_ in listed.values():
             for f in files:
                 try:
                     with Image.open(f) as im:
-                        mode = im.mode
-                except (OSError, ValueError, SyntaxError):
-                    continue  # unreadable: the decode step names it (or skips it with --skip-bad)
-                _refuse_unknown_scale(mode, f)
+                        _refuse_unknown_scale(im.mode, f)
+                        # a JPEG decoded at 1/8 scale: every byte of the file read, an eighth of the work
+                        im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                        im.load()
+                except (OSError, ValueError, SyntaxError) as e:
+                    if not skip_bad:
+                        raise UserError(f"cannot read image {f}: {e} (--skip-bad leaves such files out)") from None
 
 
 def split_files(spec: str, split: str, root=None):
@@ -383,18 +494,60 @@ def _decode_all(files, size, skip_bad, max_side=None):
         return list(pool.map(one, files))
 
 
+def resident_bytes(n: int, size: int, max_side: int | None) -> int:
+    """What a split of n files takes decoded and resident, at most: the canvas (max_side square per image) or
+    the test split's centre squares."""
+    return n * 3 * (max_side or size) ** 2
+
+
+def data_path(n: int, size: int, max_side: int | None, stream="auto", memory_gb: float = 32.0) -> str:
+    """resident or streamed: streamed when asked, or (auto) when the decoded split would exceed the budget."""
+    if stream is True or stream == "auto" and resident_bytes(n, size, max_side) > memory_gb * 2 ** 30:
+        return "streamed"
+    return "resident"
+
+
+def planned_path(spec: str, split: str, size: int, max_side: int | None, data_opts: dict):
+    """(path, resident estimate in bytes or None) of a split before anything is read: from the registry's split
+    size, or the files of a folder that is there; data that is not files is always resident."""
+    d = info(spec)
+    if d.reader is not None:
+        return "resident", None
+    n = d.train if split == "train" else d.test
+    if not n:
+        try:
+            n = len(split_files(spec, split, data_opts.get("root"))[0])
+        except UserError:
+            return "?", None
+    return (data_path(n, size, max_side, data_opts.get("stream", "auto"), data_opts.get("memory_gb", 32.0)),
+            resident_bytes(n, size, max_side))
+
+
+def _workers(workers):
+    return workers if workers is not None else min(8, max(1, (os.cpu_count() or 1) // 2))
+
+
 @functools.lru_cache(maxsize=8)
 def load(spec: str, split: str, size: int, root: str | None = None, skip_bad: bool = False,
-         cache_dir: str | None = None, max_side: int | None = None) -> ImageSet:
-    """One split, decoded once; with `cache_dir`, kept in a file for later jobs.
+         cache_dir: str | None = None, max_side: int | None = None, stream="auto", memory_gb: float = 32.0,
+         workers: int | None = None):
+    """One split: resident (an ImageSet, decoded once; with `cache_dir`, kept in a file for later jobs) or, when
+    `data_path` says so, streamed (a StreamedSet that decodes a batch at a time in `workers` processes).
 
     With max_side (training splits): every image whole, aspect ratio kept, longer side at most max_side, on a
     canvas with their sizes. Without (test splits): uint8 [N, 3, size, size] centre squares. Data that is not
-    files (digits) is square at `size` either way."""
+    files (digits) is resident and square at `size` either way."""
     d = info(spec)
     if d.reader is not None:
         return d.reader(root, split, size)
     files, labels, classes, meta = d.lister(_root_for(spec, root), split)
+    estimate = resident_bytes(len(files), size, max_side)
+    meta = {**meta, "resident_gb_estimate": round(estimate / 2 ** 30, 3)}
+    if data_path(len(files), size, max_side, stream, memory_gb) == "streamed":
+        return StreamedSet(files, torch.tensor(labels), classes, spec,
+                           {**meta, "files": len(files), "path": "streamed", **({"max_side": max_side} if max_side
+                                                                                  else {})},
+                           size, max_side, skip_bad, _workers(workers))
     cache = None
     if cache_dir and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise UserError(f"{cache_dir} is not a directory: remove it, or run with --no-cache")
@@ -414,7 +567,7 @@ def load(spec: str, split: str, size: int, root: str | None = None, skip_bad: bo
     if not keep:
         raise UserError(f"{spec} {split}: no readable images")
     bad = [str(files[i]) for i, x in enumerate(decoded) if x is None]
-    meta = {**meta, "files": len(files), **({"skipped_bad_images": bad} if bad else {})}
+    meta = {**meta, "files": len(files), "path": "resident", **({"skipped_bad_images": bad} if bad else {})}
     if max_side:
         images, sizes = _canvas([decoded[i] for i in keep])
         meta.update(max_side=max_side, mean_size=[round(v, 1) for v in sizes.float().mean(0).tolist()])

@@ -1,0 +1,155 @@
+"""The streamed data path against the resident one, on real JPEG files in ImageNet's layout: the same pixels,
+the same views, the same top-1, a resumed streamed epoch that reads each image once, and the imagenet table end
+to end on CPU with data.stream=true."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import bench.engine as engine
+from bench import data as datasets
+from bench.data.views import make_views
+from bench.errors import UserError
+from bench.finetune import Classifier, top1
+from bench.launch import stop_on_signals
+from fixtures import jpeg
+from test_engine import FT
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]
+SHAPES = [(40, 30), (30, 52), (72, 20), (33, 33)]  # (width, height): landscape, portrait, a strip, a square
+
+
+def imagenet(root, train=8, val=4):
+    """root/imagenet/{train,val}/<wnid>/*.JPEG, images of several shapes."""
+    for split, per in (("train", train), ("val", val)):
+        for c, wnid in enumerate(WNIDS):
+            for i in range(per):
+                jpeg(root / "imagenet" / split / wnid / f"{wnid}_{i}.JPEG", 1000 * c + 10 * i + (split == "val"),
+                     SHAPES[i % len(SHAPES)])
+    return root
+
+
+def _both(root, split, size, max_side=None):
+    common = dict(root=str(root), max_side=max_side, workers=1)
+    return (datasets.load("imagenet", split, size, stream=False, **common),
+            datasets.load("imagenet", split, size, stream=True, **common))
+
+
+def test_streamed_batches_hold_the_resident_pixels_and_give_the_same_views(tmp_path):
+    resident, streamed = _both(imagenet(tmp_path), "train", 28, max_side=64)
+    assert isinstance(resident, datasets.ImageSet) and isinstance(streamed, datasets.StreamedSet)
+    assert resident.meta["path"] == "resident" and streamed.meta["path"] == "streamed"
+    perm = torch.randperm(len(resident), generator=torch.Generator().manual_seed(1))
+    cpu = torch.device("cpu")
+    steps = list(zip(datasets.feed(resident, torch.arange(24), cpu).epoch(perm, 0, 3, 8),
+                     datasets.feed(streamed, torch.arange(24), cpu).epoch(perm, 0, 3, 8)))
+    assert len(steps) == 3
+    spec = FT["views"]
+    for (i_r, x_r, s_r), (i_s, x_s, s_s) in steps:
+        assert torch.equal(i_r, i_s) and torch.equal(s_r, s_s)
+        assert x_s.shape[-2] <= x_r.shape[-2] and x_s.shape[-1] <= x_r.shape[-1]  # the batch's own canvas
+        for k in range(len(i_r)):  # each image's region (and its repeated edge) is the same pixels
+            hh, ww = s_r[k].tolist()
+            assert torch.equal(x_r[k, :, :hh + 1, :ww + 1], x_s[k, :, :hh + 1, :ww + 1])
+        torch.manual_seed(5)
+        (v_r,) = make_views(x_r, spec, s_r)
+        torch.manual_seed(5)
+        (v_s,) = make_views(x_s, spec, s_s)
+        assert torch.allclose(v_r, v_s, atol=1e-5)  # the crops only read the images' regions
+
+
+def test_a_streamed_test_split_scores_the_same_top1_as_the_resident_one(tmp_path, tiny_vit):
+    resident, streamed = _both(imagenet(tmp_path), "test", 28)
+    model = tiny_vit(3, img_size=24)
+    a, b = (top1(model, d, 24, 1.142857, "fp32") for d in (resident, streamed))
+    assert a == b and 0 <= a <= 1
+    assert len(streamed) == 12 and streamed.meta["files"] == 12
+
+
+def test_a_streamed_epoch_resumed_in_the_middle_reads_each_image_once(tmp_path, tiny_vit, monkeypatch):
+    """A SIGTERM during step 2 of epoch 0 (batches of 4 of 24 images: 6 steps); the resumed run reads the rest
+    of that epoch, and ends bit-identical to an uninterrupted streamed run, and within rounding of the resident
+    path's."""
+    root = imagenet(tmp_path / "data")
+    resident, streamed = _both(root, "train", 28, max_side=64)
+    cfg = {**FT, "batch_size": 4}
+    seen = []
+
+    class Probe(Classifier):
+        def loss(self, views, index, label, progress):
+            seen.append(index.tolist())
+            return super().loss(views, index, label, progress)
+
+    def train(data, run):
+        model = Probe(tiny_vit(3), cfg)
+        engine.fit(model, data, cfg, tmp_path / run)
+        return model
+
+    ref_resident = train(resident, "resident")
+    seen.clear()
+    ref = train(streamed, "streamed")
+    assert sorted(i for batch in seen[:6] for i in batch) == list(range(24))
+    seen.clear()
+
+    real, calls = engine.make_views, {"n": 0}
+
+    def stop_at_two(images, spec, sizes=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(images, spec, sizes)
+
+    monkeypatch.setattr(engine, "make_views", stop_at_two)
+    with pytest.raises(engine.Interrupted), stop_on_signals():
+        train(streamed, "run")
+    monkeypatch.setattr(engine, "make_views", real)
+    first = [i for batch in seen for i in batch]
+    seen.clear()
+    resumed = train(streamed, "run")
+    rest = [i for batch in seen[:4] for i in batch]  # the 4 steps left of epoch 0
+    assert len(first) == 8 and sorted(first + rest) == list(range(24))
+    for a, b, c in zip(ref.state_dict().values(), resumed.state_dict().values(),
+                       ref_resident.state_dict().values()):
+        assert torch.equal(a, b)
+        # the resident path trains the same: its views differ from the streamed ones by float rounding only
+        # (a crop's samples on the batch's canvas rather than the whole split's), 1e-6 of a pixel
+        assert torch.allclose(a, c, atol=1e-4, rtol=1e-3), (a - c).abs().max()
+
+
+def test_the_imagenet_table_runs_streamed_end_to_end_and_fills_its_cell(tmp_path, monkeypatch, capsys):
+    from bench.cli import main
+
+    from conftest import FAST
+
+    imagenet(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    common = ["--table", "imagenet", "--preset", "demo", "--methods", "random", "--backbones", "pvt_v2_b0",
+              "--data-root", str(tmp_path / "data"), "--results", "r", "--set", "data.stream=true", *FAST]
+    assert main(["run", *common, "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "data_path=train:streamed" in plan and "test:streamed" in plan and "2 streamed" in plan
+    assert main(["run", *common]) == 0
+    rec = next(json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json"))
+    assert rec["status"] == "done" and rec["metrics"]["data"]["train"]["path"] == "streamed"
+    assert rec["metrics"]["test_size"] == 12
+    capsys.readouterr()
+    assert main(["report", "--results", "r", "--table", "imagenet"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "random init." in line and "PVT" in line)
+    assert f"{100 * rec['metrics']['top1']:.1f} (68.6)" in row
+
+
+def test_a_streamed_split_names_an_unreadable_file_or_leaves_it_out_with_skip_bad(tmp_path, capsys):
+    root = imagenet(tmp_path)
+    bad = root / "imagenet" / "val" / WNIDS[1] / "broken.JPEG"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    strict = datasets.load("imagenet", "test", 28, root=str(root), stream=True, workers=0)
+    cpu = torch.device("cpu")
+    with pytest.raises(UserError, match="broken.JPEG"):
+        list(datasets.feed(strict, torch.arange(len(strict)), cpu).in_order(16))
+    lenient = datasets.load("imagenet", "test", 28, root=str(root), stream=True, skip_bad=True, workers=0)
+    (idx, images), = datasets.feed(lenient, torch.arange(len(lenient)), cpu).in_order(16)
+    assert len(lenient) == 13 and len(idx) == len(images) == 12
+    assert str(lenient.files[4]).endswith("broken.JPEG") and 4 not in idx.tolist()
+    assert "skipped: cannot read image" in capsys.readouterr().err
