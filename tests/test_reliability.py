@@ -254,27 +254,37 @@ def test_a_damaged_parent_weights_file_names_the_way_to_regenerate_it(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"),
                     reason="a read-only mount needs root (CI runs as root)")
-def test_a_read_only_results_directory_is_named_before_any_work_and_its_results_still_read(tmp_path):
+def test_a_read_only_results_directory_is_named_before_any_work_and_its_results_still_read(tmp_path, capsys,
+                                                                                         monkeypatch):
     """A real read-only mount (root ignores permission bits): what only reads works; what would write says so
     in one line before any training, and the records stay as they were."""
+    from bench.cli import main
     from test_report import _fill
 
     results, ro = tmp_path / "r", tmp_path / "ro"
     _fill(Store(results), "comparison", "demo", {"deit_tiny/random": 0.3})
     before = {p.name: p.read_bytes() for p in results.glob("*.json")}
     ro.mkdir()
+    monkeypatch.chdir(tmp_path)
     subprocess.run(["mount", "--bind", str(results), str(ro)], check=True)
+
+    def cli(*args):
+        code = main(list(args))
+        return code, capsys.readouterr()
+
     try:
         subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
         run = ["run", "--table", "comparison", "--preset", "demo", "--backbones", "deit_tiny_patch16_224",
                "--results", str(ro)]
-        assert "30.0" in bench("report", "--results", str(ro), "--format", "markdown", cwd=tmp_path).stdout
-        assert bench("status", "--results", str(ro)).returncode == 0
-        done = bench(*run, "--methods", "random")
-        assert done.returncode == 0 and "nothing to train" in done.stderr
-        one_line_exit_2(bench(*run, "--methods", "random", "idmm"), str(ro), "cannot write there",
-                        "Read-only file system")
-        one_line_exit_2(bench(*run, "--methods", "random", "--rerun", next(iter(before))[:8]), "cannot write")
+        code, out = cli("report", "--results", str(ro))
+        assert code == 0 and "30.0" in out.out
+        assert cli("status", "--results", str(ro))[0] == 0
+        code, out = cli(*run, "--methods", "random")
+        assert code == 0 and "nothing to train" in out.err
+        for extra in (["--methods", "random", "idmm"], ["--methods", "random", "--rerun", next(iter(before))[:8]]):
+            code, out = cli(*run, *extra)
+            assert code == 2 and out.err.count("\n") == 1, out.err
+            assert f"--results {ro}: cannot write there (Read-only file system); nothing was run" in out.err
     finally:
         subprocess.run(["umount", str(ro)], check=True)
     assert {p.name: p.read_bytes() for p in results.glob("*.json")} == before

@@ -118,26 +118,41 @@ def test_a_streamed_epoch_resumed_in_the_middle_reads_each_image_once(tmp_path, 
         assert torch.allclose(a, c, atol=1e-4, rtol=1e-3), (a - c).abs().max()
 
 
-def test_the_imagenet_table_runs_streamed_end_to_end_and_fills_its_cell(tmp_path, monkeypatch, capsys):
+def test_the_imagenet_table_runs_streamed_end_to_end_and_fills_its_cells(tmp_path, monkeypatch, capsys):
+    """The chain the table needs on a fabricated ImageNet folder: the check, SIN-10k made from it, IDMM
+    pretraining on SIN-10k, fine-tuning and evaluation on ImageNet streamed, the report's cells filled."""
     from bench.cli import main
 
     from conftest import FAST
 
-    imagenet(tmp_path / "data")
+    data = imagenet(tmp_path / "data", train=10)
     monkeypatch.chdir(tmp_path)
-    common = ["--table", "imagenet", "--preset", "demo", "--methods", "random", "--backbones", "pvt_v2_b0",
-              "--data-root", str(tmp_path / "data"), "--results", "r", "--set", "data.stream=true", *FAST]
+    assert main(["data", "check", "imagenet", "--data-root", str(data)]) == 2  # not the paper's 1,281,167
+    assert "train has 30 images, the paper's split has 1281167" in capsys.readouterr().err
+    assert main(["data", "make-sin10k", "--imagenet", str(data / "imagenet"), "--data-root", str(data)]) == 0
+    common = ["--table", "imagenet", "--preset", "demo", "--methods", "random", "idmm", "--backbones", "pvt_v2_b0",
+              "--data-root", str(data), "--results", "r", "--set", "data.stream=true",
+              "--set", "pretrain_data.sin10k=sin10k", *FAST]  # the demo pretrains on digits otherwise
+    capsys.readouterr()
     assert main(["run", *common, "--dry-run"]) == 0
     plan = capsys.readouterr().out
-    assert "data_path=train:streamed" in plan and "test:streamed" in plan and "2 streamed" in plan
+    assert "data=sin10k" in plan and "data_path=train:streamed" in plan and "test:streamed" in plan
     assert main(["run", *common]) == 0
-    rec = next(json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json"))
-    assert rec["status"] == "done" and rec["metrics"]["data"]["train"]["path"] == "streamed"
-    assert rec["metrics"]["test_size"] == 12
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
+    pre = next(r for r in recs if r["stage"] == "pretrain")
+    assert pre["config"]["data"] == "sin10k" and pre["metrics"]["train_size"] == 30
+    assert pre["metrics"]["data"]["path"] == "streamed"
+    tuned = [r for r in recs if r["stage"] == "finetune"]
+    assert len(tuned) == 2 and all(r["status"] == "done" and r["metrics"]["test_size"] == 12 for r in tuned)
+    assert all(r["metrics"]["data"]["train"]["path"] == "streamed" for r in tuned)
+    assert tuned[0]["metrics"]["data"]["train"]["stream"] is True
     capsys.readouterr()
     assert main(["report", "--results", "r", "--table", "imagenet"]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if "random init." in line and "PVT" in line)
-    assert f"{100 * rec['metrics']['top1']:.1f} (68.6)" in row
+    rows = [line for line in capsys.readouterr().out.splitlines() if "PVT" in line]
+    for rec in tuned:
+        method = "random init." if rec["config"]["init"] == "random" else "IDMM (SIN-10k)"
+        row = next(line for line in rows if f"| {method} " in line)
+        assert f"{100 * rec['metrics']['top1']:.1f} (" in row
 
 
 def test_a_streamed_split_names_an_unreadable_file_or_leaves_it_out_with_skip_bad(tmp_path, capsys):

@@ -542,7 +542,7 @@ def load(spec: str, split: str, size: int, root: str | None = None, skip_bad: bo
         return d.reader(root, split, size)
     files, labels, classes, meta = d.lister(_root_for(spec, root), split)
     estimate = resident_bytes(len(files), size, max_side)
-    meta = {**meta, "resident_gb_estimate": round(estimate / 2 ** 30, 3)}
+    meta = {**meta, "resident_gb_estimate": round(estimate / 2 ** 30, 3), "stream": stream, "memory_gb": memory_gb}
     if data_path(len(files), size, max_side, stream, memory_gb) == "streamed":
         return StreamedSet(files, torch.tensor(labels), classes, spec,
                            {**meta, "files": len(files), "path": "streamed", **({"max_side": max_side} if max_side
