@@ -148,7 +148,9 @@ def test_the_imagenet_table_runs_streamed_end_to_end_and_fills_its_cells(tmp_pat
     assert tuned[0]["metrics"]["data"]["train"]["stream"] is True
     capsys.readouterr()
     assert main(["report", "--results", "r", "--table", "imagenet"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if "PVT" in line]
+    text = capsys.readouterr().out
+    assert "(preset: demo --set pretrain_data.sin10k=sin10k" in text and "data.stream" not in text  # no recipe
+    rows = [line for line in text.splitlines() if "PVT" in line]
     for rec in tuned:
         method = "random init." if rec["config"]["init"] == "random" else "IDMM (SIN-10k)"
         row = next(line for line in rows if f"| {method} " in line)

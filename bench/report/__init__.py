@@ -45,11 +45,13 @@ def tex(s):
 
 
 def _variants(store, table_name):
-    """{(preset, overrides): records} of the records that fill a cell of this table."""
+    """{(preset, overrides): records} of the records that fill a cell of this table. `data.*` settings choose
+    how images are read, not the recipe (they are not in a job's hash): they make no variant of their own."""
     found = {}
     for r in store.records():
         if any(c[0] == table_name for c in r.get("cells", [])) and r.get("preset"):
-            found.setdefault((r["preset"], tuple(r.get("overrides", []))), []).append(r)
+            recipe = tuple(o for o in r.get("overrides", []) if not o.startswith("data."))
+            found.setdefault((r["preset"], recipe), []).append(r)
     return found
 
 
