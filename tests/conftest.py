@@ -1,3 +1,8 @@
+import contextlib
+import io
+import os
+import subprocess
+
 import pytest
 import timm
 import torch
@@ -22,3 +27,32 @@ def tiny_images():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (12, 3, 24, 24), dtype=torch.uint8, generator=g)
     return ImageSet(images, torch.arange(12) % 3, ["a", "b", "c"], "random")
+
+
+
+def in_process(*args, cwd=None):
+    """`bench ARGS` in this process, without a new interpreter's seconds of imports, as a CompletedProcess.
+    Tests of the real process (its exit status, signals, kill -9) run `python -m bench` instead."""
+    from bench.cli import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def cli():
+    """in_process, as (exit code, stdout, stderr)."""
+    def run(*args, cwd=None):
+        res = in_process(*args, cwd=cwd)
+        return res.returncode, res.stdout, res.stderr
+    return run

@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from conftest import FAST
+from conftest import FAST, in_process
 
 
 def bench(*args, cwd=None):
@@ -53,17 +53,19 @@ def test_dry_run_lists_the_paper_recipe():
         assert "epochs=800" in line and "batch=256" in line and "crops=2x112+4x112" in line and "pending" in line
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path):
-    for args in (["run", "--table", "nope"], ["run", "--methods", "nope"], ["run", "--preset", "nope"],
+def test_bad_input_is_one_line_and_exit_2(tmp_path, cli):
+    real = bench("run", "--table", "nope")  # the process itself: its exit status and its stderr
+    assert real.returncode == 2 and real.stderr.count("\n") == 1 and "Traceback" not in real.stderr
+    assert "comparison, transfer, sota, imagenet" in real.stderr
+    for args in (["run", "--methods", "nope"], ["run", "--preset", "nope"],
                  ["run", "--datasets", "nope"], ["run", "--set", "novalue"], ["report", "--format", "pdf"],
                  ["run", "--preset", "demo", "--datasets", f"folder:{tmp_path}/missing", "--results",
                   str(tmp_path / "r")]):
-        out = bench(*args)
-        assert out.returncode == 2, (args, out.stderr)
-        lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("bench: error:"), (args, out.stderr)
-    assert "comparison, transfer, sota, imagenet" in bench("run", "--table", "nope").stderr
-    assert "idmm" in bench("run", "--methods", "nope").stderr
+        code, _, err = cli(*args)
+        assert code == 2, (args, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("bench: error:"), (args, err)
+    assert "idmm" in cli("run", "--methods", "nope")[2]
 
 
 def test_imagenet_init_row_is_skipped_without_weights_and_runs_from_a_file(tmp_path):
@@ -72,7 +74,7 @@ def test_imagenet_init_row_is_skipped_without_weights_and_runs_from_a_file(tmp_p
 
     args = ["--table", "sota", "--preset", "demo", "--methods", "in_supervised",
             "--backbones", "deit_tiny_patch16_224", "--results", str(tmp_path / "r"), *FAST]
-    dry = bench("run", *args, "--dry-run")
+    dry = in_process("run", *args, "--dry-run")
     assert dry.returncode == 0 and "skipped: preset 'demo' uses no ImageNet weights" in dry.stdout
 
     # a local state dict, as a user would pass timm's or their own ImageNet weights (built at another size)
@@ -84,11 +86,11 @@ def test_imagenet_init_row_is_skipped_without_weights_and_runs_from_a_file(tmp_p
     assert run.returncode == 0, run.stderr
     (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
     assert rec["status"] == "done" and rec["config"]["init"].startswith("file:")
-    rep = bench("report", "--table", "sota", "--results", str(tmp_path / "r"), cwd=str(tmp_path))
+    rep = in_process("report", "--table", "sota", "--results", str(tmp_path / "r"), cwd=str(tmp_path))
     line = next(line for line in rep.stdout.splitlines() if "DeiT-Tiny" in line and "IN super." in line)
     assert f"{100 * rec['metrics']['top1']:.1f}" in line
 
-    wrong = bench("run", *args, "--init-weights", str(tmp_path / "nope.pth"))
+    wrong = in_process("run", *args, "--init-weights", str(tmp_path / "nope.pth"))
     assert wrong.returncode == 2 and "is not a file" in wrong.stderr
 
 

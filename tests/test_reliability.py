@@ -15,7 +15,7 @@ from bench import data as datasets
 from bench import plan as planner
 from bench.errors import UserError
 from bench.results import Lock, Store
-from conftest import FAST
+from conftest import FAST, in_process
 from test_engine import _KILLED_RUN
 
 
@@ -72,11 +72,11 @@ def test_a_bad_set_value_is_refused_before_any_work(item, words):
 
 def test_bad_values_on_the_command_line_are_one_line_and_exit_2(tmp_path):
     res = str(tmp_path / "r")
-    one_line_exit_2(bench("run", "--preset", "demo", "--set", "pretrain.epochs=-1", "--results", res),
+    one_line_exit_2(in_process("run", "--preset", "demo", "--set", "pretrain.epochs=-1", "--results", res),
                     "pretrain.epochs")
-    one_line_exit_2(bench("run", "--preset", "demo", "--seeds", str(2 ** 40), "--results", res), "--seeds")
+    one_line_exit_2(in_process("run", "--preset", "demo", "--seeds", str(2 ** 40), "--results", res), "--seeds")
     (tmp_path / "file").write_text("x")
-    one_line_exit_2(bench("run", "--preset", "demo", "--results", str(tmp_path / "file")), "is a file")
+    one_line_exit_2(in_process("run", "--preset", "demo", "--results", str(tmp_path / "file")), "is a file")
     assert not (tmp_path / "r").exists()  # nothing ran
 
 
@@ -93,9 +93,9 @@ def test_damaged_and_foreign_json_files_are_ignored_and_named(tmp_path):
     assert [r["hash"] for r in store.records()] == ["0123456789abcdef"]
     assert store.get("fedcba9876543210") is None
     assert [p.name for p, _ in store.damaged()] == ["fedcba9876543210.json"]
-    status = bench("status", "--results", str(tmp_path))
+    status = in_process("status", "--results", str(tmp_path))
     assert status.returncode == 0 and "damaged record" in status.stdout and "fedcba9876543210.json" in status.stdout
-    report = bench("report", "--results", str(tmp_path), cwd=str(tmp_path))
+    report = in_process("report", "--results", str(tmp_path), cwd=str(tmp_path))
     assert report.returncode == 0, report.stderr
     # writing that job's record again keeps the damaged file aside rather than losing it
     store.put(_record("fedcba9876543210"))
@@ -219,9 +219,9 @@ def test_16_bit_images_decode_faithfully_and_float_ones_are_refused(tmp_path):
 def test_a_folder_whose_test_classes_differ_is_refused_before_training(tmp_path):
     fixtures.jpeg(tmp_path / "d" / "train" / "cat" / "0.jpg", 0)
     fixtures.jpeg(tmp_path / "d" / "test" / "dog" / "0.jpg", 1)
-    one_line_exit_2(bench("data", "check", f"folder:{tmp_path / 'd'}"), "different classes")
+    one_line_exit_2(in_process("data", "check", f"folder:{tmp_path / 'd'}"), "different classes")
     res = tmp_path / "r"
-    one_line_exit_2(bench("run", "--preset", "demo", "--datasets", f"folder:{tmp_path / 'd'}", "--results",
+    one_line_exit_2(in_process("run", "--preset", "demo", "--datasets", f"folder:{tmp_path / 'd'}", "--results",
                           str(res)), "different classes")
     assert not list(res.glob("*.json"))
 
@@ -230,24 +230,24 @@ def test_a_deleted_custom_preset_leaves_the_other_tables_reportable(tmp_path):
     store = Store(tmp_path)
     store.put(_record("0123456789abcdef", preset=str(tmp_path / "gone.yaml"),
                       cells=[["comparison", "deit_tiny/idmm", "digits"]]))
-    res = bench("report", "--results", str(tmp_path), cwd=str(tmp_path))
+    res = in_process("report", "--results", str(tmp_path), cwd=str(tmp_path))
     assert res.returncode == 0 and "gone.yaml" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_a_damaged_parent_weights_file_names_the_way_to_regenerate_it(tmp_path):
     res = str(tmp_path / "results")
     base = ["run", "--table", "comparison", "--preset", "demo", "--methods", "idmm", "--results", res, *FAST]
-    assert bench(*base).returncode == 0
+    assert in_process(*base).returncode == 0
     store = Store(res)
     pre = next(r for r in store.records() if r["stage"] == "pretrain")
     fine = next(r for r in store.records() if r["stage"] == "finetune")
     store.weights(pre["hash"]).write_bytes(b"garbage")
     store.set_aside(fine["hash"])
-    blocked = bench(*base)  # the run's progress lines, then the error: one line, with the way out
+    blocked = in_process(*base)  # the run's progress lines, then the error: one line, with the way out
     assert blocked.returncode == 2 and "Traceback" not in blocked.stderr
     error = blocked.stderr.strip().splitlines()[-1]
     assert error.startswith("bench: error: cannot read weights file") and f"--rerun {pre['hash'][:10]}" in error
-    again = bench(*base, "--rerun", pre["hash"][:10])
+    again = in_process(*base, "--rerun", pre["hash"][:10])
     assert again.returncode == 0, again.stderr
     assert {r["status"] for r in Store(res).records()} == {"done"} and len(Store(res).records()) == 2
 
