@@ -61,9 +61,11 @@ def _data_paths(cfg, data_opts, seen):
               ("test", datasets.store_size(cfg["resolution"]), None)])
     out, held = [], 0
     for split, size, max_side in sizes:
-        path, est = datasets.planned_path(cfg["data"], split, size, max_side, data_opts)
+        key = (cfg["data"], split, size, max_side)
+        if key not in seen:  # a folder's files are listed once, not once per job
+            seen[key] = datasets.planned_path(cfg["data"], split, size, max_side, data_opts)
+        path, est = seen[key]
         if est is not None:
-            seen[(cfg["data"], split, size, max_side)] = path
             held += est if path == "resident" else 0
         out.append(f"{split}:{path}" + (f"({est / 2 ** 30:.1f}GB)" if est is not None else ""))
     return ",".join(out), held
@@ -84,8 +86,9 @@ def _job_table(jobs, store, data_opts):
         state = "skipped: " + j.skip if j.skip else store.state(j.hash)
         rows.append([j.short, "  ".join(f"{k}={v}" for k, v in d.items()), state])
     text = tabulate(rows, ["hash", "recipe", "state"], tablefmt="plain")
-    if seen:
-        text += (f"\ndata: {len(seen)} splits of image files, {list(seen.values()).count('streamed')} streamed "
+    files = [path for path, est in seen.values() if est is not None]
+    if files:
+        text += (f"\ndata: {len(files)} splits of image files, {files.count('streamed')} streamed "
                  f"(data.stream={str(data_opts['stream']).lower()}, data.memory_gb={data_opts['memory_gb']} per split); in "
                  f"brackets, a split's decoded size if held resident; the most one job holds resident: "
                  f"{most / 2 ** 30:.1f} GB")

@@ -201,6 +201,9 @@ def test_the_page_renders_in_a_browser_with_tables_and_plots(tmp_path):
 
     store = _golden_store(tmp_path / "r")
     _fill(store, "transfer", "paper", {"pvt_v2_b0/sin10k/idmm": 0.5})
+    logged = next(r for r in store.records() if (store.run_dir(r["hash"]) / "metrics.jsonl").exists())
+    with open(store.run_dir(logged["hash"]) / "metrics.jsonl", "a") as log:
+        log.write('{"epoch": 10}\n["not", "a", "line"]\n{"epoch": 11, "lo')  # a foreign and a cut-short line
     page_file = tmp_path / "report.html"
     page_file.write_text(report.document(["comparison", "transfer"], store, "html"))
     problems = []

@@ -524,7 +524,9 @@ def planned_path(spec: str, split: str, size: int, max_side: int | None, data_op
 
 
 def _workers(workers):
-    return workers if workers is not None else min(8, max(1, (os.cpu_count() or 1) // 2))
+    """data.workers, or half the CPUs this process may run on (a SLURM job's allocation, not the node's)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return workers if workers is not None else min(8, max(1, cpus // 2))
 
 
 @functools.lru_cache(maxsize=8)

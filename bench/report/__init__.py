@@ -300,20 +300,21 @@ def csv_rows(table_name, store, preset_name=None):
 
 
 def compare_rows(table_name, a, b, names, preset_name=None, seeds=None):
-    """The compared cells as a long frame: one row per (preset, row, column) with both sides and the difference."""
+    """The compared cells as a long frame: one row per (preset, row, column) with both sides (a_*, b_*; the
+    stores' paths in columns a and b) and the difference b - a."""
     out = []
     sides = [{s.label: s for s in gather(table_name, store, preset_name)} for store in (a, b)]
     for label in sorted(set(sides[0]) | set(sides[1])):
         stats = [_cells(side[label].df, seeds) if label in side else {} for side in sides]
         for key in sorted(k for k in set(stats[0]) | set(stats[1])
                           if any(st.get(k, (0, 0, 0, 0))[2] or st.get(k, (0, 0, 0, 0))[3] for st in stats)):
-            row = {"table": table_name, "preset_label": label, "row": key[0], "column": key[1]}
-            for name, st in zip(names, stats):
+            row = {"table": table_name, "preset_label": label, "row": key[0], "column": key[1],
+                   "a": names[0], "b": names[1]}
+            for side, st in zip("ab", stats):
                 mean, std, n, failed, _ = st.get(key, (None, None, 0, 0, None))
-                row.update({f"{name}.mean": mean if n else None, f"{name}.std": std if n > 1 else None,
-                            f"{name}.n": n, f"{name}.failed": failed})
-            both = row[f"{names[0]}.n"] and row[f"{names[1]}.n"]
-            row["difference"] = row[f"{names[1]}.mean"] - row[f"{names[0]}.mean"] if both else None
+                row.update({f"{side}_mean": mean if n else None, f"{side}_std": std if n > 1 else None,
+                            f"{side}_n": n, f"{side}_failed": failed})
+            row["difference"] = row["b_mean"] - row["a_mean"] if row["a_n"] and row["b_n"] else None
             out.append(row)
     return pd.DataFrame(out)
 

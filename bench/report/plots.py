@@ -42,14 +42,16 @@ def cells(model):
 
 
 def _metrics(store, h):
-    """A job's per-epoch log; lines a killed writer left half-written are skipped."""
+    """A job's per-epoch log; lines a killed writer left half-written (or anything else) are skipped."""
     path = store.run_dir(h) / "metrics.jsonl"
     out = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
         try:
-            out.append(json.loads(line))
+            m = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(m, dict) and all(isinstance(m.get(k), (int, float)) for k in ("epoch", "loss", "lr")):
+            out.append(m)
     return out
 
 
