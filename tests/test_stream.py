@@ -170,3 +170,41 @@ def test_a_streamed_split_names_an_unreadable_file_or_leaves_it_out_with_skip_ba
     assert len(lenient) == 13 and len(idx) == len(images) == 12
     assert str(lenient.files[4]).endswith("broken.JPEG") and 4 not in idx.tolist()
     assert "skipped: cannot read image" in capsys.readouterr().err
+
+
+def _streamed_rank(rank, world, port, root, out):
+    """One rank of a 2-process streamed fine-tuning: writes the indices each of its steps read."""
+    import timm
+
+    from bench.launch import init_distributed
+
+    torch.set_num_threads(1)
+    init_distributed(rank, world, rank, "127.0.0.1", port)
+    data = datasets.load("imagenet", "train", 28, root=str(root), max_side=64, stream=True, workers=1)
+    seen = []
+
+    class Probe(Classifier):
+        def loss(self, views, index, label, progress):
+            seen.append(index.tolist())
+            return super().loss(views, index, label, progress)
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=1,
+                              num_heads=2, num_classes=3)
+    engine.fit(Probe(model, {**FT, "batch_size": 8}), data, {**FT, "batch_size": 8}, out / "run")
+    torch.save(seen, out / f"rank{rank}.pt")
+
+
+def test_each_rank_of_a_streamed_job_reads_its_own_shard_once_per_epoch(tmp_path):
+    import torch.multiprocessing as mp
+
+    from bench.launch import local
+
+    root = imagenet(tmp_path / "data")
+    mp.spawn(_streamed_rank, args=(2, local._free_port(), root, tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for epoch in range(FT["epochs"]):  # 24 images, 12 per rank, 4 per rank per step: 3 steps an epoch
+        read = [sorted(i for step in steps[3 * epoch:3 * epoch + 3] for i in step) for steps in ranks]
+        assert len(read[0]) == len(read[1]) == 12 and not set(read[0]) & set(read[1])
+        assert sorted(read[0] + read[1]) == list(range(24))
+        assert read[0] == [i for i in range(24) if i % 2 == 0]  # engine.shard: every second image
