@@ -48,9 +48,11 @@ def _jobs(args):
 
 
 def _data_opts(args, preset):
-    """How jobs read their images: the command's flags and the preset's `data` settings."""
+    """How jobs read their images: the command's flags and the preset's `data` settings (a whole preset of
+    one's own written before they existed reads as the paper preset's defaults)."""
     return {"root": args.data_root, "skip_bad": args.skip_bad,
-            "cache_dir": None if args.no_cache else str(Path(args.results).resolve() / "cache"), **preset["data"]}
+            "cache_dir": None if args.no_cache else str(Path(args.results).resolve() / "cache"),
+            "stream": "auto", "memory_gb": 32, "workers": None, **(preset.get("data") or {})}
 
 
 def _data_paths(cfg, data_opts, seen):
@@ -89,9 +91,9 @@ def _job_table(jobs, store, data_opts):
     files = [path for path, est in seen.values() if est is not None]
     if files:
         text += (f"\ndata: {len(files)} splits of image files, {files.count('streamed')} streamed "
-                 f"(data.stream={str(data_opts['stream']).lower()}, data.memory_gb={data_opts['memory_gb']} per split); in "
-                 f"brackets, a split's decoded size if held resident; the most one job holds resident: "
-                 f"{most / 2 ** 30:.1f} GB")
+                 f"(data.stream={str(data_opts['stream']).lower()}, data.memory_gb={data_opts['memory_gb']} "
+                 f"per split); in brackets, a split's decoded size if held resident; the most one job holds "
+                 f"resident: {most / 2 ** 30:.1f} GB")
     return text
 
 

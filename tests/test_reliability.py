@@ -130,6 +130,9 @@ def test_a_damaged_cache_is_rebuilt_and_a_file_named_cache_is_refused(tmp_path):
     again = datasets.load.__wrapped__(spec, "train", 20, cache_dir=str(cache), max_side=64)
     assert torch.equal(first.images, again.images)
     assert len(list(cache.glob("*.damaged-*"))) == 1 and len(list(cache.glob("*.pt"))) == 1
+    hit = datasets.load.__wrapped__(spec, "train", 20, cache_dir=str(cache), max_side=64, memory_gb=8)
+    assert torch.equal(first.images, hit.images)  # read from the cache, recorded with this job's data settings
+    assert hit.meta["path"] == "resident" and hit.meta["memory_gb"] == 8 and first.meta["memory_gb"] == 32
     (tmp_path / "cachefile").write_text("x")
     with pytest.raises(UserError, match="is not a directory"):
         datasets.load.__wrapped__(spec, "train", 20, cache_dir=str(tmp_path / "cachefile"), max_side=64)

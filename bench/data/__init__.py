@@ -543,13 +543,13 @@ def load(spec: str, split: str, size: int, root: str | None = None, skip_bad: bo
     if d.reader is not None:
         return d.reader(root, split, size)
     files, labels, classes, meta = d.lister(_root_for(spec, root), split)
-    estimate = resident_bytes(len(files), size, max_side)
-    meta = {**meta, "resident_gb_estimate": round(estimate / 2 ** 30, 3), "stream": stream, "memory_gb": memory_gb}
+    how = {"stream": stream, "memory_gb": memory_gb,  # how it was read, beside what was read
+           "resident_gb_estimate": round(resident_bytes(len(files), size, max_side) / 2 ** 30, 3)}
+    meta = {**meta, **how}
     if data_path(len(files), size, max_side, stream, memory_gb) == "streamed":
-        return StreamedSet(files, torch.tensor(labels), classes, spec,
-                           {**meta, "files": len(files), "path": "streamed", **({"max_side": max_side} if max_side
-                                                                                  else {})},
-                           size, max_side, skip_bad, _workers(workers))
+        meta.update(files=len(files), path="streamed", **({"max_side": max_side} if max_side else {}))
+        return StreamedSet(files, torch.tensor(labels), classes, spec, meta, size, max_side, skip_bad,
+                           _workers(workers))
     cache = None
     if cache_dir and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise UserError(f"{cache_dir} is not a directory: remove it, or run with --no-cache")
@@ -561,7 +561,8 @@ def load(spec: str, split: str, size: int, root: str | None = None, skip_bad: bo
         if cache.is_file():
             try:
                 c = torch.load(cache, weights_only=False)
-                return ImageSet(c["images"], c["labels"], c["classes"], spec, c["meta"], c.get("sizes"))
+                meta = {**c["meta"], **how, "path": "resident"}  # an older cache lacks the path
+                return ImageSet(c["images"], c["labels"], c["classes"], spec, meta, c.get("sizes"))
             except Exception as e:  # cut short or overwritten: decoded again below
                 aside(cache, f"cannot be read ({type(e).__name__}); decoding the images again")
     decoded = _decode_all(files, size, skip_bad, max_side)
