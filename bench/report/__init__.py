@@ -339,7 +339,6 @@ def _env():
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resources.files("bench") / "report" / "templates")),
                              autoescape=jinja2.select_autoescape(["html.j2"]), trim_blocks=True, lstrip_blocks=True)
     env.filters["tex"] = tex
-    env.filters["cell"] = _cell_text
     return env
 
 
