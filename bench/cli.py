@@ -58,11 +58,8 @@ def _data_opts(args, preset):
 def _data_paths(cfg, data_opts, seen):
     """The dry-run's word on a job's splits: resident or streamed, and (in brackets) their decoded size if
     held resident, from the registry's split sizes or the files of a folder."""
-    sizes = ([("train", 2 * cfg["resolution"], cfg["max_side"])] if cfg["stage"] == "pretrain" else
-             [("train", datasets.store_size(cfg["resolution"]), cfg["max_side"]),
-              ("test", datasets.store_size(cfg["resolution"]), None)])
     out, held = [], 0
-    for split, size, max_side in sizes:
+    for split, size, max_side in datasets.splits_of(cfg):
         key = (cfg["data"], split, size, max_side)
         if key not in seen:  # a folder's files are listed once, not once per job
             seen[key] = datasets.planned_path(cfg["data"], split, size, max_side, data_opts)

@@ -44,9 +44,8 @@ def top1(model, test, resolution, resize_ratio, precision="bf16"):
 def run(cfg: dict, run_dir: Path, init: dict | None, data_opts: dict):
     """Fine-tune from `init` (weights as models.export gives them) or from random init; test top-1."""
     res = cfg["resolution"]
-    size = datasets.store_size(res)
-    train = datasets.load(cfg["data"], "train", size, max_side=cfg["max_side"], **data_opts)
-    test = datasets.load(cfg["data"], "test", size, **data_opts)
+    train, test = (datasets.load(cfg["data"], split, size, max_side=max_side, **data_opts)
+                   for split, size, max_side in datasets.splits_of(cfg))
     if train.classes != test.classes:
         raise UserError(f"{cfg['data']}: train and test splits have different classes")
     torch.manual_seed(cfg["seed"])

@@ -47,12 +47,3 @@ def in_process(*args, cwd=None):
     finally:
         os.chdir(here)
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
-
-
-@pytest.fixture
-def cli():
-    """in_process, as (exit code, stdout, stderr)."""
-    def run(*args, cwd=None):
-        res = in_process(*args, cwd=cwd)
-        return res.returncode, res.stdout, res.stderr
-    return run

@@ -53,7 +53,7 @@ def test_dry_run_lists_the_paper_recipe():
         assert "epochs=800" in line and "batch=256" in line and "crops=2x112+4x112" in line and "pending" in line
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path, cli):
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
     real = bench("run", "--table", "nope")  # the process itself: its exit status and its stderr
     assert real.returncode == 2 and real.stderr.count("\n") == 1 and "Traceback" not in real.stderr
     assert "comparison, transfer, sota, imagenet" in real.stderr
@@ -61,11 +61,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, cli):
                  ["run", "--datasets", "nope"], ["run", "--set", "novalue"], ["report", "--format", "pdf"],
                  ["run", "--preset", "demo", "--datasets", f"folder:{tmp_path}/missing", "--results",
                   str(tmp_path / "r")]):
-        code, _, err = cli(*args)
-        assert code == 2, (args, err)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("bench: error:"), (args, err)
-    assert "idmm" in cli("run", "--methods", "nope")[2]
+        out = in_process(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("bench: error:"), (args, out.stderr)
+    assert "idmm" in in_process("run", "--methods", "nope").stderr
 
 
 def test_imagenet_init_row_is_skipped_without_weights_and_runs_from_a_file(tmp_path):

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from bench import plan as planner
 from bench.launch import local
 from bench.results import Store
-from conftest import FAST
+from conftest import FAST, in_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -259,7 +259,7 @@ def test_slurm_failed_job_shows_in_status_with_its_error(tmp_path, slurm_env):
     assert "| " in status.stdout and "RuntimeError" in status.stdout
 
 
-def test_launch_flags_that_cannot_work_are_one_line_and_exit_2(tmp_path, cli):
+def test_launch_flags_that_cannot_work_are_one_line_and_exit_2(tmp_path):
     res = ["--results", str(tmp_path / "r"), "--preset", "demo", "--methods", "idmm"]
     env_missing = tmp_path / "nope.yaml"
     bad_yaml = tmp_path / "bad.yaml"
@@ -271,7 +271,7 @@ def test_launch_flags_that_cannot_work_are_one_line_and_exit_2(tmp_path, cli):
                         (["--launcher", "slurm", "--gpus-per-job", "3", "--slurm-config", str(tmp_path / "ok.yaml")],
                          "does not split evenly")]:
         (tmp_path / "ok.yaml").write_text("time: 5\n")
-        code, _, err = cli("run", *res, *args)
-        assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
-        assert words in err and err.startswith("bench: error:"), (args, err)
+        out = in_process("run", *res, *args)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
+        assert words in out.stderr and out.stderr.startswith("bench: error:"), (args, out.stderr)
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.json"))

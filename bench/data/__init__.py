@@ -91,23 +91,37 @@ class _Batches(torch.utils.data.Dataset):
         return self.data.decode(self.chunks[i])
 
 
-class _Feed:
-    """Batches of uint8 images on the device, from either path: `epoch` yields (indices in the whole split,
-    images, sizes or None) for the steps start..steps-1 of a permutation of this rank's rows; `in_order` walks
-    the split once in order (evaluation)."""
+class _ResidentFeed:
+    """Batches from a split held in memory: `epoch` yields (indices in the whole split, images, sizes or None)
+    for the steps start..steps-1 of a permutation of this rank's rows; `in_order` walks the split once in order
+    (evaluation), moving one batch at a time to the device."""
 
-    def __init__(self, data, rows, dev):
+    def __init__(self, data: ImageSet, rows, dev):
         self.data, self.dev, self.rows = data, dev, rows.cpu()
-        self._resident = None
 
-    def resident(self):
-        """The shard on the device, once (training); evaluation moves one batch at a time instead."""
-        if self._resident is None:
-            d, whole = self.data, len(self.rows) == len(self.data)
-            self._resident = ((d.images if whole else d.images[self.rows]).to(self.dev),
-                              None if d.sizes is None else (d.sizes if whole else d.sizes[self.rows]).to(self.dev),
-                              self.rows.to(self.dev))
-        return self._resident
+    @functools.cached_property
+    def shard(self):
+        """This rank's images, sizes and row numbers on the device, moved once for the whole training."""
+        d, whole = self.data, len(self.rows) == len(self.data)
+        return ((d.images if whole else d.images[self.rows]).to(self.dev),
+                None if d.sizes is None else (d.sizes if whole else d.sizes[self.rows]).to(self.dev),
+                self.rows.to(self.dev))
+
+    def epoch(self, perm, start, steps, bs):
+        images, sizes, rows = self.shard
+        for s in range(start, steps):
+            local = perm[s * bs:(s + 1) * bs]
+            yield rows[local], images[local], None if sizes is None else sizes[local]
+
+    def in_order(self, bs):
+        for i in range(0, len(self.rows), bs):
+            c = self.rows[i:i + bs]
+            yield c.to(self.dev), self.data.images[c].to(self.dev)
+
+
+class _StreamedFeed(_ResidentFeed):
+    """The same batches, each decoded from its files in a DataLoader worker, in the permutation's order: a
+    resumed epoch reads exactly the images it had not yet read."""
 
     def _stream(self, chunks):
         pin = self.dev.type == "cuda"
@@ -122,28 +136,27 @@ class _Feed:
                    None if sizes is None else sizes.to(self.dev, non_blocking=pin))
 
     def epoch(self, perm, start, steps, bs):
-        if isinstance(self.data, StreamedSet):  # the order is the permutation: a resumed epoch reads the rest
-            perm = perm.cpu()
-            yield from self._stream([self.rows[perm[s * bs:(s + 1) * bs]] for s in range(start, steps)])
-            return
-        images, sizes, rows = self.resident()
-        for s in range(start, steps):
-            local = perm[s * bs:(s + 1) * bs]
-            yield rows[local], images[local], None if sizes is None else sizes[local]
+        perm = perm.cpu()
+        yield from self._stream([self.rows[perm[s * bs:(s + 1) * bs]] for s in range(start, steps)])
 
     def in_order(self, bs):
-        chunks = [self.rows[i:i + bs] for i in range(0, len(self.rows), bs)]
-        if isinstance(self.data, StreamedSet):
-            for idx, images, _ in self._stream(chunks):
-                yield idx, images
-            return
-        for c in chunks:
-            yield c.to(self.dev), self.data.images[c].to(self.dev)
+        for idx, images, _ in self._stream([self.rows[i:i + bs] for i in range(0, len(self.rows), bs)]):
+            yield idx, images
 
 
-def feed(data, rows, dev) -> _Feed:
+def feed(data, rows, dev):
     """The engine's one way to its images, resident or streamed alike."""
-    return _Feed(data, rows, dev)
+    return (_StreamedFeed if isinstance(data, StreamedSet) else _ResidentFeed)(data, rows, dev)
+
+
+def splits_of(cfg: dict):
+    """[(split, decoded size, max_side)] a job reads: a pretraining job its training split, image files whole
+    (longer side capped at max_side) and data that is not files at twice the crop size; a fine-tuning job its
+    training split whole and its test split at the evaluation resize (256 for 224)."""
+    res = cfg["resolution"]
+    if cfg["stage"] == "pretrain":
+        return [("train", 2 * res, cfg["max_side"])]
+    return [("train", store_size(res), cfg["max_side"]), ("test", store_size(res), None)]
 
 
 @dataclass(frozen=True)

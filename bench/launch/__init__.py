@@ -29,8 +29,8 @@ from methods import METHODS
 
 def pretrain(cfg, run_dir, data_opts):
     res = cfg["resolution"]
-    # image files whole (longer side capped at max_side); data that is not files at twice the crop size
-    train = datasets.load(cfg["data"], "train", 2 * res, max_side=cfg["max_side"], **data_opts)
+    (split, size, max_side), = datasets.splits_of(cfg)
+    train = datasets.load(cfg["data"], split, size, max_side=max_side, **data_opts)
     torch.manual_seed(cfg["seed"])
     backbone = models.create(cfg["backbone"], res, 0, cfg["drop_path"], cfg["model_kwargs"])
     method = METHODS[cfg["method"]](backbone, backbone.num_features, len(train), len(train.classes),

@@ -303,9 +303,8 @@ def compare_rows(table_name, a, b, names, preset_name=None, seeds=None):
     """The compared cells as a long frame: one row per (preset, row, column) with both sides (a_*, b_*; the
     stores' paths in columns a and b) and the difference b - a."""
     out = []
-    sides = [{s.label: s for s in gather(table_name, store, preset_name)} for store in (a, b)]
-    for label in sorted(set(sides[0]) | set(sides[1])):
-        stats = [_cells(side[label].df, seeds) if label in side else {} for side in sides]
+    for label, x, y in _paired(table_name, a, b, preset_name):
+        stats = [_cells(sec.df, seeds) if sec else {} for sec in (x, y)]
         for key in sorted(k for k in set(stats[0]) | set(stats[1])
                           if any(st.get(k, (0, 0, 0, 0))[2] or st.get(k, (0, 0, 0, 0))[3] for st in stats)):
             row = {"table": table_name, "preset_label": label, "row": key[0], "column": key[1],
@@ -329,10 +328,14 @@ def models(tables, store, preset_name=None, seeds=None, compare=None):
             out += [build(spec, sec, seeds) for sec in gather(name, store, preset_name)]
             continue
         (na, sa), (nb, sb) = compare
-        a = {s.label: s for s in gather(name, sa, preset_name) if s.used}  # not the empty default section
-        b = {s.label: s for s in gather(name, sb, preset_name) if s.used}
-        out += [build_compare(spec, a.get(k), b.get(k), (na, nb), seeds) for k in sorted(set(a) | set(b))]
+        out += [build_compare(spec, x, y, (na, nb), seeds) for _, x, y in _paired(name, sa, sb, preset_name)]
     return out
+
+
+def _paired(table_name, a, b, preset_name=None):
+    """[(label, store A's Section or None, store B's)] for every preset variant with records in either store."""
+    sides = [{s.label: s for s in gather(table_name, store, preset_name) if s.used} for store in (a, b)]
+    return [(k, sides[0].get(k), sides[1].get(k)) for k in sorted(set(sides[0]) | set(sides[1]))]
 
 
 def _env():
