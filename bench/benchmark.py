@@ -103,10 +103,9 @@ def _sync(dev):
 def _step_fn(model, cfg, dev):
     """The engine's own step (its optimiser and update), without the loop around it."""
     opt, params = engine.optimizer(model, cfg, dev)
-    bf16 = dev.type == "cuda" and cfg["precision"] == "bf16"
 
     def step(views, index, labels):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        with engine.autocast(dev, cfg["precision"]):
             loss = model.loss(views, index, labels, 0.5)
         engine.update(model, opt, params, loss, cfg, 1, 0.5)
     return step
@@ -133,7 +132,7 @@ def measure(cfg, train, files, dev, steps, epochs):
     out = {}
     # (c) the step alone: the same batch's views, made once, on the device
     torch.manual_seed(0)
-    model = _build(cfg, train).to(dev).train()
+    model = engine.place(_build(cfg, train), dev).train()
     step = _step_fn(model, cfg, dev)
     imgs, sizes = train.images[:bs].to(dev), train.sizes[:bs].to(dev)
     index, labels = torch.arange(bs, device=dev), train.labels[:bs].to(dev)

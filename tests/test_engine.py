@@ -177,6 +177,36 @@ def test_schedule_and_precision_are_in_every_job_and_checked():
         planner.plan("comparison", planner.load_preset("paper", ["finetune.lr_schedule=step"]), ["idmm"])
 
 
+def test_precision_is_what_runs_and_what_ran_is_recorded(tmp_path, tiny_vit, tiny_images):
+    """fp32 is fp32 everywhere; bf16 autocasts where the device has bf16 arithmetic (GPUs, CPUs with AVX512-BF16
+    or AMX) and falls back to fp32 elsewhere; the metrics say which ran."""
+    from bench.engine import runs_bf16
+
+    cpu = torch.device("cpu")
+    out = {}
+    for precision in ("fp32", "bf16"):
+        model = Classifier(tiny_vit(3), {**FT, "precision": precision})
+        out[precision] = (fit(model, tiny_images, {**FT, "precision": precision}, tmp_path / precision), model)
+    assert out["fp32"][0]["precision"] == "fp32"
+    assert out["bf16"][0]["precision"] == ("bf16" if runs_bf16(cpu, "bf16") else "fp32")
+    assert all(p.dtype == torch.float32 for p in out["bf16"][1].parameters())  # autocast, not bf16 weights
+    if runs_bf16(cpu, "bf16"):  # the same draws, other arithmetic: other losses
+        assert out["bf16"][0]["loss"] != out["fp32"][0]["loss"]
+    else:
+        assert out["bf16"][0]["loss"] == out["fp32"][0]["loss"]
+
+
+def test_on_cpu_attention_is_the_explicit_product_and_computes_the_same(tiny_vit):
+    from bench.engine import place
+
+    torch.manual_seed(0)
+    model, x = tiny_vit(3).eval(), torch.rand(4, 3, 16, 16)
+    fused = model(x)
+    place(model, torch.device("cpu"))
+    assert [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")] == [False]
+    assert torch.allclose(model(x), fused, atol=1e-5)
+
+
 def test_dino_export_is_in_its_jobs_and_checked():
     from bench import plan as planner
     from bench.errors import UserError

@@ -13,6 +13,7 @@ than shifted in HSV.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -255,16 +256,20 @@ def _luma(x):
     return _q(_grey(x))
 
 
+@functools.lru_cache(maxsize=16)
+def _pixel_centres(h, w, device, dtype):
+    rows, cols = torch.meshgrid(torch.arange(h, device=device, dtype=dtype) + 0.5,
+                                torch.arange(w, device=device, dtype=dtype) + 0.5, indexing="ij")
+    return torch.stack([cols, rows, torch.ones_like(rows)], -1)
+
+
 def _warp(x, matrix, bicubic):
     """PIL's Image.transform(AFFINE, matrix): output pixel (col, row) takes the input at
     matrix @ (col + 0.5, row + 0.5, 1), in pixels; where that point is outside the image, grey 128.
     Nearest (PIL's default) takes the pixel containing the point; bicubic interpolates (torch's a = -0.75
     where PIL's is -0.5: within a few levels)."""
     n, c, h, w = x.shape
-    rows, cols = torch.meshgrid(torch.arange(h, device=x.device, dtype=x.dtype) + 0.5,
-                                torch.arange(w, device=x.device, dtype=x.dtype) + 0.5, indexing="ij")
-    pts = torch.stack([cols, rows, torch.ones_like(rows)], -1)
-    src = torch.einsum("nij,hwj->nhwi", matrix.to(x.dtype), pts)  # [n, h, w, 2]: input (x, y)
+    src = torch.einsum("nij,hwj->nhwi", matrix.to(x.dtype), _pixel_centres(h, w, x.device, x.dtype))  # [n, h, w, 2]
     sx, sy = src[..., 0], src[..., 1]
     inside = ((sx >= 0) & (sx < w) & (sy >= 0) & (sy < h))[:, None]
     if bicubic:
@@ -282,29 +287,34 @@ def _matrix(n, device, a=1.0, b=0.0, c=0.0, d=0.0, e=1.0, f=0.0):
     return torch.stack(parts, 1).view(n, 2, 3)
 
 
-def _rotate(x, m, rand):
-    """PIL's rotate(30 m / 9) about the centre, counter-clockwise, nearest (the reference's `rotate_with_fill`:
-    always this direction; the line drawing a random sign is commented out there)."""
-    n, _, h, w = x.shape
+def _rotation(h, w, m, rand):
+    """PIL's rotate(30 m / 9) about the centre, counter-clockwise (the reference's `rotate_with_fill`: always this
+    direction; the line drawing a random sign is commented out there)."""
     a = -torch.deg2rad(30 * m / 9)
     cos, sin = torch.cos(a), torch.sin(a)
     cx, cy = w / 2, h / 2
-    mat = _matrix(n, x.device, cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
-    return _warp(x, mat, bicubic=False)
+    return _matrix(len(m), m.device, cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
 
 
-def _shear(x, m, rand, axis):
-    s = 0.3 * m / 9 * _sign(rand)
-    mat = _matrix(len(x), x.device, b=s) if axis == 0 else _matrix(len(x), x.device, d=s)
-    return _warp(x, mat, bicubic=True)
+def _shift(m, rand, side):
+    """A shift of up to 150/331 (45%) of the side, as the reference's translatex/translatey."""
+    return 150 / 331 * m / 9 * side * _sign(rand)
 
 
-def _translate(x, m, rand, axis):
-    """A shift of up to 150/331 (45%) of the side, nearest, as the reference's translatex/translatey."""
-    side = x.shape[3] if axis == 0 else x.shape[2]
-    t = 150 / 331 * m / 9 * side * _sign(rand)
-    mat = _matrix(len(x), x.device, c=t) if axis == 0 else _matrix(len(x), x.device, f=t)
-    return _warp(x, mat, bicubic=False)
+# the geometric ops as PIL affine maps (h, w, m, rand) -> [n, 2, 3], and whether PIL resamples them bicubically
+# (shear) or takes the nearest pixel (the others); RandAugment warps all the images of one kind in one call
+_AFFINE = {
+    "shear_x": (lambda h, w, m, r: _matrix(len(m), m.device, b=0.3 * m / 9 * _sign(r)), True),
+    "translate_x": (lambda h, w, m, r: _matrix(len(m), m.device, c=_shift(m, r, w)), False),
+    "translate_y": (lambda h, w, m, r: _matrix(len(m), m.device, f=_shift(m, r, h)), False),
+    "shear_y": (lambda h, w, m, r: _matrix(len(m), m.device, d=0.3 * m / 9 * _sign(r)), True),
+    "rotate": (_rotation, False),
+}
+
+
+def _affine_op(name):
+    matrix, bicubic = _AFFINE[name]
+    return lambda x, m, r: _warp(x, matrix(x.shape[2], x.shape[3], m, r), bicubic)
 
 
 def _levels(x):
@@ -376,11 +386,11 @@ RANDAUGMENT_OPS = {  # the reference's get_trans_list, in its order: op(images, 
     "sharpness": _sharpness,
     "autocontrast": lambda x, m, r: _autocontrast(x),
     "posterize": _posterize,
-    "shear_x": lambda x, m, r: _shear(x, m, r, 0),
-    "translate_x": lambda x, m, r: _translate(x, m, r, 0),
-    "translate_y": lambda x, m, r: _translate(x, m, r, 1),
-    "shear_y": lambda x, m, r: _shear(x, m, r, 1),
-    "rotate": _rotate,
+    "shear_x": _affine_op("shear_x"),
+    "translate_x": _affine_op("translate_x"),
+    "translate_y": _affine_op("translate_y"),
+    "shear_y": _affine_op("shear_y"),
+    "rotate": _affine_op("rotate"),
     "equalize": lambda x, m, r: _equalize(x),
     "contrast": lambda x, m, r: _blend(_luma(x).mean((2, 3), keepdim=True).mul(255).round().div(255).expand_as(x),
                                        x, _enhance_factor(m, r)),
@@ -401,11 +411,21 @@ def randaugment(x, ops=2, p=0.5, magnitude=(1, 9)):
         on = torch.rand(n) < p
         m = torch.randint(magnitude[0], magnitude[1] + 1, (n,)).float()
         rand = torch.rand(n, 3)  # a sign, a cutout centre
-        out = x.clone()
-        for k, name in enumerate(names):
-            idx = torch.nonzero(on & (pick == k))[:, 0]
-            if len(idx):
-                rows = idx.to(dev)
-                out[rows] = _q(RANDAUGMENT_OPS[name](x[rows], m[idx].to(dev), rand[idx].to(dev))).to(x.dtype)
+        out, warps = x.clone(), {False: [], True: []}
+        chosen = pick.masked_fill(~on, -1)
+        for k in chosen.unique().tolist():
+            if k < 0:
+                continue
+            idx = torch.nonzero(chosen == k)[:, 0]
+            rows, mk, rk = idx.to(dev), m[idx].to(dev), rand[idx].to(dev)
+            if names[k] in _AFFINE:  # collected: one warp per kind for all of them (each image takes one op)
+                matrix, bicubic = _AFFINE[names[k]]
+                warps[bicubic].append((rows, matrix(x.shape[2], x.shape[3], mk, rk)))
+            else:
+                out[rows] = _q(RANDAUGMENT_OPS[names[k]](x[rows], mk, rk)).to(x.dtype)
+        for bicubic, parts in warps.items():
+            if parts:
+                rows = torch.cat([r for r, _ in parts])
+                out[rows] = _q(_warp(x[rows], torch.cat([a for _, a in parts]), bicubic)).to(x.dtype)
         x = out
     return x
