@@ -133,6 +133,7 @@ def measure(cfg, train, files, dev, steps, epochs):
     # (c) the step alone: the same batch's views, made once, on the device
     torch.manual_seed(0)
     model = engine.place(_build(cfg, train), dev).train()
+    engine.compile_backbone(model, dev)
     step = _step_fn(model, cfg, dev)
     imgs, sizes = train.images[:bs].to(dev), train.sizes[:bs].to(dev)
     index, labels = torch.arange(bs, device=dev), train.labels[:bs].to(dev)
@@ -170,15 +171,20 @@ def measure(cfg, train, files, dev, steps, epochs):
     with tempfile.TemporaryDirectory() as tmp:
         run = {**cfg, "epochs": epochs, "warmup_epochs": 0}
         t = time.perf_counter()
-        engine.fit(model, train, run, Path(tmp), desc="benchmark")
+        last = engine.fit(model, train, run, Path(tmp), desc="benchmark")
         _sync(dev)
-        wall = time.perf_counter() - t
+        # a compiled backbone's first step compiles it: once per job, reported apart rather than charged to the
+        # few epochs measured here (a paper job's 100-800 epochs make it small)
+        once = last["first_step_s"] if last["compiled"] else 0.0
+        wall = time.perf_counter() - t - once
         logged = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     out["end_to_end"] = round(len(train) * epochs / wall, 1)
     out["epoch_wall_s"] = round(wall / epochs, 3)
     out["inside_epochs"] = round(sum(m["images_per_s"] for m in logged) / len(logged), 1)
     out["b_over_a"] = round(out["end_to_end"] / out["official_style"], 2)
     out["b_over_c"] = round(out["end_to_end"] / out["step_alone"], 2)
+    if last["compiled"]:
+        out["compile_s"] = once
     return out
 
 
@@ -242,11 +248,15 @@ def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out
         torch.cuda.set_device(dev)
     os.environ.setdefault("BENCH_CHECKPOINT_EVERY_S", "300")
     preset = planner.load_preset(preset_name)
-    hw = {**hardware(), "cpu": _cpu_name(), "device": str(dev)}
+    hw = {**hardware(), "cpu": _cpu_name(), "device": str(dev),
+          "bf16": engine.runs_bf16(dev, "bf16"),  # whether the recipe's precision: bf16 runs as bf16 here
+          "compiled": engine.compiles(dev)}
     if dev.type == "cuda":
         hw["gpu"] = torch.cuda.get_device_name(dev)
     say(f"bench benchmark: preset {preset['name']}, {images} images of 500x667, device {dev}"
-        f" ({hw.get('gpu', hw['cpu'])}), {hw['cpus']} CPUs, torch {torch.__version__}")
+        f" ({hw.get('gpu', hw['cpu'])}{', bf16' if hw['bf16'] else ', fp32 only'}"
+        f"{', backbones compiled' if hw['compiled'] else ''}), {hw['cpus']} CPUs,"
+        f" torch {torch.__version__}")
     results = {"hardware": hw, "versions": versions(), "preset": preset["name"], "images": images,
                "steps": steps, "epochs": epochs, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -271,7 +281,8 @@ def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out
                 r = measure(copy.deepcopy(cfg), decoded[side], files, dev, steps, epochs)
                 results["runs"][label] = r
                 say(f"  {label:38s} (a) {r['official_style']:>8} (b) {r['end_to_end']:>8} (c) {r['step_alone']:>8}"
-                    f" images/s   b/a {r['b_over_a']}  b/c {r['b_over_c']}  epoch {r['epoch_wall_s']} s")
+                    f" images/s   b/a {r['b_over_a']}  b/c {r['b_over_c']}  epoch {r['epoch_wall_s']} s"
+                    + (f"  compile {r['compile_s']} s" if "compile_s" in r else ""))
         finally:
             if prev is None:
                 os.environ.pop("BENCH_DEVICE")

@@ -131,7 +131,19 @@ def _rerun(prefixes, jobs, store):
     print(f"--rerun: {len(picked)} jobs will train again", file=sys.stderr)
 
 
+def _compile_choice(args):
+    """--compile, for this process and the job processes and SLURM tasks that inherit its environment."""
+    if args.compile is not None:
+        os.environ["BENCH_COMPILE"] = args.compile
+    import torch
+
+    from bench.engine import compiles
+
+    compiles(torch.device("cpu"))  # a bad $BENCH_COMPILE fails here, before any job
+
+
 def cmd_run(args):
+    _compile_choice(args)
     if args.checkpoint_every is not None:  # job processes and SLURM tasks inherit the environment
         if not args.checkpoint_every > 0:
             raise UserError(f"--checkpoint-every {args.checkpoint_every}: expected a number of seconds > 0")
@@ -421,6 +433,7 @@ def cmd_benchmark(args):
 
     from bench import benchmark
 
+    _compile_choice(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: torch sees no GPU here")
@@ -432,6 +445,10 @@ def cmd_benchmark(args):
     benchmark.run(device, preset, args.images or (256 if small else 2040), args.steps or (5 if small else 30),
                   args.epochs or (2 if small else 3), Path(args.out), args.only)
     return 0
+
+
+COMPILE_HELP = ("torch.compile the backbone: auto (default, $BENCH_COMPILE): on a GPU, not on a CPU; the first "
+                "step's seconds, compilation included, are in each record")
 
 
 def build_parser():
@@ -449,6 +466,7 @@ def build_parser():
                    help="train these jobs (hash prefixes) and all that depend on them again; old records kept aside")
     r.add_argument("--checkpoint-every", type=float, metavar="SECONDS",
                    help="seconds of training between checkpoints (default $BENCH_CHECKPOINT_EVERY_S or 300)")
+    r.add_argument("--compile", choices=["auto", "on", "off"], help=COMPILE_HELP)
     r.add_argument("--launcher", choices=["local", "slurm"], default="local",
                    help="local: this machine (one job after another on CPU, a queue over the GPUs); slurm: submitit")
     r.add_argument("--jobs-per-gpu", type=int, default=1, metavar="K", help="local: pack K jobs on each GPU")
@@ -496,6 +514,7 @@ def build_parser():
     b.add_argument("--steps", type=int, help="timed steps of (a) and (c) (default 5 on CPU, 30 on a GPU)")
     b.add_argument("--epochs", type=int, help="epochs of (b) (default 2 on CPU, 3 on a GPU)")
     b.add_argument("--only", nargs="+", metavar="TEXT", help="only the measurements whose label contains TEXT")
+    b.add_argument("--compile", choices=["auto", "on", "off"], help=COMPILE_HELP)
     b.add_argument("--out", default="reports/benchmark.json", metavar="FILE", help="the JSON written")
     b.set_defaults(func=cmd_benchmark)
 

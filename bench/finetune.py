@@ -59,4 +59,4 @@ def run(cfg: dict, run_dir: Path, init: dict | None, data_opts: dict):
     return {"top1": top1(model, test, res, cfg["eval_resize"], cfg["precision"]), "train_loss": last.get("loss"),
             "train_images_per_s": last.get("images_per_s"), "train_size": len(train), "test_size": len(test),
             "data": {"train": train.meta, "test": test.meta}, "earlier_sessions_s": last.get("earlier_sessions_s", 0),
-            "precision": last.get("precision")}
+            **{k: last.get(k) for k in ("precision", "compiled", "first_step_s")}}

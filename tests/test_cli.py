@@ -3,7 +3,10 @@ import json
 import subprocess
 import sys
 
+import torch
 from conftest import FAST, in_process
+
+from bench.engine import runs_bf16
 
 
 def bench(*args, cwd=None):
@@ -19,6 +22,7 @@ def test_demo_comparison_idmm_and_random_through_to_the_report(tmp_path):
     assert sorted(r["stage"] for r in records) == ["finetune", "finetune", "pretrain"]
     for r in records:
         assert r["status"] == "done" and r["versions"]["torch"] and r["hardware"]["cpus"] and r["wall_time_s"] > 0
+        assert r["metrics"]["precision"] == ("bf16" if runs_bf16(torch.device("cpu"), "bf16") else "fp32")
     finals = [r for r in records if r["stage"] == "finetune"]
     assert all(0 <= r["metrics"]["top1"] <= 1 and r["metrics"]["test_size"] == 540 for r in finals)
     for r in records:  # a finished job keeps its weights and metrics log, not its optimiser checkpoint
@@ -118,6 +122,7 @@ def test_benchmark_measures_the_three_pipelines_and_writes_json(tmp_path):
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
     assert result["hardware"]["device"] == "cpu" and result["hardware"]["cpus"] >= 1
+    assert result["hardware"]["bf16"] == runs_bf16(torch.device("cpu"), "bf16")
     assert set(result["runs"]) == {"pretrain idmm deit_tiny_patch16_224", "finetune deit_tiny_patch16_224 224"}
     for r in result["runs"].values():
         assert min(r["official_style"], r["end_to_end"], r["step_alone"]) > 0

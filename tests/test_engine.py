@@ -196,6 +196,36 @@ def test_precision_is_what_runs_and_what_ran_is_recorded(tmp_path, tiny_vit, tin
         assert out["bf16"][0]["loss"] == out["fp32"][0]["loss"]
 
 
+def test_compiled_backbone_trains_like_eager_with_the_same_checkpoint_keys(tmp_path, tiny_vit, tiny_images,
+                                                                          monkeypatch):
+    """--compile on (here on a CPU, where auto leaves it off): the backbone is compiled in place, the losses follow
+    the eager run's, the checkpoint and weights keep eager's keys, evaluation runs, and the first step's seconds
+    (the compilation) are reported."""
+    from bench.data.views import eval_view
+    from bench.engine import predict
+
+    cfg = {**FT, "epochs": 1, "precision": "fp32"}
+    eager = Classifier(tiny_vit(3), cfg)
+    ran_eager = fit(eager, tiny_images, cfg, tmp_path / "eager")
+    assert ran_eager["compiled"] is False
+    monkeypatch.setenv("BENCH_COMPILE", "on")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model = Classifier(tiny_vit(3), cfg)
+    ran = fit(model, tiny_images, cfg, tmp_path / "compiled")
+    assert ran["compiled"] is True and ran["first_step_s"] > 0
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo did trace the backbone
+    assert ran["loss"] == pytest.approx(ran_eager["loss"], rel=1e-3)
+    keys = lambda run: list(torch.load(tmp_path / run / "checkpoint.pt", weights_only=False)["model"])  # noqa: E731
+    assert keys("compiled") == keys("eager")
+    idx, pred = predict(model.encoder, tiny_images, lambda x: eval_view(x, 16, 1.0))
+    assert len(pred) == len(tiny_images) and torch.equal(idx, torch.arange(len(tiny_images)))
+    monkeypatch.setenv("BENCH_COMPILE", "sometimes")
+    with pytest.raises(Exception, match="BENCH_COMPILE=sometimes"):
+        fit(Classifier(tiny_vit(3), cfg), tiny_images, cfg, tmp_path / "bad")
+
+
 def test_on_cpu_attention_is_the_explicit_product_and_computes_the_same(tiny_vit):
     from bench.engine import place
 

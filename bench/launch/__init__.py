@@ -41,7 +41,7 @@ def pretrain(cfg, run_dir, data_opts):
     torch.save(models.export(method.backbone(), cfg["backbone"], res), run_dir / "weights.pt")
     return {"train_loss": last.get("loss"), "train_images_per_s": last.get("images_per_s"),
             "train_size": len(train), "data": train.meta, "earlier_sessions_s": last.get("earlier_sessions_s", 0),
-            "precision": last.get("precision")}
+            **{k: last.get(k) for k in ("precision", "compiled", "first_step_s")}}
 
 
 def _init_weights(job, store):
