@@ -35,7 +35,7 @@ def in_process(*args, cwd=None):
     Tests of the real process (its exit status, signals, kill -9) run `python -m bench` instead."""
     from bench.cli import main
 
-    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    out, err, here, env = io.StringIO(), io.StringIO(), os.getcwd(), dict(os.environ)
     try:
         if cwd is not None:
             os.chdir(cwd)
@@ -46,4 +46,6 @@ def in_process(*args, cwd=None):
                 code = e.code
     finally:
         os.chdir(here)
+        os.environ.clear()  # what the command set for its jobs (--compile, --checkpoint-every) ends with it
+        os.environ.update(env)
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())

@@ -115,6 +115,18 @@ def test_transfer_demo_pretrains_on_the_stand_in_and_fine_tunes_on_digits(tmp_pa
         assert "digits_extra (sin10k)" in line and f"{100 * r['metrics']['top1']:.1f}" in line
 
 
+def test_benchmark_with_a_compiled_backbone_reports_the_compilation_apart(tmp_path):
+    out = tmp_path / "b.json"
+    run = in_process("benchmark", "--device", "cpu", "--compile", "on", "--images", "48", "--steps", "1",
+                     "--epochs", "2", "--only", "finetune deit_tiny", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert result["hardware"]["compiled"] is True
+    (row,) = result["runs"].values()
+    assert row["compile_s"] > 0 and min(row["official_style"], row["end_to_end"], row["step_alone"]) > 0
+    assert "compile" in run.stdout + run.stderr
+
+
 def test_benchmark_measures_the_three_pipelines_and_writes_json(tmp_path):
     out = tmp_path / "b.json"
     run = bench("benchmark", "--device", "cpu", "--images", "48", "--steps", "1", "--epochs", "1",
