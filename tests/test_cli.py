@@ -115,6 +115,21 @@ def test_transfer_demo_pretrains_on_the_stand_in_and_fine_tunes_on_digits(tmp_pa
         assert "digits_extra (sin10k)" in line and f"{100 * r['metrics']['top1']:.1f}" in line
 
 
+def test_a_cpu_chain_repeats_exactly_in_a_new_process(tmp_path):
+    """The same jobs in two processes give the same weights, bit for bit (PVT's convolutions included: with bf16
+    autocast on a CPU they did not)."""
+    import hashlib
+
+    digests = []
+    for run in ("a", "b"):
+        done = bench("run", "--table", "transfer", "--preset", "demo", "--backbones", "pvt_v2_b0", "--methods",
+                     "supervised", "--results", str(tmp_path / run), *FAST)
+        assert done.returncode == 0, done.stderr
+        digests.append(sorted(hashlib.sha256(p.read_bytes()).hexdigest()
+                              for p in (tmp_path / run / "runs").glob("*/weights.pt")))
+    assert len(digests[0]) == 2 and digests[0] == digests[1]
+
+
 def test_benchmark_with_a_compiled_backbone_reports_the_compilation_apart(tmp_path):
     out = tmp_path / "b.json"
     run = in_process("benchmark", "--device", "cpu", "--compile", "on", "--images", "48", "--steps", "1",

@@ -178,8 +178,8 @@ def test_schedule_and_precision_are_in_every_job_and_checked():
 
 
 def test_precision_is_what_runs_and_what_ran_is_recorded(tmp_path, tiny_vit, tiny_images):
-    """fp32 is fp32 everywhere; bf16 autocasts where the device has bf16 arithmetic (GPUs, CPUs with AVX512-BF16
-    or AMX) and falls back to fp32 elsewhere; the metrics say which ran."""
+    """fp32 is fp32 everywhere; bf16 autocasts on a GPU and falls back to fp32 on a CPU (oneDNN's bf16 kernels do
+    not repeat exactly); the metrics say which ran."""
     from bench.engine import runs_bf16
 
     cpu = torch.device("cpu")
@@ -187,7 +187,7 @@ def test_precision_is_what_runs_and_what_ran_is_recorded(tmp_path, tiny_vit, tin
     for precision in ("fp32", "bf16"):
         model = Classifier(tiny_vit(3), {**FT, "precision": precision})
         out[precision] = (fit(model, tiny_images, {**FT, "precision": precision}, tmp_path / precision), model)
-    assert out["fp32"][0]["precision"] == "fp32"
+    assert out["fp32"][0]["precision"] == "fp32" and not runs_bf16(cpu, "bf16")
     assert out["bf16"][0]["precision"] == ("bf16" if runs_bf16(cpu, "bf16") else "fp32")
     assert all(p.dtype == torch.float32 for p in out["bf16"][1].parameters())  # autocast, not bf16 weights
     if runs_bf16(cpu, "bf16"):  # the same draws, other arithmetic: other losses
