@@ -10,6 +10,7 @@ from tabulate import tabulate
 
 from bench import data as datasets
 from bench import plan as planner
+from bench.engine import COMPILE_CHOICES
 from bench.errors import UserError
 from bench.results import Store
 
@@ -466,7 +467,7 @@ def build_parser():
                    help="train these jobs (hash prefixes) and all that depend on them again; old records kept aside")
     r.add_argument("--checkpoint-every", type=float, metavar="SECONDS",
                    help="seconds of training between checkpoints (default $BENCH_CHECKPOINT_EVERY_S or 300)")
-    r.add_argument("--compile", choices=["auto", "on", "off"], help=COMPILE_HELP)
+    r.add_argument("--compile", choices=COMPILE_CHOICES, help=COMPILE_HELP)
     r.add_argument("--launcher", choices=["local", "slurm"], default="local",
                    help="local: this machine (one job after another on CPU, a queue over the GPUs); slurm: submitit")
     r.add_argument("--jobs-per-gpu", type=int, default=1, metavar="K", help="local: pack K jobs on each GPU")
@@ -514,7 +515,7 @@ def build_parser():
     b.add_argument("--steps", type=int, help="timed steps of (a) and (c) (default 5 on CPU, 30 on a GPU)")
     b.add_argument("--epochs", type=int, help="epochs of (b) (default 2 on CPU, 3 on a GPU)")
     b.add_argument("--only", nargs="+", metavar="TEXT", help="only the measurements whose label contains TEXT")
-    b.add_argument("--compile", choices=["auto", "on", "off"], help=COMPILE_HELP)
+    b.add_argument("--compile", choices=COMPILE_CHOICES, help=COMPILE_HELP)
     b.add_argument("--out", default="reports/benchmark.json", metavar="FILE", help="the JSON written")
     b.set_defaults(func=cmd_benchmark)
 

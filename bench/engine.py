@@ -462,6 +462,13 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
             "first_step_s": first_step_s}
 
 
+def training_metrics(last: dict) -> dict:
+    """What a job's record keeps of `fit`'s result, whichever stage it trained."""
+    return {"train_loss": last.get("loss"), "train_images_per_s": last.get("images_per_s"),
+            "earlier_sessions_s": last.get("earlier_sessions_s", 0),
+            **{k: last.get(k) for k in ("precision", "compiled", "first_step_s")}}
+
+
 @torch.no_grad()
 def predict(model, data, transform, batch_size=256, precision="bf16"):
     """(indices, predicted classes) over a split in order, resident or streamed; a streamed split read with

@@ -8,7 +8,7 @@ import torch
 from bench import data as datasets
 from bench import models
 from bench.data.views import cutmix, eval_view, mix_in_parts, mixed_cross_entropy, mixup
-from bench.engine import Method, fit, predict, rank, world_size
+from bench.engine import Method, fit, predict, rank, training_metrics, world_size
 from bench.errors import UserError
 
 
@@ -56,7 +56,5 @@ def run(cfg: dict, run_dir: Path, init: dict | None, data_opts: dict):
     if rank() != 0:  # rank 0 evaluates and writes the weights
         return {}
     torch.save(models.export(model, cfg["backbone"], res), run_dir / "weights.pt")
-    return {"top1": top1(model, test, res, cfg["eval_resize"], cfg["precision"]), "train_loss": last.get("loss"),
-            "train_images_per_s": last.get("images_per_s"), "train_size": len(train), "test_size": len(test),
-            "data": {"train": train.meta, "test": test.meta}, "earlier_sessions_s": last.get("earlier_sessions_s", 0),
-            **{k: last.get(k) for k in ("precision", "compiled", "first_step_s")}}
+    return {"top1": top1(model, test, res, cfg["eval_resize"], cfg["precision"]), **training_metrics(last),
+            "train_size": len(train), "test_size": len(test), "data": {"train": train.meta, "test": test.meta}}

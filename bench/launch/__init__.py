@@ -39,9 +39,7 @@ def pretrain(cfg, run_dir, data_opts):
     if engine.rank() != 0:
         return {}
     torch.save(models.export(method.backbone(), cfg["backbone"], res), run_dir / "weights.pt")
-    return {"train_loss": last.get("loss"), "train_images_per_s": last.get("images_per_s"),
-            "train_size": len(train), "data": train.meta, "earlier_sessions_s": last.get("earlier_sessions_s", 0),
-            **{k: last.get(k) for k in ("precision", "compiled", "first_step_s")}}
+    return {**engine.training_metrics(last), "train_size": len(train), "data": train.meta}
 
 
 def _init_weights(job, store):
