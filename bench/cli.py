@@ -53,7 +53,7 @@ def _data_opts(args, preset):
     one's own written before they existed reads as the paper preset's defaults)."""
     return {"root": args.data_root, "skip_bad": args.skip_bad,
             "cache_dir": None if args.no_cache else str(Path(args.results).resolve() / "cache"),
-            "stream": "auto", "memory_gb": 32, "workers": None, **(preset.get("data") or {})}
+            "stream": "auto", "memory_gb": 32, "workers": None, "decode": "auto", **(preset.get("data") or {})}
 
 
 def _data_paths(cfg, data_opts, seen):

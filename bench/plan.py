@@ -212,6 +212,7 @@ _RULES = {  # setting name -> (test, what it must be); checked wherever the name
     "stream": (lambda v: v in (True, False, "auto"), "true, false or auto"),
     "memory_gb": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
     "workers": (lambda v: v is None or _is_int(v) and v >= 0, "a whole number >= 0"),
+    "decode": (lambda v: v in ("auto", "pil", "device"), "auto, pil or device"),
     **{k: (_unit, "a probability in [0, 1]") for k in ("flip", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "p")},
     **{k: (lambda v: _is_int(v) and v >= 1, "a whole number >= 1")
        for k in ("hidden_dim", "out_dim", "bottleneck_dim", "queue", "global_crops")},

@@ -142,6 +142,22 @@ def test_benchmark_with_a_compiled_backbone_reports_the_compilation_apart(tmp_pa
     assert "compile" in run.stdout + run.stderr
 
 
+def test_benchmark_measures_streaming_beside_the_resident_split(tmp_path):
+    out = tmp_path / "b.json"
+    run = in_process("benchmark", "--device", "cpu", "--images", "24", "--epochs", "1", "--only", "streamed",
+                     "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())["runs"]
+    assert set(rows) == {"streamed deit_tiny_patch16_224 224 pil", "streamed deit_tiny_patch16_224 224 device"}
+    for r in rows.values():
+        assert r["end_to_end"] > 0 and r["resident"] > 0
+        assert r["of_resident"] == round(r["end_to_end"] / r["resident"], 2)
+        assert r["imagenet_epoch_min"] == round(1_281_167 / r["end_to_end"] / 60, 1)
+    assert rows["streamed deit_tiny_patch16_224 224 device"]["decoder"] == "torchvision on cpu"
+    assert rows["streamed deit_tiny_patch16_224 224 pil"]["decoder"].startswith("PIL")
+    assert "an ImageNet epoch" in run.stdout
+
+
 def test_benchmark_measures_the_three_pipelines_and_writes_json(tmp_path):
     out = tmp_path / "b.json"
     run = bench("benchmark", "--device", "cpu", "--images", "48", "--steps", "1", "--epochs", "1",

@@ -60,7 +60,7 @@ def test_a_bad_preset_file_is_named_with_its_key(tmp_path, content, words):
     ("pretrain.lr=nan", ["pretrain.lr", "finite"]), ("pretrain.lr=-1", ["pretrain.lr"]),
     ("finetune.stages.224.batch_size=0", ["finetune.stages.224.batch_size"]),
     ("finetune.mixing.parts=0", ["finetune.mixing.parts"]), ("pretrain.max_side=0", ["pretrain.max_side"]),
-    ("finetune.drop_path=1.5", ["finetune.drop_path"]),
+    ("finetune.drop_path=1.5", ["finetune.drop_path"]), ("data.decode=gpu", ["data.decode", "auto, pil or device"]),
 ])
 def test_a_bad_set_value_is_refused_before_any_work(item, words):
     with pytest.raises(UserError) as e:

@@ -68,6 +68,58 @@ def test_a_streamed_test_split_scores_the_same_top1_as_the_resident_one(tmp_path
     assert len(streamed) == 12 and streamed.meta["files"] == 12
 
 
+def test_jpegs_decoded_on_the_device_are_the_pil_pixels_to_resize_rounding(tmp_path):
+    """data.decode=device (torchvision's decoder on the training device; here the CPU's, on a GPU nvjpeg) gives
+    the PIL path's batches: the same rows, sizes and canvases, the same pixels where an image is kept as decoded,
+    and within resize rounding where it is shrunk (torch's antialiased bicubic against PIL's, which rounds to
+    8 bits between its two passes), for a training canvas and a test split's centre squares."""
+    root = imagenet(tmp_path)
+    cpu = torch.device("cpu")
+    for split, max_side in (("train", 64), ("train", 32), ("test", None)):
+        pil, dev = (datasets.load("imagenet", split, 28, root=str(root), max_side=max_side, stream=True, workers=1,
+                                  decode=d) for d in ("pil", "device"))
+        perm = torch.randperm(len(pil), generator=torch.Generator().manual_seed(2))
+        rows = torch.arange(len(pil))
+        steps = list(zip(datasets.feed(pil, rows, cpu).epoch(perm, 0, len(pil) // 6, 6),
+                         datasets.feed(dev, rows, cpu).epoch(perm, 0, len(pil) // 6, 6)))
+        assert len(steps) == len(pil) // 6
+        assert pil.meta["decoder"] == "PIL in 1 worker process" and dev.meta["decoder"] == "torchvision on cpu"
+        diffs = []
+        for (i_p, x_p, s_p), (i_d, x_d, s_d) in steps:
+            assert torch.equal(i_p, i_d) and x_p.shape == x_d.shape and x_d.dtype == torch.uint8
+            assert (s_p is None) == (s_d is None) and (s_p is None or torch.equal(s_p, s_d))
+            for k, i in enumerate(i_p.tolist()):
+                w, h = SHAPES[i % len(SHAPES)] if split == "train" else (28, 28)
+                if max_side and max(w, h) <= max_side:  # not resized: the decoders agree exactly
+                    assert torch.equal(x_p[k], x_d[k])
+                else:
+                    diffs.append((x_p[k].int() - x_d[k].int()).abs().flatten())
+        d = torch.cat(diffs).float()
+        assert d.numel() and d.mean() < 0.5 and (d > 2).float().mean() < 0.01, (split, max_side, d.mean(), d.max())
+
+
+def test_decoding_on_the_device_names_a_broken_jpeg_or_skips_it_and_reads_other_formats(tmp_path, capsys):
+    from PIL import Image
+
+    root = imagenet(tmp_path)
+    bad = root / "imagenet" / "val" / WNIDS[1] / "broken.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    Image.new("RGB", (30, 40), (10, 200, 30)).save(root / "imagenet" / "val" / WNIDS[2] / "green.png")
+    cpu = torch.device("cpu")
+    strict = datasets.load("imagenet", "test", 28, root=str(root), stream=True, workers=0, decode="device")
+    with pytest.raises(UserError, match="broken.JPEG"):
+        list(datasets.feed(strict, torch.arange(len(strict)), cpu).in_order(16))
+    lenient = datasets.load("imagenet", "test", 28, root=str(root), stream=True, skip_bad=True, workers=0,
+                            decode="device")
+    (idx, images), = datasets.feed(lenient, torch.arange(len(lenient)), cpu).in_order(16)
+    files = [str(f) for f in lenient.files]
+    assert len(lenient) == 14 and len(idx) == len(images) == 13
+    assert files.index(str(bad)) not in idx.tolist()
+    png = idx.tolist().index(next(i for i, f in enumerate(files) if f.endswith("green.png")))
+    assert images[png].flatten(1).float().mean(1).round().tolist() == [10.0, 200.0, 30.0]
+    assert "skipped: cannot read image" in capsys.readouterr().err
+
+
 def test_a_streamed_epoch_resumed_in_the_middle_reads_each_image_once(tmp_path, tiny_vit, monkeypatch):
     """A SIGTERM during step 2 of epoch 0 (batches of 4 of 24 images: 6 steps); the resumed run reads the rest
     of that epoch, and ends bit-identical to an uninterrupted streamed run, and within rounding of the resident
@@ -131,7 +183,7 @@ def test_the_imagenet_table_runs_streamed_end_to_end_and_fills_its_cells(tmp_pat
     assert "train has 30 images, the paper's split has 1281167" in capsys.readouterr().err
     assert main(["data", "make-sin10k", "--imagenet", str(data / "imagenet"), "--data-root", str(data)]) == 0
     common = ["--table", "imagenet", "--preset", "demo", "--methods", "random", "idmm", "--backbones", "pvt_v2_b0",
-              "--data-root", str(data), "--results", "r", "--set", "data.stream=true",
+              "--data-root", str(data), "--results", "r", "--set", "data.stream=true", "--set", "data.decode=device",
               "--set", "pretrain_data.sin10k=sin10k", *FAST]  # the demo pretrains on digits otherwise
     capsys.readouterr()
     assert main(["run", *common, "--dry-run"]) == 0
@@ -141,7 +193,7 @@ def test_the_imagenet_table_runs_streamed_end_to_end_and_fills_its_cells(tmp_pat
     recs = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
     pre = next(r for r in recs if r["stage"] == "pretrain")
     assert pre["config"]["data"] == "sin10k" and pre["metrics"]["train_size"] == 30
-    assert pre["metrics"]["data"]["path"] == "streamed"
+    assert pre["metrics"]["data"]["path"] == "streamed" and pre["metrics"]["data"]["decoder"] == "torchvision on cpu"
     tuned = [r for r in recs if r["stage"] == "finetune"]
     assert len(tuned) == 2 and all(r["status"] == "done" and r["metrics"]["test_size"] == 12 for r in tuned)
     assert all(r["metrics"]["data"]["train"]["path"] == "streamed" for r in tuned)
@@ -149,7 +201,8 @@ def test_the_imagenet_table_runs_streamed_end_to_end_and_fills_its_cells(tmp_pat
     capsys.readouterr()
     assert main(["report", "--results", "r", "--table", "imagenet"]) == 0
     text = capsys.readouterr().out
-    assert "(preset: demo --set pretrain_data.sin10k=sin10k" in text and "data.stream" not in text  # no recipe
+    assert "(preset: demo --set pretrain_data.sin10k=sin10k" in text
+    assert "data.stream" not in text and "data.decode" not in text  # how images were read is not the recipe
     rows = [line for line in text.splitlines() if "PVT" in line]
     for rec in tuned:
         method = "random init." if rec["config"]["init"] == "random" else "IDMM (SIN-10k)"

@@ -2,8 +2,9 @@
 
 Resident (`ImageSet`): the split is decoded once into a tensor held in memory; the engine's batched view maker
 crops from it, so no PIL runs in the loop. Streamed (`StreamedSet`): a split too large for that (ImageNet's
-1.28M images) is read from its files a batch at a time, decoded in DataLoader workers onto the same canvas,
-so the views see the same pixels either way. `feed` is the engine's one way to get batches from either.
+1.28M images) is read from its files a batch at a time in DataLoader workers and decoded there (PIL) or on the
+training device (torchvision: nvjpeg on a GPU) onto the same canvas, so the views see the same pixels either
+way. `feed` is the engine's one way to get batches from either.
 
 A training split keeps each image whole, with its aspect ratio (the longer side capped at `max_side`), in the
 top-left corner of a shared canvas, its size beside it: random crops are cut from the real image region, as
@@ -46,7 +47,9 @@ class ImageSet:
 @dataclass
 class StreamedSet:
     """A split read from its files a batch at a time (see `feed`): what `load` returns when the decoded split
-    would not fit the memory budget, or when streaming is asked for."""
+    would not fit the memory budget, or when streaming is asked for. Its JPEGs are decoded by PIL in the
+    DataLoader workers, or (`decoder`: device, or auto on a GPU) read there and decoded on the training device
+    by torchvision (nvjpeg on a GPU), a batch per call."""
     files: list
     labels: torch.Tensor
     classes: list
@@ -56,39 +59,104 @@ class StreamedSet:
     max_side: int | None
     skip_bad: bool = False
     workers: int = 1
+    decoder: str = "auto"
 
     def __len__(self):
         return len(self.labels)
 
-    def decode(self, indices: torch.Tensor):
-        """(uint8 images, sizes or None, the indices decoded) of these rows, as the resident path holds them;
-        with skip_bad an unreadable file is left out of its batch (and named on stderr)."""
-        decoded, kept = [], []
-        for i in indices.tolist():
+    def on_device(self, dev) -> bool:
+        return self.decoder == "device" or self.decoder == "auto" and dev.type == "cuda"
+
+    def _each(self, keys, one):
+        """[(key, one(key))] of the keys whose file reads; with skip_bad an unreadable file is left out of its
+        batch (and named on stderr)."""
+        out = []
+        for k in keys:
             try:
-                decoded.append(_decode(self.files[i], self.size, self.max_side))
-                kept.append(i)
+                out.append((k, one(k)))
             except UserError as e:
                 if not self.skip_bad:
                     raise
                 print(f"bench: skipped: {e}", file=sys.stderr)
-        if not decoded:
-            raise UserError(f"{self.name}: no readable image in a batch of {len(indices)}")
+        if not out:
+            raise UserError(f"{self.name}: no readable image in a batch of {len(keys)}")
+        return out
+
+    def _batch(self, pairs):
+        """(uint8 images, sizes or None, the rows) as the resident path holds them, from [(row, image)]."""
+        rows, decoded = zip(*pairs)
         images, sizes = _canvas(decoded) if self.max_side else (torch.stack(decoded), None)
-        return images, sizes, torch.tensor(kept)
+        return images, sizes, torch.tensor(rows)
+
+    def decode(self, indices: torch.Tensor):
+        """These rows decoded with PIL: (uint8 images, sizes or None, the rows decoded)."""
+        return self._batch(self._each(indices.tolist(), lambda i: _decode(self.files[i], self.size, self.max_side)))
+
+    def read(self, indices: torch.Tensor):
+        """These rows for `decode_on`: ([each JPEG's bytes as uint8 [n], or another format's image decoded with
+        PIL], the rows read)."""
+        def one(i):
+            try:
+                raw = Path(self.files[i]).read_bytes()
+            except OSError as e:
+                raise UserError(f"cannot read image {self.files[i]}: {e.strerror}") from None
+            if raw[:3] == b"\xff\xd8\xff":
+                return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+            return _decode(self.files[i], self.size, self.max_side)
+        rows, items = zip(*self._each(indices.tolist(), one))
+        return list(items), torch.tensor(rows)
+
+    def decode_on(self, dev, items, rows):
+        """`decode`'s batch from `read`'s, its JPEGs decoded on `dev` in one call and shaped there; a file that
+        decoder refuses (a broken one, a CMYK one on a GPU) goes through PIL, which decodes or names it."""
+        jpegs = [k for k, x in enumerate(items) if x.dim() == 1]
+        on_dev = dict(zip(jpegs, _decode_jpegs([items[k] for k in jpegs], dev)))
+
+        def one(k):
+            if k not in on_dev:  # decoded by PIL in the worker
+                return items[k].to(dev)
+            if on_dev[k] is None:
+                return _decode(self.files[int(rows[k])], self.size, self.max_side).to(dev)
+            return _shape_tensor(on_dev[k], self.size, self.max_side)
+        images, sizes, kept = self._batch(self._each(range(len(items)), one))
+        return images, sizes, rows[kept]
+
+
+def _decode_jpegs(data, dev):
+    """uint8 [3, h, w] of each JPEG's bytes, decoded on `dev` in one batched call (nvjpeg on a GPU); None for
+    each one the decoder refuses."""
+    if not data:
+        return []
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec, which this project does not use
+        warnings.simplefilter("ignore")
+        try:
+            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=dev))
+        except RuntimeError:  # the batch fails as a whole: find the culprits one by one
+            out = []
+            for d in data:
+                try:
+                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=dev))
+                except RuntimeError:
+                    out.append(None)
+            return out
 
 
 class _Batches(torch.utils.data.Dataset):
-    """The batches of a streamed epoch as a map-style dataset: item i is batch i, decoded in a worker."""
+    """The batches of a streamed epoch as a map-style dataset: item i is batch i, decoded (or, to be decoded on
+    the device, read) in a worker."""
 
-    def __init__(self, data: StreamedSet, chunks):
-        self.data, self.chunks = data, chunks
+    def __init__(self, data: StreamedSet, chunks, encoded=False):
+        self.data, self.chunks, self.encoded = data, chunks, encoded
 
     def __len__(self):
         return len(self.chunks)
 
     def __getitem__(self, i):
-        return self.data.decode(self.chunks[i])
+        return (self.data.read if self.encoded else self.data.decode)(self.chunks[i])
 
 
 class _ResidentFeed:
@@ -124,14 +192,20 @@ class _StreamedFeed(_ResidentFeed):
     resumed epoch reads exactly the images it had not yet read."""
 
     def _stream(self, chunks):
-        pin = self.dev.type == "cuda"
+        on_device = self.data.on_device(self.dev)
+        workers = self.data.workers
+        self.data.meta["decoder"] = (f"torchvision on {self.dev}" if on_device  # the record says what decoded it
+                                     else f"PIL in {workers} worker process{'es' * (workers > 1)}" if workers
+                                     else "PIL")
+        pin = self.dev.type == "cuda" and not on_device
         # its own generator: a DataLoader draws its workers' seeds from the global RNG otherwise, and the crops
         # drawn after a mid-epoch resume would differ from those of an uninterrupted run
-        loader = torch.utils.data.DataLoader(_Batches(self.data, chunks), batch_size=None, shuffle=False,
-                                             num_workers=self.data.workers, pin_memory=pin,
+        loader = torch.utils.data.DataLoader(_Batches(self.data, chunks, encoded=on_device), batch_size=None,
+                                             shuffle=False, num_workers=self.data.workers, pin_memory=pin,
                                              prefetch_factor=4 if self.data.workers else None,
                                              generator=torch.Generator().manual_seed(0))
-        for images, sizes, idx in loader:
+        for batch in loader:
+            images, sizes, idx = self.data.decode_on(self.dev, *batch) if on_device else batch
             yield (idx.to(self.dev), images.to(self.dev, non_blocking=pin),
                    None if sizes is None else sizes.to(self.dev, non_blocking=pin))
 
@@ -436,28 +510,49 @@ def split_files(spec: str, split: str, root=None):
     return d.lister(_root_for(spec, root), split)
 
 
+def _geometry(w: int, h: int, size: int, max_side: int | None):
+    """(new width, new height, crop box or None) that an image of w x h is resized to and cut by: with max_side,
+    the whole image, shrunk only if its longer side exceeds max_side; without, the centre square of side `size`
+    after resizing the shorter side to it. Both decoders follow it."""
+    if max_side is not None:
+        if max(w, h) <= max_side:
+            return w, h, None
+        s = max_side / max(w, h)
+        return max(1, round(w * s)), max(1, round(h * s)), None
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return nw, nh, (left, top, left + size, top + size)
+
+
 def _decode(path: Path, size: int, max_side: int | None = None) -> torch.Tensor:
-    """uint8 [3, h, w]: with max_side, the whole image, shrunk (bicubic, antialiased) only if its longer side
-    exceeds max_side; without, the centre square of side `size` after resizing the shorter side to it."""
+    """uint8 [3, h, w], decoded with PIL and shaped by `_geometry` (bicubic, antialiased)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im = _to_rgb(im, path)
-            w, h = im.size
-            if max_side is not None:
-                if max(w, h) > max_side:
-                    s = max_side / max(w, h)
-                    im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
-            else:
-                s = size / min(w, h)  # shorter side -> size, then centre square
-                im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-                w, h = im.size
-                left, top = (w - size) // 2, (h - size) // 2
-                im = im.crop((left, top, left + size, top + size))
+            nw, nh, box = _geometry(*im.size, size, max_side)
+            if (nw, nh) != im.size:
+                im = im.resize((nw, nh), Image.BICUBIC)
+            if box is not None:
+                im = im.crop(box)
             return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
     except (OSError, ValueError, SyntaxError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def _shape_tensor(x: torch.Tensor, size: int, max_side: int | None) -> torch.Tensor:
+    """The same shaping as `_decode`'s, on a decoded uint8 [3, h, w] wherever it lies: torch's antialiased
+    bicubic is PIL's filter (a = -0.5), so the two differ by rounding."""
+    h, w = x.shape[1:]
+    nw, nh, box = _geometry(w, h, size, max_side)
+    if (nw, nh) != (w, h):
+        x = F.interpolate(x[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
+        x = x.round_().clamp_(0, 255).to(torch.uint8)
+    if box is not None:
+        x = x[:, box[1]:box[3], box[0]:box[2]]
+    return x
 
 
 def _to_rgb(im, path):
@@ -484,7 +579,8 @@ def _canvas(decoded):
     An image's last row and column are repeated once into the empty canvas, so that a crop's bilinear samples
     within half a pixel of its bottom or right edge see the edge, not black (as a resize clamps at the edge)."""
     sizes = torch.tensor([list(x.shape[1:]) for x in decoded], dtype=torch.long)
-    out = torch.zeros(len(decoded), 3, int(sizes[:, 0].max()), int(sizes[:, 1].max()), dtype=torch.uint8)
+    out = torch.zeros(len(decoded), 3, int(sizes[:, 0].max()), int(sizes[:, 1].max()), dtype=torch.uint8,
+                      device=decoded[0].device)
     for i, x in enumerate(decoded):
         h, w = x.shape[1:]
         out[i, :, :h, :w] = x
@@ -545,9 +641,10 @@ def _workers(workers):
 @functools.lru_cache(maxsize=8)
 def load(spec: str, split: str, size: int, root: str | None = None, skip_bad: bool = False,
          cache_dir: str | None = None, max_side: int | None = None, stream="auto", memory_gb: float = 32.0,
-         workers: int | None = None):
+         workers: int | None = None, decode: str = "auto"):
     """One split: resident (an ImageSet, decoded once; with `cache_dir`, kept in a file for later jobs) or, when
-    `data_path` says so, streamed (a StreamedSet that decodes a batch at a time in `workers` processes).
+    `data_path` says so, streamed (a StreamedSet that reads a batch at a time in `workers` processes and decodes
+    it there with PIL or, `decode`: device, or auto on a GPU, on the training device).
 
     With max_side (training splits): every image whole, aspect ratio kept, longer side at most max_side, on a
     canvas with their sizes. Without (test splits): uint8 [N, 3, size, size] centre squares. Data that is not
@@ -556,13 +653,13 @@ def load(spec: str, split: str, size: int, root: str | None = None, skip_bad: bo
     if d.reader is not None:
         return d.reader(root, split, size)
     files, labels, classes, meta = d.lister(_root_for(spec, root), split)
-    how = {"stream": stream, "memory_gb": memory_gb,  # how it was read, beside what was read
+    how = {"stream": stream, "memory_gb": memory_gb, "decode": decode,  # how it was read, beside what was read
            "resident_gb_estimate": round(resident_bytes(len(files), size, max_side) / 2 ** 30, 3)}
     meta = {**meta, **how}
     if data_path(len(files), size, max_side, stream, memory_gb) == "streamed":
         meta.update(files=len(files), path="streamed", **({"max_side": max_side} if max_side else {}))
         return StreamedSet(files, torch.tensor(labels), classes, spec, meta, size, max_side, skip_bad,
-                           _workers(workers))
+                           _workers(workers), decode)
     cache = None
     if cache_dir and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise UserError(f"{cache_dir} is not a directory: remove it, or run with --no-cache")
