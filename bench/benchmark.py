@@ -26,7 +26,7 @@ from bench import engine, models
 from bench import plan as planner
 from bench.data.views import IMAGENET_MEAN, IMAGENET_STD, make_views
 from bench.finetune import Classifier
-from bench.results import hardware, versions
+from bench.results import hardware, versions, write_durably
 from methods import METHODS
 
 BASELINES = ["idmm", "simclr", "supcon", "mocov2", "mocov3", "dino"]
@@ -184,8 +184,9 @@ def end_to_end(cfg, train, dev, epochs):
         last = engine.fit(model, train, run, Path(tmp), desc="benchmark")
         _sync(dev)
         wall, seen = time.perf_counter() - t, len(train) * epochs
-        if last["compiled"]:
-            wall, seen = wall - last["first_step_s"], seen - min(cfg["batch_size"], len(train))
+        first = min(cfg["batch_size"], len(train))
+        if last["compiled"] and seen > first:  # (with a single step there is nothing else to time)
+            wall, seen = wall - last["first_step_s"], seen - first
         logged = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     out = {"end_to_end": round(seen / wall, 1), "epoch_wall_s": round(wall / epochs, 3),
            "inside_epochs": round(sum(m["images_per_s"] for m in logged) / len(logged), 1)}
@@ -198,12 +199,11 @@ IMAGENET_TRAIN = 1_281_167
 
 
 def streamed(configs, measured, resident, data, dev, epochs, only, say):
-    """(b) of DeiT-Tiny fine-tuning at 224 on the same JPEGs streamed (read a batch at a time, decoded by PIL in
+    """(row, measurement): (b) of DeiT-Tiny fine-tuning at 224 on the same JPEGs streamed (read a batch at a time, decoded by PIL in
     the workers or by torchvision on the device), against the same split resident; with the minutes one epoch
     of ImageNet's training split would take at that rate."""
     label = f"finetune {BACKBONES[0]} 224"
-    cfg, out = configs[label], {}
-    base = measured.get(label, {}).get("end_to_end")
+    cfg, base = configs[label], measured.get(label, {}).get("end_to_end")
     for decoder in ("pil", "device"):
         row = f"streamed {BACKBONES[0]} 224 {decoder}"
         if only and not any(o in row for o in only):
@@ -214,10 +214,9 @@ def streamed(configs, measured, resident, data, dev, epochs, only, say):
         r = end_to_end(copy.deepcopy(cfg), split, dev, epochs)
         r.update(resident=base, of_resident=round(r["end_to_end"] / base, 2), workers=split.workers,
                  decoder=split.meta["decoder"], imagenet_epoch_min=round(IMAGENET_TRAIN / r["end_to_end"] / 60, 1))
-        out[row] = r
         say(f"  {row:40s} (b) {r['end_to_end']:>8} images/s, {r['of_resident']} of resident ({base}),"
             f" {r['decoder']}; an ImageNet epoch {r['imagenet_epoch_min']} min")
-    return out
+        yield row, r
 
 
 def _configs(preset, data):
@@ -291,6 +290,11 @@ def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out
         f" torch {torch.__version__}")
     results = {"hardware": hw, "versions": versions(), "preset": preset["name"], "images": images,
                "steps": steps, "epochs": epochs, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": {}}
+
+    def save():  # after every row: a run cut short keeps what it measured
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_durably(out, json.dumps(results, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t = time.perf_counter()
@@ -299,8 +303,7 @@ def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out
         files = datasets.split_files(data, "train")[0]
         say(f"  wrote {images} JPEGs in {time.perf_counter() - t:.1f} s")
         decoded = {}
-        prev = os.environ.get("BENCH_DEVICE")
-        os.environ["BENCH_DEVICE"] = str(dev)  # the engine trains where the benchmark was told to
+
         def resident(side):
             if side not in decoded:
                 t = time.perf_counter()
@@ -308,6 +311,8 @@ def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out
                 say(f"  decoded the split once (max side {side}) in {time.perf_counter() - t:.1f} s")
             return decoded[side]
 
+        prev = os.environ.get("BENCH_DEVICE")
+        os.environ["BENCH_DEVICE"] = str(dev)  # the engine trains where the benchmark was told to
         try:
             configs = _configs(preset, data)
             for label, cfg in configs:
@@ -315,10 +320,13 @@ def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out
                     continue
                 r = measure(copy.deepcopy(cfg), resident(cfg["max_side"]), files, dev, steps, epochs)
                 results["runs"][label] = r
+                save()
                 say(f"  {label:40s} (a) {r['official_style']:>8} (b) {r['end_to_end']:>8} (c) {r['step_alone']:>8}"
                     f" images/s   b/a {r['b_over_a']}  b/c {r['b_over_c']}  epoch {r['epoch_wall_s']} s"
                     + (f"  compile {r['compile_s']} s" if "compile_s" in r else ""))
-            results["runs"].update(streamed(dict(configs), results["runs"], resident, data, dev, epochs, only, say))
+            for row, r in streamed(dict(configs), results["runs"], resident, data, dev, epochs, only, say):
+                results["runs"][row] = r
+                save()
         finally:
             if prev is None:
                 os.environ.pop("BENCH_DEVICE")
@@ -329,7 +337,6 @@ def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out
     for name, v in results["implied_hours"].items():
         say(f"  table {name:10s} {v['hours']:>9} device-hours at rate (b)"
             + (f" (not counted: {', '.join(v['not_counted'])})" if v.get("not_counted") else ""))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    save()
     say(f"  written to {out}")
     return results
