@@ -158,6 +158,24 @@ def test_benchmark_measures_streaming_beside_the_resident_split(tmp_path):
     assert "an ImageNet epoch" in run.stdout
 
 
+def test_implied_hours_slow_only_the_splits_that_stream_by_the_share_streaming_kept():
+    """Under the paper preset ImageNet's training split streams (1.5 TB resident) and the small sets stay
+    resident: at half the resident rate, only the imagenet table's fine-tuning hours grow, by their own amount."""
+    from bench import plan as planner
+    from bench.benchmark import implied_hours
+
+    preset = planner.load_preset("paper")
+    backbones = ("deit_tiny_patch16_224", "pvt_v2_b0")
+    rates = {**{f"finetune {b} 224": 1000.0 for b in backbones},
+             **{f"pretrain {m} {b}": 2000.0 for m in ("idmm", "mocov3") for b in backbones}}
+    plain, slowed = implied_hours(preset, rates), implied_hours(preset, rates, 0.5)
+    assert slowed["comparison"] == plain["comparison"] and "streamed_at" not in slowed["comparison"]
+    assert slowed["imagenet"]["streamed_at"] == 0.5
+    imagenet_ft = sum(1_281_167 * j.config["epochs"] / 1000.0 for j in planner.plan("imagenet", preset)
+                      if j.config["stage"] == "finetune" and j.config["data"] == "imagenet")
+    assert abs(slowed["imagenet"]["hours"] - plain["imagenet"]["hours"] - imagenet_ft / 3600) < 0.02
+
+
 def test_benchmark_measures_the_three_pipelines_and_writes_json(tmp_path):
     out = tmp_path / "b.json"
     run = bench("benchmark", "--device", "cpu", "--images", "48", "--steps", "1", "--epochs", "1",
