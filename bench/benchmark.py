@@ -199,9 +199,9 @@ IMAGENET_TRAIN = 1_281_167
 
 
 def streamed(configs, measured, resident, data, dev, epochs, only, say):
-    """(row, measurement): (b) of DeiT-Tiny fine-tuning at 224 on the same JPEGs streamed (read a batch at a time, decoded by PIL in
-    the workers or by torchvision on the device), against the same split resident; with the minutes one epoch
-    of ImageNet's training split would take at that rate."""
+    """(row, measurement) pairs: (b) of DeiT-Tiny fine-tuning at 224 on the same JPEGs streamed (read a batch at
+    a time, decoded by PIL in the workers or by torchvision on the device), against the same split resident;
+    with the minutes one epoch of ImageNet's training split would take at that rate."""
     label = f"finetune {BACKBONES[0]} 224"
     cfg, base = configs[label], measured.get(label, {}).get("end_to_end")
     for decoder in ("pil", "device"):
@@ -259,7 +259,7 @@ def implied_hours(preset, rates, streamed=None):
             if not rate:
                 missing.add(c["backbone"])
                 continue
-            (split, size, max_side), *_ = datasets.splits_of(c)
+            (_, size, max_side), *_ = datasets.splits_of(c)  # the training split's
             if streamed and datasets.data_path(n, size, max_side) == "streamed":
                 rate, slowed = rate * streamed, True
             seconds += n * c["epochs"] / rate
@@ -344,7 +344,8 @@ def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out
     for name, v in results["implied_hours"].items():
         notes = ([f"not counted: {', '.join(v['not_counted'])}"] if v.get("not_counted") else []) + (
             [f"streamed splits at {v['streamed_at']} of the resident rate"] if v.get("streamed_at") else [])
-        say(f"  table {name:10s} {v['hours']:>9} device-hours at rate (b)" + (f" ({'; '.join(notes)})" if notes else ""))
+        say(f"  table {name:10s} {v['hours']:>9} device-hours at rate (b)"
+            + (f" ({'; '.join(notes)})" if notes else ""))
     save()
     say(f"  written to {out}")
     return results
