@@ -98,6 +98,19 @@ def test_jpegs_decoded_on_the_device_are_the_pil_pixels_to_resize_rounding(tmp_p
         assert d.numel() and d.mean() < 0.5 and (d > 2).float().mean() < 0.01, (split, max_side, d.mean(), d.max())
 
 
+def test_a_batch_read_for_the_device_crosses_from_its_worker_as_one_byte_tensor(tmp_path):
+    """Each tensor a DataLoader worker returns travels through its own shared memory: a batch of JPEGs goes as
+    one tensor of their bytes and one of their lengths, however many files it holds."""
+    root = imagenet(tmp_path)
+    data = datasets.load("imagenet", "train", 28, root=str(root), max_side=64, stream=True, workers=0,
+                         decode="device")
+    blob, lengths, others, rows = data.read(torch.arange(20))
+    sizes = [data.files[i].stat().st_size for i in range(20)]
+    assert lengths.tolist() == sizes and blob.numel() == sum(sizes)
+    assert others == [] and rows.tolist() == list(range(20))
+    assert bytes(blob[sizes[0]:sizes[0] + sizes[1]].numpy()) == data.files[1].read_bytes()
+
+
 def test_decoding_on_the_device_names_a_broken_jpeg_or_skips_it_and_reads_other_formats(tmp_path, capsys):
     from PIL import Image
 

@@ -93,32 +93,37 @@ class StreamedSet:
         return self._batch(self._each(indices.tolist(), lambda i: _decode(self.files[i], self.size, self.max_side)))
 
     def read(self, indices: torch.Tensor):
-        """These rows for `decode_on`: ([each JPEG's bytes as uint8 [n], or another format's image decoded with
-        PIL], the rows read)."""
+        """These rows for `decode_on`, in few tensors (a worker hands each tensor over through its own shared
+        memory, which costs more than decoding a small JPEG): (every JPEG's bytes in one uint8 tensor, each row's
+        byte count or -1 where it is not a JPEG, those other files' images decoded with PIL, the rows read)."""
         def one(i):
             try:
                 raw = Path(self.files[i]).read_bytes()
             except OSError as e:
                 raise UserError(f"cannot read image {self.files[i]}: {e.strerror}") from None
-            if raw[:3] == b"\xff\xd8\xff":
-                return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-            return _decode(self.files[i], self.size, self.max_side)
+            return raw if raw[:3] == b"\xff\xd8\xff" else _decode(self.files[i], self.size, self.max_side)
         rows, items = zip(*self._each(indices.tolist(), one))
-        return list(items), torch.tensor(rows)
+        jpegs = b"".join(x for x in items if isinstance(x, bytes))
+        blob = torch.frombuffer(bytearray(jpegs), dtype=torch.uint8) if jpegs else torch.empty(0, dtype=torch.uint8)
+        lengths = torch.tensor([len(x) if isinstance(x, bytes) else -1 for x in items])
+        return blob, lengths, [x for x in items if not isinstance(x, bytes)], torch.tensor(rows)
 
-    def decode_on(self, dev, items, rows):
+    def decode_on(self, dev, blob, lengths, others, rows):
         """`decode`'s batch from `read`'s, its JPEGs decoded on `dev` in one call and shaped there; a file that
         decoder refuses (a broken one, a CMYK one on a GPU) goes through PIL, which decodes or names it."""
-        jpegs = [k for k, x in enumerate(items) if x.dim() == 1]
-        on_dev = dict(zip(jpegs, _decode_jpegs([items[k] for k in jpegs], dev)))
+        counts = lengths.tolist()
+        ends = lengths.clamp(min=0).cumsum(0).tolist()
+        jpegs = [k for k, n in enumerate(counts) if n >= 0]
+        on_dev = dict(zip(jpegs, _decode_jpegs([blob[ends[k] - counts[k]:ends[k]] for k in jpegs], dev)))
+        by_pil = dict(zip((k for k, n in enumerate(counts) if n < 0), others))  # decoded in the worker
 
         def one(k):
-            if k not in on_dev:  # decoded by PIL in the worker
-                return items[k].to(dev)
+            if k in by_pil:
+                return by_pil[k].to(dev)
             if on_dev[k] is None:
                 return _decode(self.files[int(rows[k])], self.size, self.max_side).to(dev)
             return _shape_tensor(on_dev[k], self.size, self.max_side)
-        images, sizes, kept = self._batch(self._each(range(len(items)), one))
+        images, sizes, kept = self._batch(self._each(range(len(counts)), one))
         return images, sizes, rows[kept]
 
 
