@@ -88,9 +88,12 @@ def _job_table(jobs, store, data_opts):
     text = tabulate(rows, ["hash", "recipe", "state"], tablefmt="plain")
     files = [path for path, est in seen.values() if est is not None]
     if files:
+        decode = data_opts.get("decode", "auto")
         text += (f"\ndata: {len(files)} splits of image files, {files.count('streamed')} streamed "
                  f"(data.stream={str(data_opts['stream']).lower()}, data.memory_gb={data_opts['memory_gb']} "
-                 f"per split); in brackets, a split's decoded size if held resident; the most one job holds "
+                 f"per split; their JPEGs decoded by data.decode={decode}"
+                 + (", nvjpeg where a job has a GPU, PIL where not" if decode == "auto" else "")
+                 + f"); in brackets, a split's decoded size if held resident; the most one job holds "
                  f"resident: {most / 2 ** 30:.1f} GB")
     return text
 

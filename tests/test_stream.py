@@ -202,6 +202,7 @@ def test_the_imagenet_table_runs_streamed_end_to_end_and_fills_its_cells(tmp_pat
     assert main(["run", *common, "--dry-run"]) == 0
     plan = capsys.readouterr().out
     assert "data=sin10k" in plan and "data_path=train:streamed" in plan and "test:streamed" in plan
+    assert "decoded by data.decode=device)" in plan
     assert main(["run", *common]) == 0
     recs = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
     pre = next(r for r in recs if r["stage"] == "pretrain")
