@@ -10,7 +10,7 @@ from tabulate import tabulate
 
 from bench import data as datasets
 from bench import plan as planner
-from bench.engine import COMPILE_CHOICES
+from bench.engine import COMPILE_CHOICES, compiles
 from bench.errors import UserError
 from bench.results import Store
 
@@ -88,7 +88,7 @@ def _job_table(jobs, store, data_opts):
     text = tabulate(rows, ["hash", "recipe", "state"], tablefmt="plain")
     files = [path for path, est in seen.values() if est is not None]
     if files:
-        decode = data_opts.get("decode", "auto")
+        decode = data_opts["decode"]
         text += (f"\ndata: {len(files)} splits of image files, {files.count('streamed')} streamed "
                  f"(data.stream={str(data_opts['stream']).lower()}, data.memory_gb={data_opts['memory_gb']} "
                  f"per split; their JPEGs decoded by data.decode={decode}"
@@ -140,8 +140,6 @@ def _compile_choice(args):
     if args.compile is not None:
         os.environ["BENCH_COMPILE"] = args.compile
     import torch
-
-    from bench.engine import compiles
 
     compiles(torch.device("cpu"))  # a bad $BENCH_COMPILE fails here, before any job
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from bench.data import feed
 from bench.data.views import make_views
+from bench.errors import UserError
 from bench.results import Lock, aside, write_durably
 
 
@@ -141,7 +142,6 @@ def compiles(dev):
     images/s on an H200), and not on a CPU, where compiling costs more than the demo's whole jobs."""
     raw = os.environ.get("BENCH_COMPILE", "auto")
     if raw not in COMPILE_CHOICES:
-        from bench.errors import UserError
         raise UserError(f"BENCH_COMPILE={raw}: expected one of {', '.join(COMPILE_CHOICES)}")
     return raw == "on" or (raw == "auto" and dev.type == "cuda")
 
@@ -226,7 +226,6 @@ def checkpoint_interval():
     except ValueError:
         value = -1.0
     if not value > 0:
-        from bench.errors import UserError
         raise UserError(f"BENCH_CHECKPOINT_EVERY_S={raw}: expected a number of seconds > 0")
     return value
 

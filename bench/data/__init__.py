@@ -88,9 +88,12 @@ class StreamedSet:
         images, sizes = _canvas(decoded) if self.max_side else (torch.stack(decoded), None)
         return images, sizes, torch.tensor(rows)
 
+    def _pil(self, i):
+        return _decode(self.files[i], self.size, self.max_side)
+
     def decode(self, indices: torch.Tensor):
         """These rows decoded with PIL: (uint8 images, sizes or None, the rows decoded)."""
-        return self._batch(self._each(indices.tolist(), lambda i: _decode(self.files[i], self.size, self.max_side)))
+        return self._batch(self._each(indices.tolist(), self._pil))
 
     def read(self, indices: torch.Tensor):
         """These rows for `decode_on`, in few tensors (a worker hands each tensor over through its own shared
@@ -101,7 +104,7 @@ class StreamedSet:
                 raw = Path(self.files[i]).read_bytes()
             except OSError as e:
                 raise UserError(f"cannot read image {self.files[i]}: {e.strerror}") from None
-            return raw if raw[:3] == b"\xff\xd8\xff" else _decode(self.files[i], self.size, self.max_side)
+            return raw if raw[:3] == b"\xff\xd8\xff" else self._pil(i)
         rows, items = zip(*self._each(indices.tolist(), one))
         jpegs = b"".join(x for x in items if isinstance(x, bytes))
         blob = torch.frombuffer(bytearray(jpegs), dtype=torch.uint8) if jpegs else torch.empty(0, dtype=torch.uint8)
@@ -121,7 +124,7 @@ class StreamedSet:
             if k in by_pil:
                 return by_pil[k].to(dev)
             if on_dev[k] is None:
-                return _decode(self.files[int(rows[k])], self.size, self.max_side).to(dev)
+                return self._pil(int(rows[k])).to(dev)
             return _shape_tensor(on_dev[k], self.size, self.max_side)
         images, sizes, kept = self._batch(self._each(range(len(counts)), one))
         return images, sizes, rows[kept]
@@ -206,8 +209,8 @@ class _StreamedFeed(_ResidentFeed):
         # its own generator: a DataLoader draws its workers' seeds from the global RNG otherwise, and the crops
         # drawn after a mid-epoch resume would differ from those of an uninterrupted run
         loader = torch.utils.data.DataLoader(_Batches(self.data, chunks, encoded=on_device), batch_size=None,
-                                             shuffle=False, num_workers=self.data.workers, pin_memory=pin,
-                                             prefetch_factor=4 if self.data.workers else None,
+                                             shuffle=False, num_workers=workers, pin_memory=pin,
+                                             prefetch_factor=4 if workers else None,
                                              generator=torch.Generator().manual_seed(0))
         for batch in loader:
             images, sizes, idx = self.data.decode_on(self.dev, *batch) if on_device else batch
