@@ -16,6 +16,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,21 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
+def host_waits(dev, fn):
+    """How many times `fn` made the host wait for the GPU (CUDA's sync debug mode warns at each); None elsewhere.
+    A wait inside a step keeps the host from preparing the next step while the GPU runs this one."""
+    if dev.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
 def _step_fn(model, cfg, dev):
     """The engine's own step (its optimiser and update), without the loop around it."""
     opt, params = engine.optimizer(model, cfg, dev)
@@ -140,6 +156,9 @@ def measure(cfg, train, files, dev, steps, epochs):
     index, labels = torch.arange(bs, device=dev), train.labels[:bs].to(dev)
     views = make_views(imgs, _views_of(cfg), sizes)
     step(views, index, labels)  # warm-up (allocations, kernels)
+    _sync(dev)
+    # a whole step, its views included: on a GPU, how often it waits for the device (0 where none is needed)
+    out["host_waits"] = host_waits(dev, lambda: step(make_views(imgs, _views_of(cfg), sizes), index, labels))
     _sync(dev)
     t = time.perf_counter()
     for _ in range(steps):
@@ -328,7 +347,8 @@ def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out
                 save()
                 say(f"  {label:40s} (a) {r['official_style']:>8} (b) {r['end_to_end']:>8} (c) {r['step_alone']:>8}"
                     f" images/s   b/a {r['b_over_a']}  b/c {r['b_over_c']}  epoch {r['epoch_wall_s']} s"
-                    + (f"  compile {r['compile_s']} s" if "compile_s" in r else ""))
+                    + (f"  compile {r['compile_s']} s" if "compile_s" in r else "")
+                    + (f"  host waits/step {r['host_waits']}" if r["host_waits"] is not None else ""))
             for row, r in streamed(dict(configs), results["runs"], resident, data, dev, epochs, only, say):
                 results["runs"][row] = r
                 save()

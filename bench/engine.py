@@ -10,6 +10,7 @@ Under torch.distributed the same loop runs on every rank (see `fit`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -181,6 +182,9 @@ def runs_bf16(dev, precision):
 
 
 def autocast(dev, precision):
+    """bf16 autocast where `precision` runs as bf16 on `dev`; autocast("fp32") keeps a region in fp32 inside one."""
+    if not torch.amp.is_autocast_available(dev.type):  # a device autocast does not know (meta): nothing to switch
+        return contextlib.nullcontext()
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=runs_bf16(dev, precision))
 
 
@@ -334,9 +338,12 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
             ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
             if not isinstance(ck, dict) or not {"model", "optimizer", "epoch", "step"} <= set(ck):
                 raise ValueError("not a training checkpoint")
+            if set(ck["model"]) != set(model.state_dict()):  # written by a version whose model kept other state
+                raise ValueError("its model's entries are not this model's")
         except Exception as e:  # cut short, overwritten, not a checkpoint: kept aside, and the job starts over
             if main:
-                aside(ckpt_path, f"cannot be read ({type(e).__name__}); the job starts again from epoch 0")
+                why = str(e) if isinstance(e, ValueError) else type(e).__name__
+                aside(ckpt_path, f"cannot be used ({why}); the job starts again from epoch 0")
             ck = None
         if world > 1:  # every rank must agree on resuming or starting over
             flag = torch.tensor([float(ck is None)], device=dev)

@@ -6,7 +6,7 @@ from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import update_momentum
 
-from bench.engine import Method, cosine_ramp, momentum_copy
+from bench.engine import Method, autocast, cosine_ramp, momentum_copy
 
 
 class DINO(Method):
@@ -59,7 +59,7 @@ class DINO(Method):
         with torch.no_grad():
             # each global crop is a group of its own (their blur and solarisation differ)
             teacher = self.teacher_head(self.embed(views[:n_global], self.teacher)).chunk(n_global)
-        with torch.autocast(student[0].device.type, enabled=False):  # softmax over 65536 outputs: in fp32
+        with autocast(student[0].device, "fp32"):  # softmax over 65536 outputs: in fp32
             return self.criterion([t.float() for t in teacher], [s.float() for s in student],
                                   teacher_temp=self.teacher_temp(progress))
 

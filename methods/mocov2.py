@@ -19,6 +19,11 @@ class MoCoV2(Method):
         # the queue takes every rank's keys, as the official concat_all_gather does
         self.criterion = NTXentLoss(temperature=cfg["temperature"], memory_bank_size=(cfg["queue"], cfg["out_dim"]),
                                     gather_distributed=True)
+        # lightly keeps the queue and its write position out of the state dict: a resumed job would start from a
+        # fresh random queue. As persistent buffers they travel in every checkpoint.
+        bank = self.criterion.memory_bank
+        for name in ("bank", "bank_ptr"):
+            bank.register_buffer(name, getattr(bank, name), persistent=True)
 
     def loss(self, views, index, label, progress):
         x_q, x_k = torch.cat(views).chunk(2)

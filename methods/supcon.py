@@ -19,9 +19,9 @@ def supcon_loss(features, labels, temperature):
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     positives = (labels[:, None] == labels[None, :]) & ~self_mask
     n_pos = positives.sum(1)
-    has_pos = n_pos > 0
-    mean_log_prob_pos = log_prob.masked_fill(~positives, 0).sum(1)[has_pos] / n_pos[has_pos]
-    return -mean_log_prob_pos.mean()
+    mean_log_prob_pos = log_prob.masked_fill(~positives, 0).sum(1) / n_pos.clamp(min=1)
+    has_pos = (n_pos > 0).float()  # a mask, not a selection: selecting would read the count back from the GPU
+    return -(mean_log_prob_pos * has_pos).sum() / has_pos.sum()
 
 
 class SupCon(Method):

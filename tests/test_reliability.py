@@ -103,19 +103,31 @@ def test_damaged_and_foreign_json_files_are_ignored_and_named(tmp_path):
     assert len(list(tmp_path.glob("fedcba9876543210.json.damaged-*"))) == 1
 
 
-def test_a_damaged_checkpoint_is_set_aside_and_the_job_starts_over(tmp_path, tiny_vit, tiny_images):
+@pytest.mark.parametrize("damage", ["bytes", "entries"])
+def test_a_damaged_checkpoint_is_set_aside_and_the_job_starts_over(tmp_path, tiny_vit, tiny_images, capfd, damage):
+    """Damaged bytes, or a checkpoint whose model has other entries than this one (an earlier version's MoCo v2
+    kept no queue): set aside with the reason, and the job trains from epoch 0 to the weights of a fresh run."""
     from bench.engine import fit
     from bench.finetune import Classifier
     from test_engine import FT
 
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
     ref = Classifier(tiny_vit(3), FT)
     fit(ref, tiny_images, FT, tmp_path / "ref")
+    run.mkdir()
+    if damage == "bytes":
+        (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    else:
+        ck = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=False)
+        ck.update(epoch=1, step=0)
+        ck["model"].pop(next(iter(ck["model"])))
+        torch.save(ck, run / "checkpoint.pt")
+    capfd.readouterr()
     model = Classifier(tiny_vit(3), FT)
     fit(model, tiny_images, FT, run)
     assert len(list(run.glob("checkpoint.pt.damaged-*"))) == 1
+    err = capfd.readouterr().err
+    assert "starts again from epoch 0" in err and ("entries are not this model's" in err) == (damage == "entries")
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
 
 

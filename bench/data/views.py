@@ -29,13 +29,37 @@ def _uniform(lo, hi, n, device):
     return torch.rand(n, device=device) * (hi - lo) + lo
 
 
+# On a GPU, a plain copy from host memory (`.to(dev)`, `torch.tensor(..., device=dev)`) waits until every kernel
+# queued before it has run, so the host can no longer run ahead of the GPU: each one inside a step serialises the
+# step's host work with the device's. Host draws go through `to_device` (pinned, non-blocking); constants are
+# made once per device (`_const`); nothing here reads a device tensor back.
+def to_device(t, dev):
+    """A host tensor on `dev` without waiting for the device's queue (pinned memory, non-blocking copy)."""
+    dev = torch.device(dev)
+    if dev.type == "cpu":
+        return t
+    return (t.pin_memory() if dev.type == "cuda" else t).to(dev, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _const(values, device, dtype):
+    """A constant tensor (nested tuples) on `device`: copied there once, then reused."""
+    return torch.tensor(values, dtype=dtype).to(device)
+
+
+def _column(v, n, device):
+    """A number or a tensor of n as a float column [n, 1] on `device`, a number without any copy."""
+    if isinstance(v, torch.Tensor):
+        return v.to(device, torch.float).expand(n)[:, None]
+    return torch.full((n, 1), float(v), device=device)
+
+
 def random_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), device="cpu", tries=10):
     """RandomResizedCrop boxes [n, 4] (x1, y1, x2, y2) in pixels, sampled as torchvision's get_params does:
     up to ten tries of an area fraction ~ U(scale) and a log aspect ~ U(log ratio), with the sides rounded to
     whole pixels and the box kept only if it fits; else the centre crop of the image clamped to the ratio range.
     height, width: the image's size, a number or one per box (each image its own)."""
-    h_img = torch.as_tensor(height, dtype=torch.float, device=device).expand(n)[:, None]
-    w_img = torch.as_tensor(width, dtype=torch.float, device=device).expand(n)[:, None]
+    h_img, w_img = _column(height, n, device), _column(width, n, device)
     area = h_img * w_img * (torch.rand(n, tries, device=device) * (scale[1] - scale[0]) + scale[0])
     log_r = torch.rand(n, tries, device=device) * (math.log(ratio[1]) - math.log(ratio[0])) + math.log(ratio[0])
     w = torch.round(torch.sqrt(area * torch.exp(log_r)))
@@ -58,20 +82,27 @@ def random_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), device="cpu", tr
 
 
 def _grey(x):
-    w = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    w = _const(_LUMA, x.device, x.dtype).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _yiq(device, dtype):
+    """RGB -> YIQ and its inverse, on `device` (inverted on the host: a GPU's inverse checks for a singular
+    matrix by reading the device)."""
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=dtype)
+    return to_yiq.to(device), torch.linalg.inv(to_yiq).to(device)
 
 
 def _hue_rotate(x, shift):
     """Rotate hue by `shift` turns per sample (YIQ rotation: a linear 3x3 map per sample)."""
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          device=x.device, dtype=x.dtype)
+    to_yiq, from_yiq = _yiq(x.device, x.dtype)
     theta = shift * 2 * math.pi
     c, s = torch.cos(theta), torch.sin(theta)
     rot = torch.zeros(len(x), 3, 3, device=x.device, dtype=x.dtype)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
-    m = torch.linalg.inv(to_yiq) @ rot @ to_yiq  # [B, 3, 3]
+    m = from_yiq @ rot @ to_yiq  # [B, 3, 3]
     return torch.einsum("bij,bjhw->bihw", m, x)
 
 
@@ -80,7 +111,7 @@ def _blur(x, sigma):
     kernel reaches 3 sigma of the largest."""
     b, c, h, w = x.shape
     radius = max(1, math.ceil(3 * float(sigma.max())))
-    sigma = sigma.to(x.device, x.dtype)
+    sigma = to_device(sigma, x.device).to(x.dtype)
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*C, K]
@@ -120,7 +151,7 @@ def augment(x, spec):
         blur = torch.rand(b) < spec["blur_p"]  # without waiting for the device
         if blur.any():
             sigma = _uniform(*spec["blur_sigma"], b, "cpu")
-            x = torch.where(blur.to(dev)[:, None, None, None], _blur(x, sigma), x)
+            x = torch.where(to_device(blur, dev)[:, None, None, None], _blur(x, sigma), x)
     if spec.get("solarize_p", 0) > 0:
         sol = torch.rand(b, device=dev) < spec["solarize_p"]
         x = torch.where(sol[:, None, None, None] & (x >= 0.5), 1 - x, x)
@@ -128,8 +159,8 @@ def augment(x, spec):
 
 
 def normalize(x):
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = _const(IMAGENET_MEAN, x.device, x.dtype).view(1, 3, 1, 1)
+    std = _const(IMAGENET_STD, x.device, x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -283,8 +314,7 @@ def _warp(x, matrix, bicubic):
 
 def _matrix(n, device, a=1.0, b=0.0, c=0.0, d=0.0, e=1.0, f=0.0):
     """Per-sample PIL affine coefficients (a, b, c, d, e, f) as [n, 2, 3]; each may be a tensor of n."""
-    parts = [torch.as_tensor(v, dtype=torch.float, device=device).expand(n) for v in (a, b, c, d, e, f)]
-    return torch.stack(parts, 1).view(n, 2, 3)
+    return torch.cat([_column(v, n, device) for v in (a, b, c, d, e, f)], 1).view(n, 2, 3)
 
 
 def _rotation(h, w, m, rand):
@@ -356,12 +386,12 @@ def _solarize(x, m, rand):
     return torch.where(_levels(x) >= thr, 1 - x, x)
 
 
-_SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13
+_SMOOTH = tuple(tuple(v / 13 for v in row) for row in ((1.0, 1.0, 1.0), (1.0, 5.0, 1.0), (1.0, 1.0, 1.0)))
 
 
 def _sharpness(x, m, rand):
     """ImageEnhance.Sharpness: blend with PIL's SMOOTH filter, which leaves the outermost pixels unfiltered."""
-    k = _SMOOTH.to(x.device, x.dtype).expand(3, 1, 3, 3)
+    k = _const(_SMOOTH, x.device, x.dtype).expand(3, 1, 3, 3)
     smooth = x.clone()
     smooth[:, :, 1:-1, 1:-1] = _q(F.conv2d(x, k, groups=3))
     return _blend(smooth, x, _enhance_factor(m, rand))
@@ -376,7 +406,7 @@ def _cutout(x, m, rand):
     cx = (rand[:, 2] * w).long().clamp(max=w - 1)[:, None, None]
     ys, xs = torch.arange(h, device=x.device)[None, :, None], torch.arange(w, device=x.device)[None, None, :]
     hole = (ys >= cy - half) & (ys < cy + half) & (xs >= cx - half) & (xs < cx + half)
-    fill = torch.tensor(_CUTOUT_FILL, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    fill = _const(_CUTOUT_FILL, x.device, x.dtype).view(1, 3, 1, 1)
     return torch.where(hole[:, None], fill, x)
 
 
@@ -413,11 +443,13 @@ def randaugment(x, ops=2, p=0.5, magnitude=(1, 9)):
         rand = torch.rand(n, 3)  # a sign, a cutout centre
         out, warps = x.clone(), {False: [], True: []}
         chosen = pick.masked_fill(~on, -1)
-        for k in chosen.unique().tolist():
-            if k < 0:
-                continue
-            idx = torch.nonzero(chosen == k)[:, 0]
-            rows, mk, rk = idx.to(dev), m[idx].to(dev), rand[idx].to(dev)
+        order = torch.argsort(chosen, stable=True)  # the images that take an op, grouped by op
+        order = order[chosen[order] >= 0]
+        kinds, counts = torch.unique_consecutive(chosen[order], return_counts=True)
+        # one copy to the device per slot: each image's row, magnitude and random numbers, op after op
+        packed = to_device(torch.cat([order[:, None].float(), m[order, None], rand[order]], 1), dev)
+        for k, part in zip(kinds.tolist(), packed.split(counts.tolist())):
+            rows, mk, rk = part[:, 0].long(), part[:, 1], part[:, 2:]
             if names[k] in _AFFINE:  # collected: one warp per kind for all of them (each image takes one op)
                 matrix, bicubic = _AFFINE[names[k]]
                 warps[bicubic].append((rows, matrix(x.shape[2], x.shape[3], mk, rk)))
