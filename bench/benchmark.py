@@ -117,6 +117,35 @@ def host_waits(dev, fn):
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
+def profile_steps(dev, fn, steps, path):
+    """torch.profiler over `steps` calls of `fn` (whole steps, views included): the operators that took the most
+    device time and the most host time, written to `path`, for the question a missed target leaves (what is
+    left?). Returns the wall time a step and, on a GPU, how much of it the GPU was busy (kernels and copies): a
+    busy share well below 1 says the host, not the GPU, sets the pace."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dev.type == "cuda"
+    _sync(dev)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(dev)
+        wall_ms = (time.perf_counter() - t) * 1e3 / steps
+    busy_ms = (sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e3
+               / steps if cuda else None)
+    table = prof.key_averages()
+    head = (f"{steps} steps, {wall_ms:.2f} ms a step under the profiler"
+            + (f", the GPU busy {busy_ms:.2f} ms of it" if cuda else "") + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(head + ("\nby device time\n" + table.table(sort_by="self_device_time_total", row_limit=30)
+                            if cuda else "") + "\nby host time\n" + table.table(sort_by="self_cpu_time_total",
+                                                                               row_limit=30))
+    return {"steps": steps, "wall_ms": round(wall_ms, 3), "gpu_busy_ms": None if busy_ms is None else round(busy_ms, 3),
+            "file": str(path)}
+
+
 def _step_fn(model, cfg, dev):
     """The engine's own step (its optimiser and update), without the loop around it."""
     opt, params = engine.optimizer(model, cfg, dev)
@@ -143,8 +172,9 @@ def _views_of(cfg):
     return cfg["method_cfg"]["views"] if cfg["stage"] == "pretrain" else cfg["views"]
 
 
-def measure(cfg, train, files, dev, steps, epochs):
-    """Images/s of (a), (b), (c) for one job config on the decoded `train` (and its `files`)."""
+def measure(cfg, train, files, dev, steps, epochs, profile_to=None):
+    """Images/s of (a), (b), (c) for one job config on the decoded `train` (and its `files`); with `profile_to`
+    (a file), a profile of a few whole steps too."""
     bs = min(cfg["batch_size"], len(train))
     out = {}
     # (c) the step alone: the same batch's views, made once, on the device
@@ -158,7 +188,10 @@ def measure(cfg, train, files, dev, steps, epochs):
     step(views, index, labels)  # warm-up (allocations, kernels)
     _sync(dev)
     # a whole step, its views included: on a GPU, how often it waits for the device (0 where none is needed)
-    out["host_waits"] = host_waits(dev, lambda: step(make_views(imgs, _views_of(cfg), sizes), index, labels))
+    whole = lambda: step(make_views(imgs, _views_of(cfg), sizes), index, labels)  # noqa: E731
+    out["host_waits"] = host_waits(dev, whole)
+    if profile_to is not None:
+        out["profile"] = profile_steps(dev, whole, min(steps, 5), profile_to)
     _sync(dev)
     t = time.perf_counter()
     for _ in range(steps):
@@ -297,7 +330,8 @@ def _cpu_name():
     return platform.processor() or platform.machine()
 
 
-def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out: Path, only=None, say=print):
+def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out: Path, only=None, say=print,
+        profile_dir: Path | None = None):
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -342,13 +376,16 @@ def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out
             for label, cfg in configs:
                 if only and not any(o in label for o in only):
                     continue
-                r = measure(copy.deepcopy(cfg), resident(cfg["max_side"]), files, dev, steps, epochs)
+                r = measure(copy.deepcopy(cfg), resident(cfg["max_side"]), files, dev, steps, epochs,
+                            profile_dir / f"{label.replace(' ', '-')}.txt" if profile_dir else None)
                 results["runs"][label] = r
                 save()
                 say(f"  {label:40s} (a) {r['official_style']:>8} (b) {r['end_to_end']:>8} (c) {r['step_alone']:>8}"
                     f" images/s   b/a {r['b_over_a']}  b/c {r['b_over_c']}  epoch {r['epoch_wall_s']} s"
                     + (f"  compile {r['compile_s']} s" if "compile_s" in r else "")
-                    + (f"  host waits/step {r['host_waits']}" if r["host_waits"] is not None else ""))
+                    + (f"  host waits/step {r['host_waits']}" if r["host_waits"] is not None else "")
+                    + (f"  GPU busy {r['profile']['gpu_busy_ms']} of {r['profile']['wall_ms']} ms a step"
+                       if r.get("profile", {}).get("gpu_busy_ms") is not None else ""))
             for row, r in streamed(dict(configs), results["runs"], resident, data, dev, epochs, only, say):
                 results["runs"][row] = r
                 save()

@@ -445,7 +445,8 @@ def cmd_benchmark(args):
             raise UserError(f"{name} {value}: expected a whole number >= 1")
     preset = args.preset or ("demo" if small else "paper")
     benchmark.run(device, preset, args.images or (256 if small else 2040), args.steps or (5 if small else 30),
-                  args.epochs or (2 if small else 3), Path(args.out), args.only)
+                  args.epochs or (2 if small else 3), Path(args.out), args.only,
+                  profile_dir=Path(args.profile) if args.profile else None)
     return 0
 
 
@@ -518,6 +519,8 @@ def build_parser():
     b.add_argument("--only", nargs="+", metavar="TEXT", help="only the measurements whose label contains TEXT")
     b.add_argument("--compile", choices=COMPILE_CHOICES, help=COMPILE_HELP)
     b.add_argument("--out", default="reports/benchmark.json", metavar="FILE", help="the JSON written")
+    b.add_argument("--profile", metavar="DIR", help="also profile a few whole steps of each row (torch.profiler): "
+                                                    "the top operators by device and host time, a file per row")
     b.set_defaults(func=cmd_benchmark)
 
     m = sub.add_parser("methods", help="the pretraining methods and where their defaults come from")

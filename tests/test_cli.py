@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from conftest import FAST, in_process
@@ -179,7 +180,7 @@ def test_implied_hours_slow_only_the_splits_that_stream_by_the_share_streaming_k
 def test_benchmark_measures_the_three_pipelines_and_writes_json(tmp_path):
     out = tmp_path / "b.json"
     run = bench("benchmark", "--device", "cpu", "--images", "48", "--steps", "1", "--epochs", "1",
-                "--only", "idmm deit_tiny", "finetune deit_tiny", "--out", str(out))
+                "--only", "idmm deit_tiny", "finetune deit_tiny", "--out", str(out), "--profile", str(tmp_path / "p"))
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
     assert result["hardware"]["device"] == "cpu" and result["hardware"]["cpus"] >= 1
@@ -189,6 +190,12 @@ def test_benchmark_measures_the_three_pipelines_and_writes_json(tmp_path):
         assert min(r["official_style"], r["end_to_end"], r["step_alone"]) > 0
         assert r["b_over_a"] == round(r["end_to_end"] / r["official_style"], 2)
         assert r["b_over_c"] == round(r["end_to_end"] / r["step_alone"], 2)
+        # the profile of whole steps: its operators by host time (a GPU adds them by device time, and its busy share)
+        assert r["profile"]["wall_ms"] > 0 and r["profile"]["gpu_busy_ms"] is None and r["host_waits"] is None
+        text = Path(r["profile"]["file"]).read_text()
+        assert "by host time" in text and "aten::addmm" in text
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["finetune-deit_tiny_patch16_224-224.txt",
+                                                                  "pretrain-idmm-deit_tiny_patch16_224.txt"]
     assert result["implied_hours"]["comparison"]["hours"] > 0
     assert "(a)" in run.stdout and "b/c" in run.stdout
     bad = bench("benchmark", "--device", "cpu", "--images", "0")
