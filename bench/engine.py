@@ -485,6 +485,6 @@ def predict(model, data, transform, batch_size=256, precision="bf16"):
     for i, images in feed(data, torch.arange(len(data)), dev).in_order(batch_size):
         # a backbone compiled for training evaluates eagerly: no second compilation for eval mode and this batch
         with autocast(dev, precision), torch.compiler.set_stance("force_eager"):
-            out.append(model(transform(images)).float().argmax(1).cpu())
-        idx.append(i.cpu())
-    return torch.cat(idx), torch.cat(out)
+            out.append(model(transform(images)).argmax(1))
+        idx.append(i)
+    return torch.cat(idx).cpu(), torch.cat(out).cpu()  # read once at the end: no wait for the GPU per batch
