@@ -133,6 +133,58 @@ def test_decoding_on_the_device_names_a_broken_jpeg_or_skips_it_and_reads_other_
     assert "skipped: cannot read image" in capsys.readouterr().err
 
 
+def test_device_decoding_runs_a_batch_ahead_in_its_own_thread_in_order_and_ends_with_its_consumer(tmp_path):
+    """A GPU decode blocks its caller until done, so the streamed path decodes in a thread of its own, ahead of the
+    training step: the batches arrive in the order read, as decoded in the consumer's thread; an error in the
+    thread is raised in the consumer after the batches before it; a consumer that stops early ends the thread."""
+    import threading
+
+    from bench.data import _decoded_ahead
+
+    root = imagenet(tmp_path)
+    data = datasets.load("imagenet", "train", 28, root=str(root), max_side=64, stream=True, workers=0,
+                         decode="device")
+    cpu = torch.device("cpu")
+    reads = [data.read(torch.arange(i, min(i + 5, len(data)))) for i in range(0, len(data), 5)]
+    threads = []
+
+    def decode(batch):
+        threads.append(threading.current_thread().name)
+        return data.decode_on(cpu, *batch)
+
+    got = list(_decoded_ahead(decode, iter(reads), cpu))
+    want = [data.decode_on(cpu, *r) for r in reads]
+    assert len(got) == len(want) == 5 and set(threads) == {"bench-decode"}
+    for (gi, gs, gr), (wi, ws, wr) in zip(got, want):
+        assert torch.equal(gi, wi) and torch.equal(gs, ws) and torch.equal(gr, wr)
+    real, threads[:] = data.decode_on, []  # the streamed feed decodes there too
+    data.decode_on = lambda dev, *batch: threads.append(threading.current_thread().name) or real(dev, *batch)
+    assert sum(len(i) for i, _ in datasets.feed(data, torch.arange(len(data)), cpu).in_order(5)) == len(data)
+    assert set(threads) == {"bench-decode"}
+    data.decode_on = real
+
+    calls = []
+
+    def fails_third(batch):
+        calls.append(batch)
+        if len(calls) == 3:
+            raise UserError("the third batch's file")
+        return decode(batch)
+
+    seen = []
+    with pytest.raises(UserError, match="the third batch's file"):
+        for b in _decoded_ahead(fails_third, iter(reads), cpu):
+            seen.append(b)
+    assert len(seen) == 2
+
+    pulled = []
+    stream = _decoded_ahead(decode, (pulled.append(r) or r for r in reads * 20), cpu, depth=2)
+    next(stream)
+    stream.close()  # a training stopped after one step
+    assert not any(t.name == "bench-decode" and t.is_alive() for t in threading.enumerate())
+    assert len(pulled) <= 5  # read no further than the queue's depth and one in hand
+
+
 def test_a_streamed_epoch_resumed_in_the_middle_reads_each_image_once(tmp_path, tiny_vit, monkeypatch):
     """A SIGTERM during step 2 of epoch 0 (batches of 4 of 24 images: 6 steps); the resumed run reads the rest
     of that epoch, and ends bit-identical to an uninterrupted streamed run, and within rounding of the resident

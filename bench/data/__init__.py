@@ -17,8 +17,10 @@ import functools
 import hashlib
 import math
 import os
+import queue
 import random
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.data.views import to_device
 from bench.errors import UserError
 from bench.results import aside, write_durably
 
@@ -205,17 +208,18 @@ class _StreamedFeed(_ResidentFeed):
         self.data.meta["decoder"] = (f"torchvision on {self.dev}" if on_device  # the record says what decoded it
                                      else f"PIL in {workers} worker process{'es' * (workers > 1)}" if workers
                                      else "PIL")
-        pin = self.dev.type == "cuda" and not on_device
+        pin = self.dev.type == "cuda" and not on_device  # (the device path's images are there already)
         # its own generator: a DataLoader draws its workers' seeds from the global RNG otherwise, and the crops
         # drawn after a mid-epoch resume would differ from those of an uninterrupted run
         loader = torch.utils.data.DataLoader(_Batches(self.data, chunks, encoded=on_device), batch_size=None,
                                              shuffle=False, num_workers=workers, pin_memory=pin,
                                              prefetch_factor=4 if workers else None,
                                              generator=torch.Generator().manual_seed(0))
-        for batch in loader:
-            images, sizes, idx = self.data.decode_on(self.dev, *batch) if on_device else batch
-            yield (idx.to(self.dev), images.to(self.dev, non_blocking=pin),
-                   None if sizes is None else sizes.to(self.dev, non_blocking=pin))
+        batches = _decoded_ahead(lambda b: self.data.decode_on(self.dev, *b), loader, self.dev) if on_device \
+            else loader
+        for images, sizes, idx in batches:
+            yield (to_device(idx, self.dev), to_device(images, self.dev),
+                   None if sizes is None else to_device(sizes, self.dev))
 
     def epoch(self, perm, start, steps, bs):
         perm = perm.cpu()
@@ -224,6 +228,60 @@ class _StreamedFeed(_ResidentFeed):
     def in_order(self, bs):
         for idx, images, _ in self._stream([self.rows[i:i + bs] for i in range(0, len(self.rows), bs)]):
             yield idx, images
+
+
+def _decoded_ahead(decode, batches, dev, depth=2):
+    """decode(batch) of each of `batches`, in a thread of its own, up to `depth` batches ahead of the consumer.
+
+    A GPU's JPEG decode blocks its caller until it is done (torchvision synchronises the decoder's stream): in the
+    training thread it would keep the next step's kernels from being queued while it runs. On a GPU the thread
+    works on a side stream, finished before each decode (the decoder writes from a stream of its own, not ordered
+    after the kernels that last used the memory the allocator hands it), and the consumer's stream waits for the
+    batch's event; the images are marked as used there, so the side stream's allocator does not reuse them early."""
+    side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+    out, stop = queue.Queue(maxsize=depth), threading.Event()
+
+    def put(item):  # False once the consumer has gone
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            for batch in batches:
+                if side is None:
+                    item = (decode(batch), None)
+                else:
+                    side.synchronize()
+                    with torch.cuda.stream(side):
+                        item = (decode(batch), side.record_event())
+                if not put(item):
+                    return
+            put(None)
+        except BaseException as e:  # raised again in the consumer's thread, as it would have been there
+            put(e)
+
+    thread = threading.Thread(target=work, name="bench-decode", daemon=True)
+    thread.start()
+    try:
+        while (item := out.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            result, ready = item
+            if ready is not None:
+                stream = torch.cuda.current_stream(dev)
+                stream.wait_event(ready)
+                for t in result:
+                    if isinstance(t, torch.Tensor) and t.is_cuda:
+                        t.record_stream(stream)
+            yield result
+    finally:  # the consumer is done or gone (an error, a stop): the thread ends at its next batch
+        stop.set()
+        thread.join()
 
 
 def feed(data, rows, dev):

@@ -36,8 +36,8 @@ def _uniform(lo, hi, n, device):
 def to_device(t, dev):
     """A host tensor on `dev` without waiting for the device's queue (pinned memory, non-blocking copy)."""
     dev = torch.device(dev)
-    if dev.type == "cpu":
-        return t
+    if t.device.type != "cpu" or dev.type == "cpu":  # no copy from host memory to a device
+        return t.to(dev)
     return (t.pin_memory() if dev.type == "cuda" else t).to(dev, non_blocking=True)
 
 
