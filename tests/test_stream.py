@@ -68,34 +68,39 @@ def test_a_streamed_test_split_scores_the_same_top1_as_the_resident_one(tmp_path
     assert len(streamed) == 12 and streamed.meta["files"] == 12
 
 
-def test_jpegs_decoded_on_the_device_are_the_pil_pixels_to_resize_rounding(tmp_path):
-    """data.decode=device (torchvision's decoder on the training device; here the CPU's, on a GPU nvjpeg) gives
-    the PIL path's batches: the same rows, sizes and canvases, the same pixels where an image is kept as decoded,
-    and within resize rounding where it is shrunk (torch's antialiased bicubic against PIL's, which rounds to
-    8 bits between its two passes), for a training canvas and a test split's centre squares."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU here (.ci/device-check runs it on one)"))])
+def test_jpegs_decoded_on_the_device_are_the_pil_pixels_to_resize_rounding(tmp_path, device):
+    """data.decode=device (torchvision's decoder on the training device; the CPU's libjpeg-turbo, or nvjpeg on a
+    GPU) gives the PIL path's batches: the same rows, sizes and canvases, the same pixels where an image is kept
+    as decoded, and within resize rounding where it is shrunk (torch's antialiased bicubic against PIL's, which
+    rounds to 8 bits between its two passes), for a training canvas and a test split's centre squares. nvjpeg's
+    inverse DCT and chroma upsampling are not libjpeg's: on a GPU every image is compared within a few levels."""
     root = imagenet(tmp_path)
-    cpu = torch.device("cpu")
+    on = torch.device(device)
     for split, max_side in (("train", 64), ("train", 32), ("test", None)):
         pil, dev = (datasets.load("imagenet", split, 28, root=str(root), max_side=max_side, stream=True, workers=1,
                                   decode=d) for d in ("pil", "device"))
         perm = torch.randperm(len(pil), generator=torch.Generator().manual_seed(2))
         rows = torch.arange(len(pil))
-        steps = list(zip(datasets.feed(pil, rows, cpu).epoch(perm, 0, len(pil) // 6, 6),
-                         datasets.feed(dev, rows, cpu).epoch(perm, 0, len(pil) // 6, 6)))
+        steps = list(zip(datasets.feed(pil, rows, on).epoch(perm, 0, len(pil) // 6, 6),
+                         datasets.feed(dev, rows, on).epoch(perm, 0, len(pil) // 6, 6)))
         assert len(steps) == len(pil) // 6
-        assert pil.meta["decoder"] == "PIL in 1 worker process" and dev.meta["decoder"] == "torchvision on cpu"
+        assert pil.meta["decoder"] == "PIL in 1 worker process" and dev.meta["decoder"] == f"torchvision on {on}"
         diffs = []
         for (i_p, x_p, s_p), (i_d, x_d, s_d) in steps:
             assert torch.equal(i_p, i_d) and x_p.shape == x_d.shape and x_d.dtype == torch.uint8
-            assert (s_p is None) == (s_d is None) and (s_p is None or torch.equal(s_p, s_d))
+            assert x_d.device.type == device and (s_p is None) == (s_d is None)
+            assert s_p is None or torch.equal(s_p, s_d)
             for k, i in enumerate(i_p.tolist()):
                 w, h = SHAPES[i % len(SHAPES)] if split == "train" else (28, 28)
-                if max_side and max(w, h) <= max_side:  # not resized: the decoders agree exactly
+                if max_side and max(w, h) <= max_side and device == "cpu":  # not resized: the decoders agree exactly
                     assert torch.equal(x_p[k], x_d[k])
                 else:
-                    diffs.append((x_p[k].int() - x_d[k].int()).abs().flatten())
+                    diffs.append((x_p[k].int() - x_d[k].int()).abs().flatten().cpu())
         d = torch.cat(diffs).float()
-        assert d.numel() and d.mean() < 0.5 and (d > 2).float().mean() < 0.01, (split, max_side, d.mean(), d.max())
+        mean, far = (0.5, 2) if device == "cpu" else (1.5, 8)
+        assert d.numel() and d.mean() < mean and (d > far).float().mean() < 0.01, (split, max_side, d.mean(), d.max())
 
 
 def test_a_batch_read_for_the_device_crosses_from_its_worker_as_one_byte_tensor(tmp_path):
