@@ -136,13 +136,14 @@ def profile_steps(dev, fn, steps, path):
     busy_ms = (sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e3
                / steps if cuda else None)
     table = prof.key_averages()
-    head = (f"{steps} steps, {wall_ms:.2f} ms a step under the profiler"
-            + (f", the GPU busy {busy_ms:.2f} ms of it" if cuda else "") + "\n")
+    text = [f"{steps} steps, {wall_ms:.2f} ms a step under the profiler"
+            + (f", the GPU busy {busy_ms:.2f} ms of it" if cuda else "")]
+    if cuda:
+        text += ["by device time", table.table(sort_by="self_device_time_total", row_limit=30)]
+    text += ["by host time", table.table(sort_by="self_cpu_time_total", row_limit=30)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(head + ("\nby device time\n" + table.table(sort_by="self_device_time_total", row_limit=30)
-                            if cuda else "") + "\nby host time\n" + table.table(sort_by="self_cpu_time_total",
-                                                                               row_limit=30))
-    return {"steps": steps, "wall_ms": round(wall_ms, 3), "gpu_busy_ms": None if busy_ms is None else round(busy_ms, 3),
+    path.write_text("\n\n".join(text) + "\n")
+    return {"steps": steps, "wall_ms": round(wall_ms, 3), "gpu_busy_ms": busy_ms and round(busy_ms, 3),
             "file": str(path)}
 
 
