@@ -1,10 +1,12 @@
 """Every baseline: one real training step, its self-written loss against a hand computation, its state."""
 import copy
+import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
 from lightly.loss import NTXentLoss
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench import plan as planner
 from bench.data.views import make_views
@@ -270,7 +272,7 @@ def test_every_method_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(nam
         assert torch.equal(ref[k], resumed[k]), k
 
 
-class _HostCopies(torch.utils._python_dispatch.TorchDispatchMode):
+class _HostCopies(TorchDispatchMode):
     """Every blocking copy from host memory to the meta device, with where it was made."""
 
     def __init__(self):
@@ -281,7 +283,6 @@ class _HostCopies(torch.utils._python_dispatch.TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if (func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" and out.device.type == "meta"
                 and not (kwargs or {}).get("non_blocking")):
-            import traceback
             self.blocking.append("".join(traceback.format_stack(limit=8)[:-1]))
         return out
 
@@ -324,7 +325,6 @@ def test_a_training_step_never_makes_the_host_wait_for_the_gpu(name):
                 loss = model.loss(make_views(images, spec, sizes), index, labels, 0.5)
                 engine.update(model, opt, params, loss, cfg, step, 0.5)
             except (RuntimeError, NotImplementedError) as e:  # a value read back: meta tensors have none
-                import traceback
                 where = [f.filename for f in traceback.extract_tb(e.__traceback__)]
                 assert name in ("simclr", "mocov2") and any("/lightly/" in f for f in where), where[-4:]
                 return
