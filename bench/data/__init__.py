@@ -21,6 +21,7 @@ import queue
 import random
 import sys
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,11 @@ import torch.nn.functional as F
 from bench.data.views import to_device
 from bench.errors import UserError
 from bench.results import aside, write_durably
+
+# torchvision 0.29 points every decode to TorchCodec, which this project does not use. One filter, installed once:
+# `warnings.catch_warnings` around each call would swap the process's filters from the decoding thread.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
+                        category=DeprecationWarning)
 
 
 @dataclass
@@ -138,22 +144,18 @@ def _decode_jpegs(data, dev):
     each one the decoder refuses."""
     if not data:
         return []
-    import warnings
-
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec, which this project does not use
-        warnings.simplefilter("ignore")
-        try:
-            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=dev))
-        except RuntimeError:  # the batch fails as a whole: find the culprits one by one
-            out = []
-            for d in data:
-                try:
-                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=dev))
-                except RuntimeError:
-                    out.append(None)
-            return out
+    try:
+        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=dev))
+    except RuntimeError:  # the batch fails as a whole: find the culprits one by one
+        out = []
+        for d in data:
+            try:
+                out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=dev))
+            except RuntimeError:
+                out.append(None)
+        return out
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -252,6 +254,8 @@ def _decoded_ahead(decode, batches, dev, depth=2):
 
     def work():
         try:
+            if side is not None:  # a thread starts on GPU 0: without this, a job on another GPU makes a context there
+                torch.cuda.set_device(side.device)
             for batch in batches:
                 if side is None:
                     item = (decode(batch), None)
