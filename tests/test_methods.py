@@ -296,28 +296,24 @@ def test_a_training_step_never_makes_the_host_wait_for_the_gpu(name):
     step's views (the whole recipe, RandAugment's every op at a batch of 256), loss, backward, clipping and
     momentum updates copy host draws only without blocking and read nothing back. SimCLR's and MoCo v2's
     lightly losses read once per step (NTXentLoss's diagonal mask, the memory bank's write position)."""
-    from bench import engine, models
-    from bench.finetune import Classifier
+    from bench import engine
+    from bench.benchmark import _build, _views_of
+    from bench.data import ImageSet
 
     preset = planner.load_preset("demo")
     row = {"method": "random" if name == "finetune" else name, "backbone": "deit_tiny_patch16_224", "id": name,
            "pretrain_epochs": 1}
-    if name == "finetune":
-        cfg = planner._finetune_config(row, preset, "digits", {"res": 224, "epochs": 1}, "random", 0)
-        model, spec = Classifier(models.create(cfg["backbone"], cfg["resolution"], 10, cfg["drop_path"],
-                                               cfg["model_kwargs"]), cfg), cfg["views"]
-    else:
-        cfg = planner._pretrain_config(row, preset, "digits", 0)
-        backbone = models.create(cfg["backbone"], cfg["resolution"], 0, cfg["drop_path"], cfg["model_kwargs"])
-        model = METHODS[name](backbone, backbone.num_features, 256, 10, cfg["method_cfg"])
-        spec = cfg["method_cfg"]["views"]
-    model.to("meta").train()
-    groups = model.param_groups()
-    opt = torch.optim.AdamW(groups, lr=1e-3, foreach=True)  # fused AdamW has no meta kernel
-    params = [p for g in groups for p in g["params"]]
+    cfg = (planner._finetune_config(row, preset, "digits", {"res": 224, "epochs": 1}, "random", 0)
+           if name == "finetune" else planner._pretrain_config(row, preset, "digits", 0))
     images = torch.empty(256, 3, 40, 30, dtype=torch.uint8, device="meta")
     sizes = torch.empty(256, 2, dtype=torch.long, device="meta")
     index, labels = torch.arange(256, device="meta"), torch.zeros(256, dtype=torch.long, device="meta")
+    model = _build(cfg, ImageSet(images, labels, [str(k) for k in range(10)], "meta", sizes=sizes))
+    model.to("meta").train()
+    spec = _views_of(cfg)
+    groups = model.param_groups()
+    opt = torch.optim.AdamW(groups, lr=1e-3, foreach=True)  # fused AdamW has no meta kernel
+    params = [p for g in groups for p in g["params"]]
     for step in range(2):
         with _HostCopies() as watch:
             try:
