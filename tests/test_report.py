@@ -51,6 +51,17 @@ def test_latex_bolds_the_best_per_column_and_escapes(tmp_path):
     assert "-- (71.1)" in next(line for line in tex.splitlines() if "SimCLR" in line)
 
 
+def test_the_footer_names_each_cpu_thread_count_the_cells_were_trained_with(tmp_path):
+    store = Store(tmp_path)
+    _fill(store, "comparison", "demo", {"deit_tiny/idmm": 0.337, "deit_tiny/random": 0.374})
+    for i, path in enumerate(sorted(tmp_path.glob("*.json"))):  # one job trained with 1 thread, the other with 2
+        rec = json.loads(path.read_text())
+        rec["hardware"]["torch_threads"] = 1 + i % 2
+        path.write_text(json.dumps(rec))
+    footer = report.render("comparison", store, "markdown").splitlines()[-1]
+    assert "2 CPUs (x86_64, 1 thread a job), 2 CPUs (x86_64, 2 threads a job)" in footer
+
+
 def test_records_of_another_recipe_do_not_fill_cells(tmp_path):
     store = Store(tmp_path)
     _fill(store, "comparison", "demo", {"deit_tiny/idmm": 0.42}, overrides=["pretrain.epochs=1"])

@@ -265,11 +265,20 @@ def _header(spec, cols):
     return [next(iter(c)) if isinstance(c, dict) else c for c in spec["row_columns"]] + list(cols)
 
 
+def _machine(hw):
+    """Where a record ran. On a CPU the thread count is part of it: threads split a step's sums differently, and the
+    demo's cells move with it (README, "The demo table")."""
+    if hw.get("gpu"):
+        return hw["gpu"]
+    n = hw.get("torch_threads")
+    threads = f", {n} thread{'s' if n != 1 else ''} a job" if n is not None else ""
+    return f"{hw['cpus']} CPUs ({hw['machine']}{threads})"
+
+
 def _footer(used, skips, preset):
     lines = []
     if used:
-        hw = sorted({r["hardware"].get("gpu") or f"{r['hardware']['cpus']} CPUs ({r['hardware']['machine']})"
-                     for r in used})
+        hw = sorted({_machine(r["hardware"]) for r in used})
         wall = sum(r.get("wall_time_s", 0) for r in {r["hash"]: r for r in used}.values())
         lines.append(f"{len({r['hash'] for r in used})} jobs of preset '{preset}', "
                      f"run on {', '.join(hw)}, {wall / 60:.1f} min of training and evaluation in total.")
