@@ -27,6 +27,7 @@ from bench import engine, models
 from bench import plan as planner
 from bench.data.views import IMAGENET_MEAN, IMAGENET_STD, make_views
 from bench.finetune import Classifier
+from bench.errors import UserError
 from bench.results import hardware, versions, write_durably
 from methods import METHODS
 
@@ -362,8 +363,11 @@ def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out
                "steps": steps, "epochs": epochs, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": {}}
 
     def save():  # after every row: a run cut short keeps what it measured
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_durably(out, json.dumps(results, indent=1))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_durably(out, json.dumps(results, indent=1))
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot write the measurements ({e.strerror})") from None
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

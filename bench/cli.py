@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from tabulate import tabulate
@@ -12,7 +13,7 @@ from bench import data as datasets
 from bench import plan as planner
 from bench.engine import COMPILE_CHOICES, compiles
 from bench.errors import UserError
-from bench.results import Store
+from bench.results import Store, check_output
 
 
 class Parser(argparse.ArgumentParser):
@@ -39,10 +40,14 @@ def _plan_args(p):
     _store_args(p)
 
 
-def _jobs(args):
-    bad = [s for s in args.seeds if not 0 <= s < 2 ** 31]
+def _check_seeds(seeds):
+    bad = [s for s in seeds or () if not 0 <= s < 2 ** 31]
     if bad:
         raise UserError(f"--seeds {bad[0]}: expected a whole number in [0, 2**31)")
+
+
+def _jobs(args):
+    _check_seeds(args.seeds)
     preset = planner.load_preset(args.preset, args.set)
     return preset, planner.plan(args.table, preset, args.methods, args.datasets, args.backbones, args.seeds,
                                 args.init_weights)
@@ -118,8 +123,9 @@ def _slurm_settings(args):
     return slurm.load_settings(args.slurm_config, flags)
 
 
-def _rerun(prefixes, jobs, store):
-    """Set aside the records (and checkpoints) of the named jobs and of every job that depends on them."""
+def _rerun_set(prefixes, jobs):
+    """The hashes of the named jobs and of every job that depends on them (their records are set aside once every
+    other check has passed)."""
     picked = set()
     for p in prefixes:
         hits = [j.hash for j in jobs if j.hash.startswith(p)]
@@ -130,9 +136,7 @@ def _rerun(prefixes, jobs, store):
     for j in jobs:  # plan order: parents first, so a child of a picked job is picked too
         if j.parent in picked:
             picked.add(j.hash)
-    for h in sorted(picked):
-        store.set_aside(h)
-    print(f"--rerun: {len(picked)} jobs will train again", file=sys.stderr)
+    return picked
 
 
 def _compile_choice(args):
@@ -155,9 +159,7 @@ def cmd_run(args):
     checkpoint_interval()  # a bad value fails here, before any job
     preset, jobs = _jobs(args)
     store = Store(args.results)
-    if args.rerun and not args.dry_run:
-        store.check_writable()
-        _rerun(args.rerun, jobs, store)
+    rerun = _rerun_set(args.rerun, jobs) if args.rerun else set()
     if args.dry_run:
         print(_job_table(jobs, store, _data_opts(args, preset)))
         return 0
@@ -176,13 +178,17 @@ def cmd_run(args):
             raise UserError(f"--gpus-per-job {gpus}: {len(devices)} GPUs are visible on this machine")
     _check_launch(args, jobs, gpus)
     runnable = [j for j in jobs if not j.skip]
-    todo = [j for j in runnable if store.state(j.hash) != "done"]
+    todo = [j for j in runnable if j.hash in rerun or store.state(j.hash) != "done"]
     for spec in sorted({j.config["data"] for j in todo}):  # missing data fails here, before any training
         datasets.check_available(spec, args.data_root, args.skip_bad)
     done = len(runnable) - len(todo)
     skipped = len(jobs) - len(runnable)
     if todo:
         store.check_writable()
+    if rerun:  # last of the checks: a refused command leaves every record where it was
+        for h in sorted(rerun):
+            store.set_aside(h)
+        print(f"--rerun: {len(rerun)} jobs will train again", file=sys.stderr)
     print(f"{args.table} / {preset['name']}: {len(runnable)} jobs, {done} done already"
           + (f", {skipped} cells skipped" if skipped else ""), file=sys.stderr)
     if done == len(runnable):
@@ -229,6 +235,7 @@ def cmd_report(args):
 
     if args.standalone and args.format != "latex":
         raise UserError("--standalone makes a LaTeX document: use it with --format latex")
+    _check_seeds(args.seeds)
     store = Store(args.results)
     compare = None
     if args.compare:
@@ -244,7 +251,7 @@ def cmd_report(args):
         tables = [args.table]
     text = report.document(tables, store, args.format, args.preset, args.seeds, args.standalone, compare)
     if args.out:
-        out = Path(args.out)
+        out = check_output(args.out)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(text)
@@ -437,6 +444,10 @@ def cmd_benchmark(args):
 
     _compile_choice(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: expected cpu, cuda or cuda:N") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: torch sees no GPU here")
     small = device == "cpu"  # CPU: the demo's models on 256 images, in a few minutes
@@ -444,9 +455,18 @@ def cmd_benchmark(args):
         if value is not None and value < 1:
             raise UserError(f"{name} {value}: expected a whole number >= 1")
     preset = args.preset or ("demo" if small else "paper")
+    out = check_output(args.out)
+    profile = args.profile and check_output(args.profile, "--profile")
+    for folder, flag, given in ((out.parent, "--out", out), (profile, "--profile", profile)):
+        if folder:  # minutes of measurements must have somewhere to go
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as e:
+                raise UserError(f"{flag} {given}: cannot write there ({e.strerror})") from None
     benchmark.run(device, preset, args.images or (256 if small else 2040), args.steps or (5 if small else 30),
-                  args.epochs or (2 if small else 3), Path(args.out), args.only,
-                  profile_dir=Path(args.profile) if args.profile else None)
+                  args.epochs or (2 if small else 3), out, args.only,
+                  profile_dir=profile or None)
     return 0
 
 

@@ -25,6 +25,18 @@ from bench.errors import UserError
 _RECORD_NAME = re.compile(r"^[0-9a-f]{16}\.json$")  # <config hash>.json; any other JSON file is not ours
 
 
+def check_output(path, flag="--out") -> Path:
+    """A file a command writes on request (a report, a benchmark's JSON) must not take a result's place: a record
+    (<hash>.json) or anything in a job's run directory (weights, checkpoints)."""
+    path = Path(path)
+    in_a_run = any(d.parent.name == "runs" and re.fullmatch(r"[0-9a-f]{16}", d.name)
+                   for d in [path.absolute(), *path.absolute().parents])
+    if _RECORD_NAME.match(path.name) or in_a_run:
+        raise UserError(f"{flag} {path}: a job's results live there (a record, or its run directory); "
+                        f"write somewhere else")
+    return path
+
+
 def aside(path: Path, why: str, tag: str = "damaged") -> Path:
     """Move a file out of the way, keeping it (PATH.<tag>-<time>-<pid>), and say so on stderr."""
     dest = path.with_name(f"{path.name}.{tag}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
@@ -56,6 +68,38 @@ def write_durably(path: Path, content):
         pass
 
 
+# What the readers of a record (the reports, `bench status`, the launchers) take from it. A record that parses but
+# breaks these (edited by hand, cut by a tool) is damaged: the job runs again and the file is kept aside.
+_FIELDS = {"hash": str, "status": str, "config": dict, "metrics": dict, "stage": str, "seed": int, "cells": list,
+           "preset": str, "overrides": list, "hardware": dict, "wall_time_s": (int, float)}
+_NEEDED = ("hash", "status", "config", "metrics")
+_NEEDED_IN_A_TABLE = ("stage", "seed", "preset", "hardware")  # a record with cells fills a report
+
+
+def _not_a_record(rec, name):
+    """Why a parsed JSON object cannot be a record, or None."""
+    missing = [k for k in _NEEDED if k not in rec] + [k for k in _NEEDED_IN_A_TABLE if rec.get("cells") and k not in rec]
+    if missing:
+        return f"no {', '.join(missing)}"
+    for key, kind in _FIELDS.items():
+        if key in rec and (not isinstance(rec[key], kind) or isinstance(rec[key], bool)):
+            return f"its {key} is {json.dumps(rec[key])[:40]}"
+    if rec["status"] not in ("done", "failed"):
+        return f"its status is {rec['status']!r}"
+    if rec["hash"] != name:
+        return f"its hash {rec['hash'][:20]!r} is not its file's name"
+    top1 = rec["metrics"].get("top1")
+    if top1 is not None and (not isinstance(top1, (int, float)) or isinstance(top1, bool)):
+        return f"its metrics.top1 is {json.dumps(top1)[:40]}"
+    if not all(isinstance(c, list) and len(c) == 3 and all(isinstance(x, str) for x in c) for c in rec.get("cells", [])):
+        return "its cells are not [table, row, column] triples"
+    cfg = rec["config"]
+    if rec.get("cells") and not (isinstance(cfg.get("data"), str)
+                                 and (rec["stage"] != "finetune" or isinstance(cfg.get("init"), str))):
+        return "its config has no data or init"
+    return None
+
+
 class Store:
     def __init__(self, root):
         self.root = Path(root)
@@ -82,7 +126,8 @@ class Store:
             return None, f"does not parse ({type(e).__name__}: {e})"
         if not isinstance(rec, dict) or not {"hash", "status"} <= set(rec):
             return None, "is not a record (no hash and status)"
-        return rec, None
+        why = _not_a_record(rec, path.stem)
+        return (None, f"is not a record ({why})") if why else (rec, None)
 
     def get(self, h):
         return self._read(self.path(h))[0]  # a damaged record counts as none: the job runs again
@@ -114,6 +159,9 @@ class Store:
     def check_writable(self):
         """Before any training: a results directory that cannot take a record fails now, not after hours of a
         job (a read-only mount, a full disk, no permission)."""
+        if (self.root / "runs").exists() and not (self.root / "runs").is_dir():
+            raise UserError(f"--results {self.root}: runs there is a file, where the jobs' folders belong; "
+                            f"nothing was run")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=self.root)
@@ -181,6 +229,8 @@ class Lock:
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():  # not ours to remove: it may hold something
+            raise UserError(f"{self.path}: a folder where a job's lock file belongs; move it away and run again")
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

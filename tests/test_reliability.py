@@ -75,20 +75,37 @@ def test_bad_values_on_the_command_line_are_one_line_and_exit_2(tmp_path):
     one_line_exit_2(in_process("run", "--preset", "demo", "--set", "pretrain.epochs=-1", "--results", res),
                     "pretrain.epochs")
     one_line_exit_2(in_process("run", "--preset", "demo", "--seeds", str(2 ** 40), "--results", res), "--seeds")
+    one_line_exit_2(in_process("report", "--seeds", "-5", "--results", res), "--seeds -5")
     (tmp_path / "file").write_text("x")
     one_line_exit_2(in_process("run", "--preset", "demo", "--results", str(tmp_path / "file")), "is a file")
+    (tmp_path / "r2").mkdir()
+    (tmp_path / "r2" / "runs").write_text("x")
+    one_line_exit_2(in_process("run", "--preset", "demo", "--results", str(tmp_path / "r2")), "runs there is a file")
     assert not (tmp_path / "r").exists()  # nothing ran
 
 
 def _record(h, **kw):
-    return {"hash": h, "status": "done", "stage": "finetune", "config": {"stage": "finetune"}, "cells": [],
-            "metrics": {"top1": 0.5}, **kw}
+    return {"hash": h, "status": "done", "stage": "finetune", "seed": 0, "preset": "demo", "cells": [],
+            "config": {"stage": "finetune", "data": "digits", "init": "random"}, "metrics": {"top1": 0.5},
+            "hardware": {"cpus": 2, "machine": "x86_64"}, **kw}
 
 
-def test_damaged_and_foreign_json_files_are_ignored_and_named(tmp_path):
+_IN_A_TABLE = {"cells": [["comparison", "deit_tiny/idmm", "digits"]]}
+
+
+@pytest.mark.parametrize("damage", [
+    lambda r: '{"hash": "fedcba98765',  # cut short
+    lambda r: {k: v for k, v in r.items() if k != "config"},  # JSON, but not what a report reads: edited by hand
+    lambda r: {**r, "metrics": None}, lambda r: {**r, "metrics": {"top1": "x"}}, lambda r: {**r, "seed": "x"},
+    lambda r: {**r, "cells": 5}, lambda r: {**r, "hash": None}, lambda r: {**r, "status": "odd"},
+    lambda r: {**r, "config": {"stage": "finetune"}},
+], ids=["cut", "no-config", "metrics-null", "top1-text", "seed-text", "cells-number", "hash-null", "status-odd",
+        "config-without-data"])
+def test_damaged_and_foreign_json_files_are_ignored_and_named(tmp_path, damage):
     store = Store(tmp_path)
-    store.put(_record("0123456789abcdef"))
-    (tmp_path / "fedcba9876543210.json").write_text('{"hash": "fedcba98765')  # cut short
+    store.put(_record("0123456789abcdef", **_IN_A_TABLE))
+    bad = damage(_record("fedcba9876543210", **_IN_A_TABLE))
+    (tmp_path / "fedcba9876543210.json").write_text(bad if isinstance(bad, str) else json.dumps(bad))
     (tmp_path / "notes.json").write_text("[1, 2]")  # not ours
     assert [r["hash"] for r in store.records()] == ["0123456789abcdef"]
     assert store.get("fedcba9876543210") is None
@@ -98,7 +115,7 @@ def test_damaged_and_foreign_json_files_are_ignored_and_named(tmp_path):
     report = in_process("report", "--results", str(tmp_path), cwd=str(tmp_path))
     assert report.returncode == 0, report.stderr
     # writing that job's record again keeps the damaged file aside rather than losing it
-    store.put(_record("fedcba9876543210"))
+    store.put(_record("fedcba9876543210", **_IN_A_TABLE))
     assert store.get("fedcba9876543210")["status"] == "done"
     assert len(list(tmp_path.glob("fedcba9876543210.json.damaged-*"))) == 1
 
@@ -160,6 +177,10 @@ def test_a_lock_of_a_dead_owner_is_taken_over_and_a_live_one_is_not(tmp_path):
         with Lock(tmp_path) as again:  # this process holds it: a second taker must wait
             assert not again
     assert not (tmp_path / "lock").exists()
+    (tmp_path / "lock").mkdir()  # not a lock a process could have left: named, and left alone
+    with pytest.raises(UserError, match="a folder where a job's lock file belongs"):
+        Lock(tmp_path).__enter__()
+    assert (tmp_path / "lock").is_dir()
 
 
 def test_two_runs_on_one_results_directory_train_each_job_once(tmp_path):
@@ -239,6 +260,37 @@ def test_a_folder_whose_test_classes_differ_is_refused_before_training(tmp_path)
     one_line_exit_2(in_process("run", "--preset", "demo", "--datasets", f"folder:{tmp_path / 'd'}", "--results",
                           str(res)), "different classes")
     assert not list(res.glob("*.json"))
+
+
+def test_a_refused_rerun_leaves_the_record_in_place(tmp_path):
+    from test_report import _fill
+
+    _fill(Store(tmp_path), "comparison", "demo", {"deit_tiny/random": 0.3})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    h = next(iter(before))[:8]
+    res = in_process("run", "--preset", "demo", "--methods", "random", "--rerun", h, "--gpus-per-job", "2",
+                     "--results", str(tmp_path))
+    one_line_exit_2(res, "--gpus-per-job 2")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_an_output_file_never_takes_a_results_place(tmp_path):
+    from test_report import _fill
+
+    _fill(Store(tmp_path), "comparison", "demo", {"deit_tiny/random": 0.3})
+    record = next(tmp_path.glob("*.json"))
+    weights = tmp_path / "runs" / record.stem / "weights.pt"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"weights")
+    before = {p: p.read_bytes() for p in (record, weights)}
+    for args in (["report", "--results", tmp_path, "--out", record],
+                 ["report", "--results", tmp_path, "--format", "csv", "--out", weights],
+                 ["benchmark", "--device", "cpu", "--out", weights.parent / "bench.json"]):
+        one_line_exit_2(in_process(*args), "a job's results live there")
+    assert {p: p.read_bytes() for p in before} == before
+    one_line_exit_2(in_process("benchmark", "--device", "tpu"), "--device tpu")
+    (tmp_path / "file").write_text("x")  # no folder can be made under a file: refused before minutes of work
+    one_line_exit_2(in_process("benchmark", "--device", "cpu", "--out", tmp_path / "file" / "b.json"), "--out")
 
 
 def test_a_deleted_custom_preset_leaves_the_other_tables_reportable(tmp_path):
