@@ -174,3 +174,56 @@ def test_a_folder_named_in_the_users_file_is_a_column(root, tmp_path):
     assert [c.strip() for c in header.strip("|").split("|")][-1] == "mine"  # the records add their column
     unknown = bench("run", "--datasets", "yours", env=env)
     assert unknown.returncode == 2 and "mine" in unknown.stderr and str(config) in unknown.stderr
+
+
+@pytest.mark.parametrize("content", [b"# garbage header\nn01/a.JPEG\n", b"", b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary",
+                                     b"# imagenet=/x seed=0 per_class=10\n"],
+                         ids=["bad-header", "empty", "binary", "no-images"])
+def test_a_damaged_sin10k_list_is_one_line_and_listed_as_invalid(tmp_path, content):
+    from conftest import in_process
+
+    listing = tmp_path / "sin10k" / "files.txt"
+    listing.parent.mkdir()
+    listing.write_bytes(content)
+    with pytest.raises(UserError) as e:
+        datasets.split_files("sin10k", "train", tmp_path)
+    assert str(listing) in str(e.value) and len(str(e.value).splitlines()) == 1
+    check = in_process("data", "check", "sin10k", "--data-root", tmp_path)
+    assert check.returncode == 2 and len(check.stderr.splitlines()) == 1 and str(listing) in check.stderr
+    rows = in_process("data", "list", "--data-root", tmp_path)
+    assert rows.returncode == 0
+    assert [line.split()[4] for line in rows.stdout.splitlines() if line.startswith("sin10k")] == ["invalid"]
+
+
+def test_a_sin10k_list_reads_an_imagenet_path_with_spaces(tmp_path):
+    (tmp_path / "sin10k").mkdir()
+    (tmp_path / "sin10k" / "files.txt").write_text("# imagenet=/my data/in1k seed=3 per_class=1\nn01/a.JPEG\n")
+    files, labels, classes, meta = datasets.split_files("sin10k", "train", tmp_path)
+    assert [str(f) for f in files] == ["/my data/in1k/train/n01/a.JPEG"] and classes == ["n01"]
+    assert (meta["imagenet"], meta["seed"], meta["per_class"]) == ("/my data/in1k", "3", "1")
+
+
+@pytest.mark.parametrize("content, words", [(b"\xff\xfe\x00\x01binary", "is not text"),
+                                            (b"mine: [1\n", "not valid YAML: expected ',' or ']'"),
+                                            (b"mine:\n", "mine: expected a folder, got None")],
+                         ids=["binary", "bad-yaml", "no-folder"])
+def test_a_bad_users_datasets_file_is_named_in_one_line(tmp_path, monkeypatch, content, words):
+    mine = tmp_path / "datasets.yaml"
+    mine.write_bytes(content)
+    monkeypatch.setenv("BENCH_DATASETS", str(mine))
+    with pytest.raises(UserError) as e:
+        datasets.info("mine")
+    assert str(mine) in str(e.value) and words in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["a-file", "under-a-file", "/proc/nope"])
+def test_make_sin10k_into_a_root_it_cannot_write_is_one_line(tmp_path, where):
+    for i in range(10):  # make_sin10k only lists the names
+        (tmp_path / "imagenet" / "train" / "n01").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "imagenet" / "train" / "n01" / f"{i}.JPEG").touch()
+    (tmp_path / "a-file").write_text("not a folder")
+    root = {"a-file": tmp_path / "a-file", "under-a-file": tmp_path / "a-file" / "sub"}.get(where, where)
+    with pytest.raises(UserError) as e:
+        datasets.make_sin10k(tmp_path / "imagenet", root, seed=0)
+    assert str(e.value).startswith(f"cannot write {root}/sin10k/files.txt: ") and len(str(e.value).splitlines()) == 1
+    assert (tmp_path / "a-file").read_text() == "not a folder"

@@ -275,3 +275,63 @@ def test_launch_flags_that_cannot_work_are_one_line_and_exit_2(tmp_path):
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
         assert words in out.stderr and out.stderr.startswith("bench: error:"), (args, out.stderr)
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.json"))
+
+
+# --- the SLURM settings: checked as they are read (no cluster needed) ------------------------------------------
+
+@pytest.mark.parametrize("text, key", [
+    ("time: abc", "time"), ("time: -5", "time"), ("time: 1.5", "time"), ("time:", "time"),
+    ("setup: 5", "setup"), ("setup: [module load x, 3]", "setup"), ('cpus_per_job: "x"', "cpus_per_job"),
+    ("cpus_per_job: 0", "cpus_per_job"), ("gpus_per_job: -1", "gpus_per_job"), ("gpus_per_job: true", "gpus_per_job"),
+    ("array_parallelism: 0", "array_parallelism"), ("max_requeues: -1", "max_requeues"), ("mem: lots", "mem"),
+    ("partition: [a, b]", "partition"), ('account: "a\\nb"', "account"), ("qos: {a: 1}", "qos"),
+    ("constraint: 1.5", "constraint")])
+def test_a_slurm_setting_of_the_wrong_type_or_range_names_its_file_and_key(tmp_path, monkeypatch, text, key):
+    from bench.errors import UserError
+    from bench.launch import slurm
+
+    monkeypatch.setenv("BENCH_SLURM_CONFIG", str(tmp_path / "absent.yaml"))
+    cfg = tmp_path / "slurm.yaml"
+    cfg.write_text(text + "\n")
+    with pytest.raises(UserError) as e:
+        slurm.load_settings(cfg)
+    assert str(e.value).startswith(f"{cfg}: {key}: expected ") and len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, flag", [({"time": -5}, "--slurm-time"), ({"time": 0}, "--slurm-time"),
+                                         ({"cpus_per_job": 0}, "--slurm-cpus-per-job"),
+                                         ({"array_parallelism": 0}, "--array-parallelism"),
+                                         ({"mem": "3X"}, "--slurm-mem"), ({"partition": "a\nb"}, "--slurm-partition")])
+def test_a_bad_slurm_flag_is_named(tmp_path, monkeypatch, flags, flag):
+    from bench.errors import UserError
+    from bench.launch import slurm
+
+    monkeypatch.setenv("BENCH_SLURM_CONFIG", str(tmp_path / "absent.yaml"))
+    with pytest.raises(UserError) as e:
+        slurm.load_settings(None, flags)
+    assert str(e.value).startswith(f"{flag} ") and len(str(e.value).splitlines()) == 1
+
+
+def test_a_slurm_config_that_is_not_text_is_named(tmp_path, monkeypatch):
+    from bench.errors import UserError
+    from bench.launch import slurm
+
+    cfg = tmp_path / "slurm.yaml"
+    cfg.write_bytes(b"time: 5\n\xff\xfe\x00\x01")
+    for how in ("--slurm-config", "BENCH_SLURM_CONFIG"):
+        monkeypatch.setenv("BENCH_SLURM_CONFIG", str(cfg if how != "--slurm-config" else tmp_path / "absent.yaml"))
+        with pytest.raises(UserError) as e:
+            slurm.load_settings(cfg if how == "--slurm-config" else None)
+        assert str(cfg) in str(e.value) and "not text" in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_valid_slurm_settings_keep_their_meaning(tmp_path, monkeypatch):
+    from bench.launch import slurm
+
+    monkeypatch.setenv("BENCH_SLURM_CONFIG", str(tmp_path / "absent.yaml"))
+    cfg = tmp_path / "slurm.yaml"
+    cfg.write_text("account: 1234\nmem: 32g\nsetup:\ntime: 30\ngpus_per_job: 0\nmax_requeues: 0\npartition: gpu\n")
+    s = slurm.load_settings(cfg, {"partition": "", "cpus_per_job": 4, "setup": [], "array_parallelism": None})
+    assert (s["account"], s["mem"], s["setup"], s["time"], s["gpus_per_job"], s["max_requeues"]) == \
+        ("1234", "32g", [], 30, 0, 0)
+    assert s["partition"] == "" and s["cpus_per_job"] == 4 and s["array_parallelism"] == 256  # "": the default one

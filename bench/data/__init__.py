@@ -19,6 +19,7 @@ import math
 import os
 import queue
 import random
+import re
 import sys
 import threading
 import warnings
@@ -375,6 +376,10 @@ def _read_lines(path: Path):
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
     except FileNotFoundError:
         raise UserError(f"split file {path} is missing") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"split file {path} is damaged: not text (byte {e.start} is not UTF-8)") from None
+    except OSError as e:
+        raise UserError(f"cannot read split file {path}: {e.strerror}") from None
 
 
 def _indoor67(root, split):
@@ -425,8 +430,13 @@ def _sin10k(root, split):
     path = Path(root) / SIN10K_LIST
     if not path.is_file():
         raise UserError(f"{path} is missing: make it with `bench data make-sin10k --imagenet DIR --seed 0`")
-    header, *lines = _read_lines(path)
-    meta = dict(item.split("=", 1) for item in header.lstrip("# ").split())
+    header, *lines = _read_lines(path) or [""]
+    # values may hold spaces (an ImageNet path): each runs up to the next ` key=`
+    meta = dict(re.findall(r"(\w+)=(.*?)(?=\s+\w+=|$)", header)) if header.startswith("#") else {}
+    why = "no '# imagenet=DIR ...' first line" if "imagenet" not in meta else "no images listed" if not lines else ""
+    if why:
+        raise UserError(f"{path} is damaged ({why}): make it again with "
+                        f"`bench data make-sin10k --imagenet DIR --seed 0`")
     classes = sorted({line.split("/")[0] for line in lines})
     index = {c: i for i, c in enumerate(classes)}
     files = [Path(meta["imagenet"]) / "train" / line for line in lines]
@@ -441,14 +451,22 @@ def make_sin10k(imagenet: Path, root: Path, seed: int, per_class: int = 10) -> P
         raise UserError(f"{train} is missing: --imagenet should hold train/<wnid>/*.JPEG")
     rng = random.Random(seed)
     lines = []
-    for wnid in sorted(p.name for p in train.iterdir() if p.is_dir()):
-        files = sorted(f.name for f in (train / wnid).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-        if len(files) < per_class:
-            raise UserError(f"{train / wnid} has {len(files)} images, fewer than {per_class}")
-        lines += [f"{wnid}/{name}" for name in rng.sample(files, per_class)]
+    try:
+        for wnid in sorted(p.name for p in train.iterdir() if p.is_dir()):
+            files = sorted(f.name for f in (train / wnid).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+            if len(files) < per_class:
+                raise UserError(f"{train / wnid} has {len(files)} images, fewer than {per_class}")
+            lines += [f"{wnid}/{name}" for name in rng.sample(files, per_class)]
+    except OSError as e:
+        raise UserError(f"cannot read {e.filename}: {e.strerror}") from None
     out = Path(root).expanduser() / SIN10K_LIST
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# imagenet={train.parent.resolve()} seed={seed} per_class={per_class}\n" + "\n".join(lines) + "\n")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # whole or not at all: a write cut short would leave a list that silently names fewer images
+        write_durably(out, f"# imagenet={train.parent.resolve()} seed={seed} per_class={per_class}\n"
+                      + "\n".join(lines) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror} (--data-root should be a writable folder)") from None
     return out
 
 
@@ -510,10 +528,24 @@ def user_datasets() -> dict:
     try:
         entries = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {e}") from None
+        raise UserError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not text (byte {e.start} is not UTF-8): it should map dataset names to folders") \
+            from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
     if not isinstance(entries, dict):
         raise UserError(f"{path} should map dataset names to folders")
+    for k, v in entries.items():
+        if v is None or isinstance(v, (bool, dict, list)):
+            raise UserError(f"{path}: {k}: expected a folder, got {v!r}")
     return {str(k): str(Path(str(v)).expanduser()) for k, v in entries.items()}
+
+
+def _yaml_problem(e) -> str:
+    """PyYAML's error in one line: what is wrong and where (its first line alone says only what it was parsing)."""
+    mark = getattr(e, "problem_mark", None)
+    return f"{e.problem} (line {mark.line + 1})" if mark and getattr(e, "problem", None) else str(e).splitlines()[0]
 
 
 def info(spec: str) -> DatasetInfo:

@@ -13,6 +13,7 @@ job; the next `bench run` submits it again and it resumes.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,6 +45,30 @@ SETTINGS = {
 }
 
 
+def _whole(low):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _name(v):  # each goes on an #SBATCH line, which a newline would end; YAML reads a numeric account as an int
+    return v is None or isinstance(v, str) and "\n" not in v or _whole(0)(v)
+
+
+# What each setting must be, checked as it is read: a bad value would otherwise surface only at submission (as
+# int('abc') or a broken batch script), possibly after the table's first arrays were queued. "" or null: unset.
+CHECKS = {
+    **{k: (_name, "a name on one line") for k in ("partition", "account", "qos", "constraint")},
+    "time": (_whole(1), "a whole number of minutes >= 1"),
+    "gpus_per_job": (lambda v: v is None or _whole(0)(v), "a whole number >= 0"),
+    "cpus_per_job": (lambda v: v is None or _whole(1)(v), "a whole number >= 1"),
+    "mem": (lambda v: v is None or _whole(0)(v) or isinstance(v, str) and re.fullmatch(r"(\d+[KMGT]?)?", v, re.I),
+            "a size such as 32G or 500M (a bare number is megabytes)"),
+    "setup": (lambda v: v is None or isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v),
+              "a shell line or a list of them"),
+    "array_parallelism": (_whole(1), "a whole number >= 1"),
+    "max_requeues": (_whole(0), "a whole number >= 0"),
+}
+
+
 def config_file():
     return Path(os.environ.get("BENCH_SLURM_CONFIG", Path.home() / ".config" / "bench" / "slurm.yaml"))
 
@@ -61,15 +86,30 @@ def load_settings(path=None, flags=None):
             data = yaml.safe_load(f.read_text()) or {}
         except yaml.YAMLError as e:
             raise UserError(f"{f}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{f}: not text (byte {e.start} is not UTF-8): expected 'key: value' lines") from None
+        except OSError as e:
+            raise UserError(f"cannot read {f}: {e.strerror}") from None
         if not isinstance(data, dict):
             raise UserError(f"{f}: expected 'key: value' lines ({', '.join(SETTINGS)})")
-        unknown = sorted(set(data) - set(SETTINGS))
+        unknown = sorted(set(data) - set(SETTINGS), key=str)
         if unknown:
             raise UserError(f"{f}: unknown setting '{unknown[0]}': choose from {', '.join(SETTINGS)}")
+        for k, v in data.items():
+            if not CHECKS[k][0](v):
+                raise UserError(f"{f}: {k}: expected {CHECKS[k][1]}, got {v!r}")
         out.update(data)
-    out.update({k: v for k, v in (flags or {}).items() if v not in (None, [])})
-    if isinstance(out["setup"], str):
-        out["setup"] = [out["setup"]]
+    for k, v in (flags or {}).items():
+        if v not in (None, []):
+            if not CHECKS[k][0](v):
+                flag = "--array-parallelism" if k == "array_parallelism" else f"--slurm-{k.replace('_', '-')}"
+                raise UserError(f"{flag} {v!r}: expected {CHECKS[k][1]}")
+            out[k] = v
+    if out["setup"] is None or isinstance(out["setup"], str):
+        out["setup"] = [out["setup"]] if out["setup"] else []
+    for k in ("partition", "account", "qos", "mem", "constraint"):  # an int from YAML: 0 is a value, not unset
+        if out[k] is not None:
+            out[k] = str(out[k])
     return out
 
 
