@@ -181,6 +181,9 @@ def cmd_run(args):
     todo = [j for j in runnable if j.hash in rerun or store.state(j.hash) != "done"]
     for spec in sorted({j.config["data"] for j in todo}):  # missing data fails here, before any training
         datasets.check_available(spec, args.data_root, args.skip_bad)
+    for spec in sorted({j.config["data"] for j in todo if j.config["stage"] == "finetune"}):
+        if not datasets.info(spec).has_test:
+            raise UserError(f"--datasets {spec}: a pretraining set, with no test split to fine-tune and test on")
     done = len(runnable) - len(todo)
     skipped = len(jobs) - len(runnable)
     if todo:

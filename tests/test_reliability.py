@@ -76,6 +76,8 @@ def test_bad_values_on_the_command_line_are_one_line_and_exit_2(tmp_path):
                     "pretrain.epochs")
     one_line_exit_2(in_process("run", "--preset", "demo", "--seeds", str(2 ** 40), "--results", res), "--seeds")
     one_line_exit_2(in_process("report", "--seeds", "-5", "--results", res), "--seeds -5")
+    one_line_exit_2(in_process("run", "--preset", "demo", "--datasets", "digits_extra", "--results", res),
+                    "no test split")
     (tmp_path / "file").write_text("x")
     one_line_exit_2(in_process("run", "--preset", "demo", "--results", str(tmp_path / "file")), "is a file")
     (tmp_path / "r2").mkdir()
