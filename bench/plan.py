@@ -66,16 +66,33 @@ def preset_names():
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def _load_yaml(text, origin):
+    """yaml.safe_load, or one line naming `origin` and why not."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        why = ": ".join(filter(None, (e.context, e.problem))) + (
+            f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+    except yaml.YAMLError as e:
+        why = " ".join(str(e).split())
+    except RecursionError:
+        why = "nested too deeply"
+    except Exception as e:  # safe_load's constructors raise plain errors on bad tagged or huge values: ValueError
+        # (`!!int x`, an integer past Python's 4300 digits, whose advice is for programmers), KeyError, AttributeError
+        why = str(e).split(";")[0] if isinstance(e, ValueError) else "a tagged value YAML cannot construct"
+    raise UserError(f"{origin}: not valid YAML: {why}")
+
+
 def _read_preset(path: Path) -> dict:
     """A preset file's own content: a map of settings, or one clear line saying why not."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text file (a preset is YAML)") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read it: {e.strerror}") from None
+    raw = _load_yaml(text, str(path))
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -93,9 +110,9 @@ def _preset_path(name: str) -> Path:
 def _resolve(path: Path, seen=()) -> dict:
     raw = _read_preset(path)
     if "base" not in raw:
-        if path.parent != PRESET_DIR:  # a whole preset of one's own: its keys are the paper preset's
-            _check_keys(raw, _read_preset(PRESET_DIR / "paper.yaml"), str(path))
-        return raw
+        if path.parent == PRESET_DIR:  # paper.yaml, the root of every preset
+            return raw
+        raw["base"] = "paper"  # a file of one's own is the values it changes (README), an empty one the paper's
     base = raw.pop("base")
     if not isinstance(base, str):
         raise UserError(f"{path}: base: expected a preset name or a .yaml path, got {base!r}")
@@ -128,7 +145,7 @@ def load_preset(name: str, overrides=()) -> dict:
             if k is not last:
                 node = node.setdefault(_key(node, k), {})
                 where = f"{where}.{k}".lstrip(".")
-        node[_key(node, last)] = _scalar(value)
+        node[_key(node, last)] = _scalar(value, f"--set {item}")
         check_values(preset, f"--set {item}")
     # built-in presets by name; a user's file by its path, so that the report can load it again
     preset["name"] = path.stem if path.parent == PRESET_DIR else str(path.resolve())
@@ -209,17 +226,54 @@ _RULES = {  # setting name -> (test, what it must be); checked wherever the name
               "a list of crop groups ({count, size, scale})"),
     "datasets": (lambda v: v is None or _names(v) or isinstance(v, dict) and all(map(_names, v.values())),
                  "a list of dataset names, or a map of table -> list of dataset names"),
+    "pretrain_data": (lambda v: isinstance(v, dict) and all(x is None or isinstance(x, str) for x in v.values()),
+                      "a map of a row's pretraining set -> dataset name"),
     "stream": (lambda v: v in (True, False, "auto"), "true, false or auto"),
     "memory_gb": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
     "workers": (lambda v: v is None or _is_int(v) and v >= 0, "a whole number >= 0"),
     "decode": (lambda v: v in ("auto", "pil", "device"), "auto, pil or device"),
+    "schedule": (lambda v: v == "mixup_even_cutmix_odd", "mixup_even_cutmix_odd (the one bench.finetune has)"),
     **{k: (_unit, "a probability in [0, 1]") for k in ("flip", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "p")},
     **{k: (lambda v: _is_int(v) and v >= 1, "a whole number >= 1")
        for k in ("hidden_dim", "out_dim", "bottleneck_dim", "queue", "global_crops")},
     **{k: (lambda v: isinstance(v, dict), "a group of settings")
        for k in ("pretrain", "finetune", "backbones", "methods", "stages", "mixing", "views", "kwargs",
-                 "pretrain_data", "randaugment", "data")},
+                 "randaugment", "data")},
 }
+
+
+# groups that are read key by key (a missing key would be a KeyError in the middle of planning or training):
+# kind -> (keys it must have, other keys it may have; None: any, such as a new backbone's own settings)
+_SHAPES = {
+    "crop group": (("count", "size", "scale"), VIEW_KEYS[1:]),  # a group may override its views' strengths
+    "backbone": (("lr", "warmup_epochs", "kwargs"), None),
+    "fine-tuning stage": (("batch_size", "lr", "warmup_epochs"), ()),
+    "mixing group": (("mixup_alpha", "cutmix_alpha", "parts"), ("schedule",)),
+}
+
+
+def _shape(where, k):
+    """Which of _SHAPES the setting `k` under `where` is, if any."""
+    if where.endswith(".crops") and _is_int(k):
+        return "crop group"
+    if k == "mixing":
+        return "mixing group"
+    return {"backbones": "backbone", "finetune.stages": "fine-tuning stage"}.get(where)
+
+
+def _check_shape(kind, v, origin, here):
+    need, may = _SHAPES[kind]
+    if not isinstance(v, dict):
+        raise UserError(f"{origin}: {here}: expected a {kind} (a map of {', '.join(need)}), got {v!r}")
+    missing = [k for k in need if k not in v]
+    unknown = [k for k in v if k not in need and may is not None and k not in may]
+    if missing or unknown:
+        what = f"no {', '.join(missing)}" if missing else f"unknown setting '{unknown[0]}'"
+        raise UserError(f"{origin}: {here}: {what} (a {kind} has {', '.join(need)}"
+                        + (f"; it may have {', '.join(may)})" if may else ")"))
+    if kind == "crop group" and v["size"] is None and not here.startswith("finetune.views"):
+        raise UserError(f"{origin}: {here}.size: expected a whole number >= 1 (null, the stage's resolution, "
+                        f"is for finetune.views only), got None")
 
 
 def check_values(preset, origin, node=None, where=""):
@@ -228,6 +282,11 @@ def check_values(preset, origin, node=None, where=""):
     items = node.items() if isinstance(node, dict) else enumerate(node)
     for k, v in items:
         here = f"{where}.{k}".lstrip(".") if isinstance(node, dict) else f"{where}[{k}]"
+        if _is_int(v) and not -2 ** 31 < v < 2 ** 31:  # counts, sizes and seeds; torch's are 32 or 64 bits
+            raise UserError(f"{origin}: {here}: expected a whole number of magnitude below 2**31, got a larger one")
+        kind = _shape(where, k)
+        if kind:
+            _check_shape(kind, v, origin, here)
         rule = _RULES.get(k) if isinstance(k, str) else None
         if k == "resolution" and where == "finetune":
             rule = (lambda r: isinstance(r, dict) and all(_is_int(x) and x >= 1 for x in r.values()),
@@ -247,9 +306,9 @@ def _open(where, key):
             or (where.startswith("methods.") and where.count(".") == 1 and key == "pretrain"))
 
 
-def _scalar(text):
+def _scalar(text, origin):
     """A YAML value, with 3e-3 read as a number (YAML 1.1 wants 3.0e-3)."""
-    value = yaml.safe_load(text)
+    value = _load_yaml(text, origin)
     if isinstance(value, str):
         try:
             return float(value)
@@ -348,16 +407,23 @@ def _imagenet_init(backbone, preset, init_weights):
     return (None, None, why) if why else (f"timm:{backbone}", None, None)
 
 
-def parse_init_weights(items, backbones):
-    """`--init-weights [BACKBONE=]FILE ...` -> {backbone: file}; a bare FILE needs exactly one backbone."""
+def parse_init_weights(items, backbones, known):
+    """`--init-weights [BACKBONE=]FILE ...` -> {backbone: file}; a bare FILE needs exactly one of `backbones`
+    (those chosen to run), a named one must be one of `known` (every backbone of the table's "IN super." rows)."""
     out = {}
     for item in items or []:
         name, sep, path = item.rpartition("=")
+        digest = path.startswith("file:")  # the report re-planning its records
+        if not known and not digest:
+            raise UserError(f"--init-weights {item}: this table has no 'IN super.' rows, the only ones it is for")
         if not sep:
             if len(backbones) != 1:
                 raise UserError(f"--init-weights {item}: say which backbone it is for, "
                                 f"as BACKBONE=FILE ({', '.join(sorted(backbones))})")
             name, path = next(iter(backbones)), item
+        if name not in known and not digest:
+            raise UserError(f"--init-weights {item}: no 'IN super.' row of this table has backbone '{name}' "
+                            f"(choose from {', '.join(sorted(known))})")
         out[name] = path
     return out
 
@@ -381,9 +447,9 @@ def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds
     """Every job the table needs under `preset`, parents before children, deduplicated by hash."""
     spec = table(table_name)
     rows = spec["rows"]
-    in_rows = {r["backbone"] for r in rows if r["method"] == "in_supervised"
-               and (not backbones or r["backbone"] in backbones)}
-    init_weights = parse_init_weights(init_weights, in_rows)
+    in_rows = {r["backbone"] for r in rows if r["method"] == "in_supervised"}
+    # a weights file for a backbone that --backbones leaves out is unused, not a mistake
+    init_weights = parse_init_weights(init_weights, {b for b in in_rows if not backbones or b in backbones}, in_rows)
     _check_choice("method", methods or [], sorted({r["method"] for r in rows}))
     _check_choice("backbone", backbones or [], sorted({r["backbone"] for r in rows}))
     cols = columns(spec, preset)

@@ -5,6 +5,7 @@ import pytest
 from bench import plan as planner
 from bench.errors import UserError
 from bench.results import Store
+from conftest import in_process
 
 
 def test_config_hash_is_stable_and_key_order_free():
@@ -129,3 +130,76 @@ def test_set_rejects_a_setting_the_preset_does_not_have_and_user_presets_load_by
     preset = planner.load_preset(str(mine))
     assert preset["pretrain"]["epochs"] == 3 and preset["name"] == str(mine.resolve())
     assert planner.load_preset(preset["name"])["pretrain"]["resolution"] == 16  # the report re-loads it by name
+
+
+@pytest.mark.parametrize("content", ["", "pretrain: {epochs: 1}\n"])
+def test_a_preset_file_without_base_is_the_paper_preset_and_its_changes(tmp_path, content):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(content)
+    preset, paper = planner.load_preset(str(mine)), planner.load_preset("paper")
+    assert preset["pretrain"]["epochs"] == (1 if content else None)
+    assert {**preset, "name": "", "pretrain": {}} == {**paper, "name": "", "pretrain": {}}
+    jobs = planner.plan("comparison", preset, methods=["idmm"], datasets_=["flowers102"])
+    assert [j.config["epochs"] for j in jobs if j.config["stage"] == "pretrain"] == [1 if content else 800]
+
+
+def _refused(item):
+    with pytest.raises(UserError) as e:
+        planner.load_preset("demo", [item])
+    msg = str(e.value)
+    assert msg.startswith(f"--set {item}: ") and "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("value", ["[1", "@x", "!!python/object:os.system x", "9" * 5000, "!!int x",
+                                   "!!timestamp x", "!!bool x", "[" * 1000],
+                         ids=["unclosed", "bad-token", "python-tag", "5000-digits", "bad-int", "bad-timestamp",
+                              "bad-bool", "deep"])
+def test_a_set_value_yaml_cannot_read_is_one_line(value):
+    assert "not valid YAML" in _refused(f"pretrain.epochs={value}")
+
+
+@pytest.mark.parametrize("item,words", [
+    ("finetune.views.crops=[{count: 1}]", ["finetune.views.crops[0]: no size, scale"]),
+    ("methods.idmm.views.crops=[{count: 2, scale: [0.1, 1]}]", ["methods.idmm.views.crops[0]: no size"]),
+    ("methods.idmm.views.crops=[{count: 2, size: null, scale: [0.1, 1]}]", ["methods.idmm.views.crops[0].size"]),
+    ("finetune.views.crops=[{count: 1, size: null, scale: [0.1, 1], bogus: 3}]",
+     ["finetune.views.crops[0]: unknown setting 'bogus'", "solarize_p"]),
+    ("backbones.deit_tiny_patch16_224=null", ["backbones.deit_tiny_patch16_224: expected a backbone"]),
+    ("backbones.deit_tiny_patch16_224={}", ["backbones.deit_tiny_patch16_224: no lr, warmup_epochs, kwargs"]),
+    ("finetune.stages.224={}", ["finetune.stages.224: no batch_size"]),
+    ("finetune.mixing={}", ["finetune.mixing: no mixup_alpha"]),
+    ("finetune.mixing.schedule=nope", ["finetune.mixing.schedule", "mixup_even_cutmix_odd", "'nope'"]),
+    ("finetune.epochs=10000000000000", ["finetune.epochs", "2**31"]),
+    ("pretrain_data.sin10k=3", ["pretrain_data", "dataset name"]),
+])
+def test_groups_read_key_by_key_are_checked_inside(item, words):
+    msg = _refused(item)
+    for w in words:
+        assert w in msg
+
+
+def test_a_preset_file_yaml_cannot_construct_is_named(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: demo\npretrain: {epochs: !!int x}\n")
+    with pytest.raises(UserError, match=f"^{mine}: not valid YAML: invalid literal"):
+        planner.load_preset(str(mine))
+
+
+def test_init_weights_name_a_backbone_of_the_tables_in_supervised_rows():
+    demo = planner.load_preset("demo")
+    with pytest.raises(UserError, match=r"^--init-weights foo=x.pth: .*'foo' \(choose from deit_base"):
+        planner.plan("sota", demo, methods=["in_supervised"], init_weights=["foo=x.pth"])
+    with pytest.raises(UserError, match="^--init-weights deit_tiny_patch16_224=x.pth: this table has no 'IN super."):
+        planner.plan("comparison", demo, init_weights=["deit_tiny_patch16_224=x.pth"])
+    # one for a backbone that --backbones leaves out is unused, not a mistake
+    planner.plan("sota", demo, methods=["in_supervised"], backbones=["pvt_v2_b0"],
+                 init_weights=["deit_tiny_patch16_224=x.pth"])
+
+
+@pytest.mark.parametrize("args", [["--set", "finetune.views.crops=[{count: 1}]"], ["--set", "pretrain.epochs=@x"],
+                                  ["--set", "backbones.deit_tiny_patch16_224=null"], ["--init-weights", "foo=x.pth"]])
+def test_bad_input_on_the_command_line_is_one_line_and_exit_2(tmp_path, args):
+    res = in_process("run", "--table", "comparison", "--preset", "demo", "--dry-run", "--results", tmp_path, *args)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert args[1].partition("=")[0] in res.stderr
