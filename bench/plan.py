@@ -232,7 +232,6 @@ _RULES = {  # setting name -> (test, what it must be); checked wherever the name
     "memory_gb": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
     "workers": (lambda v: v is None or _is_int(v) and v >= 0, "a whole number >= 0"),
     "decode": (lambda v: v in ("auto", "pil", "device"), "auto, pil or device"),
-    "schedule": (lambda v: v == "mixup_even_cutmix_odd", "mixup_even_cutmix_odd (the one bench.finetune has)"),
     **{k: (_unit, "a probability in [0, 1]") for k in ("flip", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "p")},
     **{k: (lambda v: _is_int(v) and v >= 1, "a whole number >= 1")
        for k in ("hidden_dim", "out_dim", "bottleneck_dim", "queue", "global_crops")},
@@ -252,11 +251,14 @@ _SHAPES = {
 }
 
 
+_MIXING_AT = ("finetune", "methods.supervised")  # where bench.finetune reads a mixing group; a new method's is its own
+
+
 def _shape(where, k):
     """Which of _SHAPES the setting `k` under `where` is, if any."""
     if where.endswith(".crops") and _is_int(k):
         return "crop group"
-    if k == "mixing":
+    if k == "mixing" and where in _MIXING_AT:
         return "mixing group"
     return {"backbones": "backbone", "finetune.stages": "fine-tuning stage"}.get(where)
 
@@ -293,6 +295,8 @@ def check_values(preset, origin, node=None, where=""):
                     "a map of table resolution -> trained resolution")
         elif k == "resolution":
             rule = (lambda r: _is_int(r) and r >= 1, "a whole number >= 1")
+        elif k == "schedule" and where in {f"{m}.mixing" for m in _MIXING_AT}:
+            rule = (lambda v: v == "mixup_even_cutmix_odd", "mixup_even_cutmix_odd (the one bench.finetune has)")
         if rule and not rule[0](v):
             raise UserError(f"{origin}: {here}: expected {rule[1]}, got {v!r}")
         if k != "kwargs" and isinstance(v, (dict, list)):
@@ -412,7 +416,9 @@ def parse_init_weights(items, backbones, known):
     (those chosen to run), a named one must be one of `known` (every backbone of the table's "IN super." rows)."""
     out = {}
     for item in items or []:
-        name, sep, path = item.rpartition("=")
+        name, sep, path = item.partition("=")
+        if sep and name not in known and ("/" in name or Path(item).exists()):  # a file whose path holds '='
+            name, sep, path = "", "", item
         digest = path.startswith("file:")  # the report re-planning its records
         if not known and not digest:
             raise UserError(f"--init-weights {item}: this table has no 'IN super.' rows, the only ones it is for")

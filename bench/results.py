@@ -31,7 +31,8 @@ def check_output(path, flag="--out") -> Path:
     path = Path(path)
     in_a_run = any(d.parent.name == "runs" and re.fullmatch(r"[0-9a-f]{16}", d.name)
                    for d in [path.absolute(), *path.absolute().parents])
-    if _RECORD_NAME.match(path.name) or in_a_run:
+    a_record = _RECORD_NAME.match(path.name) and (path.exists() or (path.parent / "runs").is_dir())
+    if a_record or in_a_run:
         raise UserError(f"{flag} {path}: a job's results live there (a record, or its run directory); "
                         f"write somewhere else")
     return path

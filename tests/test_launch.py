@@ -335,3 +335,4 @@ def test_valid_slurm_settings_keep_their_meaning(tmp_path, monkeypatch):
     assert (s["account"], s["mem"], s["setup"], s["time"], s["gpus_per_job"], s["max_requeues"]) == \
         ("1234", "32g", [], 30, 0, 0)
     assert s["partition"] == "" and s["cpus_per_job"] == 4 and s["array_parallelism"] == 256  # "": the default one
+    assert slurm.load_settings(cfg, {"mem": "32GB"})["mem"] == "32GB"  # as sbatch --mem takes it

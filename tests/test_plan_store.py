@@ -186,7 +186,7 @@ def test_a_preset_file_yaml_cannot_construct_is_named(tmp_path):
         planner.load_preset(str(mine))
 
 
-def test_init_weights_name_a_backbone_of_the_tables_in_supervised_rows():
+def test_init_weights_name_a_backbone_of_the_tables_in_supervised_rows(tmp_path):
     demo = planner.load_preset("demo")
     with pytest.raises(UserError, match=r"^--init-weights foo=x.pth: .*'foo' \(choose from deit_base"):
         planner.plan("sota", demo, methods=["in_supervised"], init_weights=["foo=x.pth"])
@@ -195,6 +195,22 @@ def test_init_weights_name_a_backbone_of_the_tables_in_supervised_rows():
     # one for a backbone that --backbones leaves out is unused, not a mistake
     planner.plan("sota", demo, methods=["in_supervised"], backbones=["pvt_v2_b0"],
                  init_weights=["deit_tiny_patch16_224=x.pth"])
+    # a path may hold '=': named or bare, the file is the whole rest
+    weights = tmp_path / "lr=1" / "in1k.pth"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights")
+    inits = {j.config["init"] for item in (f"deit_tiny_patch16_224={weights}", str(weights))
+             for j in planner.plan("sota", demo, methods=["in_supervised"], backbones=["deit_tiny_patch16_224"],
+                                   init_weights=[item])}
+    assert len(inits) == 1 and next(iter(inits)).startswith("file:")
+
+
+def test_a_new_methods_own_schedule_and_mixing_are_its_own(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: demo\nmethods: {mymethod: {schedule: cosine, mixing: {cutmix_alpha: 1.0}}}\n")
+    assert planner.load_preset(str(path))["methods"]["mymethod"]["schedule"] == "cosine"
+    with pytest.raises(UserError, match="finetune.mixing.schedule"):
+        planner.load_preset("demo", ["finetune.mixing.schedule=cosine"])
 
 
 @pytest.mark.parametrize("args", [["--set", "finetune.views.crops=[{count: 1}]"], ["--set", "pretrain.epochs=@x"],
