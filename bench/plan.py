@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -66,10 +67,18 @@ def preset_names():
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-3 as text (its floats need a dot); in a preset or a --set value it means a number."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
 def _load_yaml(text, origin):
-    """yaml.safe_load, or one line naming `origin` and why not."""
+    """yaml.safe_load (1e-3 a number), or one line naming `origin` and why not."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         why = ": ".join(filter(None, (e.context, e.problem))) + (

@@ -205,6 +205,14 @@ def test_init_weights_name_a_backbone_of_the_tables_in_supervised_rows(tmp_path)
     assert len(inits) == 1 and next(iter(inits)).startswith("file:")
 
 
+def test_numbers_written_without_a_dot_are_numbers_in_a_preset_file_and_a_set_map(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: demo\npretrain: {lr: 1e-3, weight_decay: 5E-2}\n")
+    assert planner.load_preset(str(path))["pretrain"]["lr"] == 1e-3
+    pre = planner.load_preset("demo", ["methods.idmm.pretrain={lr: 2e-3}", "pretrain.batch_size=64"])
+    assert pre["methods"]["idmm"]["pretrain"]["lr"] == 2e-3 and pre["pretrain"]["batch_size"] == 64
+
+
 def test_a_new_methods_own_schedule_and_mixing_are_its_own(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("base: demo\nmethods: {mymethod: {schedule: cosine, mixing: {cutmix_alpha: 1.0}}}\n")
