@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from tabulate import tabulate
@@ -13,7 +12,7 @@ from bench import data as datasets
 from bench import plan as planner
 from bench.engine import COMPILE_CHOICES, compiles
 from bench.errors import UserError
-from bench.results import Store, check_output
+from bench.results import Store, check_output, probe_writable
 
 
 class Parser(argparse.ArgumentParser):
@@ -460,13 +459,9 @@ def cmd_benchmark(args):
     preset = args.preset or ("demo" if small else "paper")
     out = check_output(args.out)
     profile = args.profile and check_output(args.profile, "--profile")
-    for folder, flag, given in ((out.parent, "--out", out), (profile, "--profile", profile)):
-        if folder:  # minutes of measurements must have somewhere to go
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                tempfile.TemporaryFile(dir=folder).close()
-            except OSError as e:
-                raise UserError(f"{flag} {given}: cannot write there ({e.strerror})") from None
+    probe_writable(out.parent, f"--out {out}")
+    if profile:
+        probe_writable(profile, f"--profile {profile}")
     benchmark.run(device, preset, args.images or (256 if small else 2040), args.steps or (5 if small else 30),
                   args.epochs or (2 if small else 3), out, args.only,
                   profile_dir=profile or None)
@@ -505,9 +500,10 @@ def build_parser():
                         "constraint, setup, array_parallelism, max_requeues); default ~/.config/bench/slurm.yaml")
     r.add_argument("--array-parallelism", type=int, metavar="K", help="slurm: at most K tasks of an array at once")
     for flag, meta, text in [("partition", "NAME", ""), ("account", "NAME", ""), ("qos", "NAME", ""),
-                             ("time", "MINUTES", "time limit per job; a job past it is requeued and resumes"),
+                             ("time", "TIME", "time limit per job, in minutes or [days-]hours:minutes:seconds as sbatch takes it; "
+                                                     "a job past it is requeued and resumes"),
                              ("cpus-per-job", "N", ""), ("mem", "SIZE", "e.g. 32G"), ("constraint", "FEATURES", "")]:
-        r.add_argument(f"--slurm-{flag}", metavar=meta, type=int if meta in ("MINUTES", "N") else str, help=text or None)
+        r.add_argument(f"--slurm-{flag}", metavar=meta, type=int if meta == "N" else str, help=text or None)
     r.add_argument("--slurm-setup", action="append", default=[], metavar="LINE",
                    help="a shell line run before each job (module load ..., source .venv/bin/activate); repeatable")
     r.set_defaults(func=cmd_run)

@@ -1,5 +1,43 @@
+from pathlib import Path
+
+
 class UserError(Exception):
     """A mistake the user can fix (bad flag, unknown name, missing or corrupt data).
 
     The CLI prints its message as one line on stderr and exits with code 2, without a traceback.
     """
+
+
+def load_yaml(text, origin, loader=None):
+    """yaml.safe_load (or `loader`), or one line naming `origin` and what is wrong where.
+
+    PyYAML's own message spans lines and its first says only what it was parsing; safe_load's constructors raise
+    plain Python errors on bad tagged or huge values.
+    """
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=loader or yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        why = ": ".join(filter(None, (e.context, e.problem))) + (
+            f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+    except yaml.YAMLError as e:
+        why = " ".join(str(e).split())
+    except RecursionError:
+        why = "nested too deeply"
+    except Exception as e:  # ValueError (`!!int x`, an integer past Python's 4300 digits, whose advice is for
+        # programmers), KeyError, AttributeError
+        why = str(e).split(";")[0] if isinstance(e, ValueError) else "a tagged value YAML cannot construct"
+    raise UserError(f"{origin}: not valid YAML: {why}")
+
+
+def read_yaml(path, expected, loader=None):
+    """A YAML file's content, or one line naming the file and why not; `expected` says what it should hold."""
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not text (byte {e.start} is not UTF-8): {expected}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it: {e.strerror}") from None
+    return load_yaml(text, str(path), loader)

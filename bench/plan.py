@@ -20,7 +20,7 @@ import yaml
 
 from bench import data as datasets
 from bench.engine import LR_SCHEDULES, PRECISIONS
-from bench.errors import UserError
+from bench.errors import UserError, load_yaml, read_yaml
 from methods import METHODS
 
 PRESET_DIR = Path(str(resources.files("bench") / "presets"))
@@ -75,33 +75,9 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9
                               list("-+0123456789"))
 
 
-def _load_yaml(text, origin):
-    """yaml.safe_load (1e-3 a number), or one line naming `origin` and why not."""
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        why = ": ".join(filter(None, (e.context, e.problem))) + (
-            f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
-    except yaml.YAMLError as e:
-        why = " ".join(str(e).split())
-    except RecursionError:
-        why = "nested too deeply"
-    except Exception as e:  # safe_load's constructors raise plain errors on bad tagged or huge values: ValueError
-        # (`!!int x`, an integer past Python's 4300 digits, whose advice is for programmers), KeyError, AttributeError
-        why = str(e).split(";")[0] if isinstance(e, ValueError) else "a tagged value YAML cannot construct"
-    raise UserError(f"{origin}: not valid YAML: {why}")
-
-
 def _read_preset(path: Path) -> dict:
     """A preset file's own content: a map of settings, or one clear line saying why not."""
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a text file (a preset is YAML)") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read it: {e.strerror}") from None
-    raw = _load_yaml(text, str(path))
+    raw = read_yaml(path, "a preset is a YAML map of settings", _Loader)
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -321,7 +297,7 @@ def _open(where, key):
 
 def _scalar(text, origin):
     """A YAML value, with 3e-3 read as a number (YAML 1.1 wants 3.0e-3)."""
-    value = _load_yaml(text, origin)
+    value = load_yaml(text, origin, _Loader)
     if isinstance(value, str):
         try:
             return float(value)

@@ -25,6 +25,16 @@ from bench.errors import UserError
 _RECORD_NAME = re.compile(r"^[0-9a-f]{16}\.json$")  # <config hash>.json; any other JSON file is not ours
 
 
+def probe_writable(folder, named, then=""):
+    """A folder that cannot take a file (a read-only mount, no permission, a file in its place) fails now, not
+    after minutes or hours of work that had nowhere to go."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"{named}: cannot write there ({e.strerror}){then}") from None
+
+
 def check_output(path, flag="--out") -> Path:
     """A file a command writes on request (a report, a benchmark's JSON) must not take a result's place: a record
     (<hash>.json) or anything in a job's run directory (weights, checkpoints)."""
@@ -163,13 +173,7 @@ class Store:
         if (self.root / "runs").exists() and not (self.root / "runs").is_dir():
             raise UserError(f"--results {self.root}: runs there is a file, where the jobs' folders belong; "
                             f"nothing was run")
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=self.root)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as e:
-            raise UserError(f"--results {self.root}: cannot write there ({e.strerror}); nothing was run") from None
+        probe_writable(self.root, f"--results {self.root}", "; nothing was run")
 
     def set_aside(self, h):
         """For `bench run --rerun`: the job's record and checkpoint are moved aside (kept), so it runs again."""

@@ -203,8 +203,8 @@ def test_a_sin10k_list_reads_an_imagenet_path_with_spaces(tmp_path):
     assert (meta["imagenet"], meta["seed"], meta["per_class"]) == ("/my data/in1k", "3", "1")
 
 
-@pytest.mark.parametrize("content, words", [(b"\xff\xfe\x00\x01binary", "is not text"),
-                                            (b"mine: [1\n", "not valid YAML: expected ',' or ']'"),
+@pytest.mark.parametrize("content, words", [(b"\xff\xfe\x00\x01binary", ": not text"),
+                                            (b"mine: [1\n", "not valid YAML: while parsing a flow sequence: expected ',' or ']'"),
                                             (b"mine:\n", "mine: expected a folder, got None")],
                          ids=["binary", "bad-yaml", "no-folder"])
 def test_a_bad_users_datasets_file_is_named_in_one_line(tmp_path, monkeypatch, content, words):

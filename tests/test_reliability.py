@@ -37,7 +37,7 @@ def one_line_exit_2(res, *words):
     ("base: paper\npretrain: {epoch: 3}\n", ["unknown setting 'pretrain.epoch'"]),
     ("base: paper\nfoo: 1\n", ["unknown setting 'foo'"]),
     ("x: [1\n", ["not valid YAML"]),
-    (b"\x89\xff\x00\x12binary", ["not a text file"]),
+    (b"\x89\xff\x00\x12binary", ["not text (byte"]),
     ("base: paper\nmethods: {idmm: {label_smoothing: 2}}\n", ["methods.idmm.label_smoothing", "[0, 1)"]),
     ("base: paper\nfinetune: {views: {crops: [{count: 1, size: 8, scale: [0.5, 0.1]}]}}\n", ["scale"]),
 ])
@@ -354,6 +354,10 @@ def test_a_read_only_results_directory_is_named_before_any_work_and_its_results_
             code, out = cli(*run, *extra)
             assert code == 2 and out.err.count("\n") == 1, out.err
             assert f"--results {ro}: cannot write there (Read-only file system); nothing was run" in out.err
+        for flag, path in (("--out", ro / "b.json"), ("--profile", ro / "prof")):  # before minutes of measuring
+            code, out = cli("benchmark", "--device", "cpu", flag, str(path))
+            assert code == 2 and out.err.count("\n") == 1, out.err
+            assert f"{flag} {path}: cannot write there (Read-only file system)" in out.err
     finally:
         subprocess.run(["umount", str(ro)], check=True)
     assert {p.name: p.read_bytes() for p in results.glob("*.json")} == before

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.data.views import to_device
-from bench.errors import UserError
+from bench.errors import UserError, read_yaml
 from bench.results import aside, write_durably
 
 # torchvision 0.29 points every decode to TorchCodec, which this project does not use. One filter, installed once:
@@ -523,29 +523,13 @@ def user_datasets() -> dict:
     path = user_datasets_file()
     if not path.is_file():
         return {}
-    import yaml
-
-    try:
-        entries = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not text (byte {e.start} is not UTF-8): it should map dataset names to folders") \
-            from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    entries = read_yaml(path, "it should map dataset names to folders") or {}
     if not isinstance(entries, dict):
         raise UserError(f"{path} should map dataset names to folders")
     for k, v in entries.items():
         if v is None or isinstance(v, (bool, dict, list)):
             raise UserError(f"{path}: {k}: expected a folder, got {v!r}")
     return {str(k): str(Path(str(v)).expanduser()) for k, v in entries.items()}
-
-
-def _yaml_problem(e) -> str:
-    """PyYAML's error in one line: what is wrong and where (its first line alone says only what it was parsing)."""
-    mark = getattr(e, "problem_mark", None)
-    return f"{e.problem} (line {mark.line + 1})" if mark and getattr(e, "problem", None) else str(e).splitlines()[0]
 
 
 def info(spec: str) -> DatasetInfo:

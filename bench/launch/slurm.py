@@ -25,7 +25,7 @@ import yaml
 from submitit.slurm.slurm import SlurmInfoWatcher
 
 from bench.engine import Interrupted
-from bench.errors import UserError
+from bench.errors import UserError, read_yaml
 from bench.launch import init_distributed, job_spec, launch_info, run_spec
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -34,7 +34,7 @@ ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONF
 # --slurm-config / ~/.config/bench/slurm.yaml keys (and the --slurm-* flags that override them)
 SETTINGS = {
     "partition": None, "account": None, "qos": None,
-    "time": 24 * 60,            # minutes per job; a longer run is requeued from its checkpoint
+    "time": 24 * 60,            # minutes per job, or SLURM's [days-]hours:minutes:seconds; a longer run is requeued
     "gpus_per_job": None,       # default: 1 where the partition's nodes have GPUs, else 0; --gpus-per-job N
     "cpus_per_job": None,       # default: 10 per GPU, or 2 without GPUs
     "mem": None,                # e.g. 32G
@@ -49,6 +49,31 @@ def _whole(low):
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
+def _minutes(v):
+    """A time limit in whole minutes (seconds rounded up), from minutes or any of sbatch --time's forms: M:S,
+    H:M:S, D-H, D-H:M, D-H:M:S; None if it is none of them or under a minute."""
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        return None
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)((?::\d+){0,2})", str(v).strip())
+    if not m:
+        return None
+    days, parts = int(m.group(1) or 0), [int(m.group(2))] + [int(x) for x in m.group(3).split(":")[1:]]
+    if m.group(1):  # days-hours[:minutes[:seconds]]
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    else:  # minutes[:seconds], or hours:minutes:seconds
+        hours, minutes, seconds = parts if len(parts) == 3 else [0] + (parts + [0])[:2]
+    total = days * 1440 + hours * 60 + minutes + -(-seconds // 60)
+    return total if total >= 1 else None
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 2:00:00 as 7200 (base 60); here it is sbatch's hours:minutes:seconds."""
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: node.value if ":" in node.value
+                        else yaml.SafeLoader.construct_yaml_int(loader, node))
+
+
 def _name(v):  # each goes on an #SBATCH line, which a newline would end; YAML reads a numeric account as an int
     return v is None or isinstance(v, str) and "\n" not in v or _whole(0)(v)
 
@@ -57,7 +82,7 @@ def _name(v):  # each goes on an #SBATCH line, which a newline would end; YAML r
 # int('abc') or a broken batch script), possibly after the table's first arrays were queued. "" or null: unset.
 CHECKS = {
     **{k: (_name, "a name on one line") for k in ("partition", "account", "qos", "constraint")},
-    "time": (_whole(1), "a whole number of minutes >= 1"),
+    "time": (lambda v: _minutes(v) is not None, "minutes (a whole number >= 1) or [days-]hours:minutes:seconds"),
     "gpus_per_job": (lambda v: v is None or _whole(0)(v), "a whole number >= 0"),
     "cpus_per_job": (lambda v: v is None or _whole(1)(v), "a whole number >= 1"),
     "mem": (lambda v: v is None or _whole(0)(v) or isinstance(v, str) and re.fullmatch(r"(\d+([KMGT]B?)?)?", v, re.I),
@@ -82,14 +107,7 @@ def load_settings(path=None, flags=None):
             continue
         if not f.is_file():
             raise UserError(f"--slurm-config {f}: no such file")
-        try:
-            data = yaml.safe_load(f.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{f}: not valid YAML ({str(e).splitlines()[0]})") from None
-        except UnicodeDecodeError as e:
-            raise UserError(f"{f}: not text (byte {e.start} is not UTF-8): expected 'key: value' lines") from None
-        except OSError as e:
-            raise UserError(f"cannot read {f}: {e.strerror}") from None
+        data = read_yaml(f, "expected 'key: value' lines", _Loader) or {}
         if not isinstance(data, dict):
             raise UserError(f"{f}: expected 'key: value' lines ({', '.join(SETTINGS)})")
         unknown = sorted(set(data) - set(SETTINGS), key=str)
@@ -105,6 +123,7 @@ def load_settings(path=None, flags=None):
                 flag = "--array-parallelism" if k == "array_parallelism" else f"--slurm-{k.replace('_', '-')}"
                 raise UserError(f"{flag} {v!r}: expected {CHECKS[k][1]}")
             out[k] = v
+    out["time"] = _minutes(out["time"])
     if out["setup"] is None or isinstance(out["setup"], str):
         out["setup"] = [out["setup"]] if out["setup"] else []
     for k in ("partition", "account", "qos", "mem", "constraint"):  # an int from YAML: 0 is a value, not unset
