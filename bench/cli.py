@@ -157,6 +157,7 @@ def cmd_run(args):
 
     checkpoint_interval()  # a bad value fails here, before any job
     preset, jobs = _jobs(args)
+    planner.check_models(jobs)
     store = Store(args.results)
     rerun = _rerun_set(args.rerun, jobs) if args.rerun else set()
     if args.dry_run:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import math
 import re
@@ -19,6 +20,7 @@ import timm
 import yaml
 
 from bench import data as datasets
+from bench.data.views import randaugment
 from bench.engine import LR_SCHEDULES, PRECISIONS
 from bench.errors import UserError, load_yaml, read_yaml
 from methods import METHODS
@@ -493,6 +495,36 @@ def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds
     return list(jobs.values())
 
 
+def check_models(jobs):
+    """Each backbone as the jobs will build it (the preset's kwargs, at each resolution), built and run once on
+    the meta device, which allocates and computes nothing: kwargs timm cannot take, or a shape that does not
+    fit, fail here in one line rather than in every job, perhaps after hours in a SLURM queue."""
+    import warnings
+
+    import torch
+
+    from bench import models
+
+    seen = set()
+    for job in jobs:
+        c = job.config
+        key = (c.get("backbone"), c.get("resolution"), json.dumps(c.get("model_kwargs"), sort_keys=True))
+        if job.skip or c["stage"] not in ("pretrain", "finetune") or key in seen:
+            continue
+        seen.add(key)
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the error, not what torch warned on the way, is the one line
+                model = models.create(c["backbone"], c["resolution"], 2, c["drop_path"], c["model_kwargs"])
+                model(torch.empty(2, 3, c["resolution"], c["resolution"]))
+        except UserError:
+            raise
+        except Exception as e:  # timm's own checks: TypeError, AssertionError, ZeroDivisionError, RuntimeError
+            why = (str(e).strip().splitlines() or [""])[0]
+            raise UserError(f"backbones.{c['backbone']}.kwargs {c['model_kwargs'] or {}}: cannot build or run the "
+                            f"backbone at {c['resolution']} px: {type(e).__name__}: {why}") from None
+
+
 def chain(job, by_hash):
     """The job and its ancestors, first stage first."""
     stages = []
@@ -534,7 +566,8 @@ def describe(job: Job) -> dict:
         m = c["mixing"]
         out["mixing"] = f"mixup{m['mixup_alpha']}-even/cutmix{m['cutmix_alpha']}-odd/{m['parts']}parts"
         ra = c["views"].get("randaugment")
-        if ra:
+        if ra:  # a partial map: the rest as the job's views take it, from randaugment's defaults
+            ra = {**{k: p.default for k, p in inspect.signature(randaugment).parameters.items() if k != "x"}, **ra}
             out["randaug"] = f"{ra['ops']}ops-p{ra['p']}-m{ra['magnitude'][0]}-{ra['magnitude'][1]}"
         out["ls"] = c["label_smoothing"]
         out["init"] = c["init"][:10]

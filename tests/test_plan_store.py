@@ -227,3 +227,12 @@ def test_bad_input_on_the_command_line_is_one_line_and_exit_2(tmp_path, args):
     res = in_process("run", "--table", "comparison", "--preset", "demo", "--dry-run", "--results", tmp_path, *args)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
     assert args[1].partition("=")[0] in res.stderr
+
+
+def test_a_partial_randaugment_map_is_described_as_the_views_take_it():
+    """--set with a map replaces the preset's map; the missing keys are randaugment's defaults, in the job and in
+    the dry-run's description alike."""
+    for value, label in (("{ops: 3}", "3ops-p0.5-m1-9"), ("{magnitude: [2, 5]}", "2ops-p0.5-m2-5")):
+        preset = planner.load_preset("demo", [f"finetune.views.randaugment={value}"])
+        job = planner.plan("comparison", preset, ["random"])[0]
+        assert planner.describe(job)["randaug"] == label

@@ -83,6 +83,13 @@ def test_bad_values_on_the_command_line_are_one_line_and_exit_2(tmp_path):
     (tmp_path / "r2").mkdir()
     (tmp_path / "r2" / "runs").write_text("x")
     one_line_exit_2(in_process("run", "--preset", "demo", "--results", str(tmp_path / "r2")), "runs there is a file")
+    # backbone kwargs timm cannot take, or a shape that cannot run, before any job (and on SLURM, before the queue)
+    kw = "backbones.deit_tiny_patch16_224.kwargs"
+    for item, words in ((f"{kw}.num_heads=5", "AssertionError: dim should be divisible by num_heads"),
+                        (f"{kw}.bogus=1", "unexpected keyword argument 'bogus'"),
+                        (f"{kw}.embed_dim=0", "ZeroDivisionError"), (f"{kw}.patch_size=20", "at 16 px")):
+        for dry in ([], ["--dry-run"]):
+            one_line_exit_2(in_process("run", "--preset", "demo", "--set", item, "--results", res, *dry), kw, words)
     assert not (tmp_path / "r").exists()  # nothing ran
 
 

@@ -109,7 +109,7 @@ class T2TViT(nn.Module):
         self.pos_embed = nn.Parameter(sinusoid_table(self.grid_size[0] * self.grid_size[1] + 1, embed_dim),
                                       requires_grad=False)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # cpu: also when built on meta
         self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias=False, drop_path=d)
                                       for d in dpr])
         self.norm = nn.LayerNorm(embed_dim)
