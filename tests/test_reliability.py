@@ -12,6 +12,7 @@ from PIL import Image
 
 import fixtures
 from bench import data as datasets
+from bench.data import resident
 from bench import plan as planner
 from bench.errors import UserError
 from bench.results import Lock, Store
@@ -254,11 +255,11 @@ def test_resumed_jobs_report_their_whole_training(tmp_path, tiny_vit, tiny_image
 def test_16_bit_images_decode_faithfully_and_float_ones_are_refused(tmp_path):
     grey = np.full((20, 30), 40000, dtype=np.uint16)
     Image.fromarray(grey).save(tmp_path / "deep.png")
-    x = datasets._decode(tmp_path / "deep.png", 20, max_side=64)
+    x = resident.decode_file(tmp_path / "deep.png", 20, max_side=64)
     assert abs(float(x.float().mean()) - 40000 / 257) < 1  # not clipped to white
     Image.fromarray(np.full((20, 30), 0.5, dtype=np.float32)).save(tmp_path / "float.tif")
     with pytest.raises(UserError, match="float.tif.*floating-point"):
-        datasets._decode(tmp_path / "float.tif", 20, max_side=64)
+        resident.decode_file(tmp_path / "float.tif", 20, max_side=64)
 
 
 def test_a_folder_whose_test_classes_differ_is_refused_before_training(tmp_path):

@@ -144,7 +144,7 @@ def test_device_decoding_runs_a_batch_ahead_in_its_own_thread_in_order_and_ends_
     thread is raised in the consumer after the batches before it; a consumer that stops early ends the thread."""
     import threading
 
-    from bench.data import _decoded_ahead
+    from bench.data.stream import _decoded_ahead
 
     root = imagenet(tmp_path)
     data = datasets.load("imagenet", "train", 28, root=str(root), max_side=64, stream=True, workers=0,

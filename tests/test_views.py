@@ -106,17 +106,19 @@ def test_crop_boxes_have_torchvisions_statistics(size, scale):
 def test_crops_come_from_the_whole_image_and_only_from_it():
     """A 30 x 40 image on a 40 x 40 canvas: crops reach its left and right quarters (outside the centre
     square a square store would keep) and never the canvas's empty rows below it."""
-    from bench.data import _canvas
+    from bench.data.resident import canvas
 
     torch.manual_seed(0)
     image = torch.full((3, 30, 40), 200, dtype=torch.uint8)
     image[0, :, :5] = image[0, :, 35:] = 10  # marks in the outer columns
-    canvas, sizes = _canvas([image, torch.zeros(3, 40, 40, dtype=torch.uint8)])
+    images, sizes = canvas([image, torch.zeros(3, 40, 40, dtype=torch.uint8)])
     spec = {"crops": [{"count": 400, "size": 8, "scale": [0.05, 0.4]}]}
-    (crops,) = views.make_views(canvas[:1], spec, sizes[:1])
+    (crops,) = views.make_views(images[:1], spec, sizes[:1])
     raw = crops * torch.tensor(views.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(views.IMAGENET_MEAN).view(1, 3, 1, 1)
     assert raw[:, 1].min() > 200 / 255 - 1e-4  # green is 200 all over the image: no black from the empty canvas
     assert (raw[:, 0] < 0.3).flatten(1).any(1).float().mean() > 0.1  # the marked outer columns are reached
+
+
 def test_blur_with_tiny_sigma_is_identity_and_large_sigma_smooths():
     x = torch.rand(2, 3, 16, 16)
     same = views._blur(x, torch.tensor([0.05, 0.05]))

@@ -1,0 +1,211 @@
+"""The resident path: a split decoded once with PIL (a thread per core) into one uint8 tensor held in memory,
+kept in a cache file for later jobs, and fed to the engine from there (moved to the device once); and the
+decoding of one image file, which the streamed path shares so that both see the same pixels.
+
+A training split keeps each image whole, with its aspect ratio (the longer side capped at `max_side`), in the
+top-left corner of a shared canvas, its size beside it: random crops are cut from the real image region, as
+the official loaders cut them from the decoded file. A test split is decoded to the centre square the
+evaluation resize would see (shorter side `size`, 256 for 224).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.errors import UserError
+from bench.results import aside, write_durably
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 [N, 3, H, W]
+    labels: torch.Tensor  # int64 [N]; for pretraining the instance index is the row number
+    classes: list
+    name: str
+    meta: dict = field(default_factory=dict)  # what a result should record about the data (skipped files, ...)
+    sizes: torch.Tensor | None = None  # int64 [N, 2]: (height, width) of each image, top-left; None: all H x W
+
+    def __len__(self):
+        return len(self.labels)
+
+
+
+class ResidentFeed:
+    """Batches from a split held in memory: `epoch` yields (indices in the whole split, images, sizes or None)
+    for the steps start..steps-1 of a permutation of this rank's rows; `in_order` walks the split once in order
+    (evaluation), moving one batch at a time to the device."""
+
+    def __init__(self, data: ImageSet, rows, dev):
+        self.data, self.dev, self.rows = data, dev, rows.cpu()
+
+    @functools.cached_property
+    def shard(self):
+        """This rank's images, sizes and row numbers on the device, moved once for the whole training."""
+        d, whole = self.data, len(self.rows) == len(self.data)
+        return ((d.images if whole else d.images[self.rows]).to(self.dev),
+                None if d.sizes is None else (d.sizes if whole else d.sizes[self.rows]).to(self.dev),
+                self.rows.to(self.dev))
+
+    def epoch(self, perm, start, steps, bs):
+        images, sizes, rows = self.shard
+        for s in range(start, steps):
+            local = perm[s * bs:(s + 1) * bs]
+            yield rows[local], images[local], None if sizes is None else sizes[local]
+
+    def in_order(self, bs):
+        for i in range(0, len(self.rows), bs):
+            c = self.rows[i:i + bs]
+            yield c.to(self.dev), self.data.images[c].to(self.dev)
+
+
+
+def _geometry(w: int, h: int, size: int, max_side: int | None):
+    """(new width, new height, crop box or None) that an image of w x h is resized to and cut by: with max_side,
+    the whole image, shrunk only if its longer side exceeds max_side; without, the centre square of side `size`
+    after resizing the shorter side to it. Both decoders follow it."""
+    if max_side is not None:
+        if max(w, h) <= max_side:
+            return w, h, None
+        s = max_side / max(w, h)
+        return max(1, round(w * s)), max(1, round(h * s)), None
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return nw, nh, (left, top, left + size, top + size)
+
+
+def decode_file(path: Path, size: int, max_side: int | None = None) -> torch.Tensor:
+    """uint8 [3, h, w], decoded with PIL and shaped by `_geometry` (bicubic, antialiased)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = _to_rgb(im, path)
+            nw, nh, box = _geometry(*im.size, size, max_side)
+            if (nw, nh) != im.size:
+                im = im.resize((nw, nh), Image.BICUBIC)
+            if box is not None:
+                im = im.crop(box)
+            return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def shape_tensor(x: torch.Tensor, size: int, max_side: int | None) -> torch.Tensor:
+    """The same shaping as `decode_file`'s, on a decoded uint8 [3, h, w] wherever it lies: torch's antialiased
+    bicubic is PIL's filter (a = -0.5), so the two differ by rounding."""
+    h, w = x.shape[1:]
+    nw, nh, box = _geometry(w, h, size, max_side)
+    if (nw, nh) != (w, h):
+        x = F.interpolate(x[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
+        x = x.round_().clamp_(0, 255).to(torch.uint8)
+    if box is not None:
+        x = x[:, box[1]:box[3], box[0]:box[2]]
+    return x
+
+
+def _to_rgb(im, path):
+    """8-bit RGB, faithfully: 16-bit greyscale is scaled down (PIL's convert would clip it to white); modes whose
+    scale is unknown (32-bit integer or float pixels) are refused by name rather than decoded wrong."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        a = np.asarray(im, dtype=np.float64) / 257.0
+        return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
+    refuse_unknown_scale(im.mode, path)
+    return im.convert("RGB")
+
+
+def refuse_unknown_scale(mode, path):
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise UserError(f"cannot read image {path}: {kind} pixels ({mode} mode) have no known 0-255 scale; "
+                        f"convert it to 8 or 16 bits")
+
+
+def canvas(decoded):
+    """Images of any sizes -> (uint8 [N, 3, H, W] with each image top-left, int64 [N, 2] of their sizes).
+    An image's last row and column are repeated once into the empty canvas, so that a crop's bilinear samples
+    within half a pixel of its bottom or right edge see the edge, not black (as a resize clamps at the edge)."""
+    sizes = torch.tensor([list(x.shape[1:]) for x in decoded], dtype=torch.long)
+    out = torch.zeros(len(decoded), 3, int(sizes[:, 0].max()), int(sizes[:, 1].max()), dtype=torch.uint8,
+                      device=decoded[0].device)
+    for i, x in enumerate(decoded):
+        h, w = x.shape[1:]
+        out[i, :, :h, :w] = x
+        out[i, :, h:h + 1, :w] = x[:, -1:]
+        out[i, :, :h + 1, w:w + 1] = out[i, :, :h + 1, w - 1:w]
+    return out, sizes
+
+
+def decode_all(files, size, skip_bad, max_side=None):
+    """Decode with a thread per core (PIL releases the GIL); a bad file stops everything unless skip_bad."""
+    def one(f):
+        try:
+            return decode_file(f, size, max_side)
+        except UserError:
+            if skip_bad:
+                return None
+            raise
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(one, files))
+
+
+def load(spec, split, listing, size, skip_bad, cache_dir, max_side, how) -> ImageSet:
+    """The split `listing` names ((files, labels, classes, meta)) decoded, or read from its cache file; `how`
+    (the data settings it was read under) joins its meta."""
+    files, labels, classes, meta = listing
+    cache = None
+    if cache_dir and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise UserError(f"{cache_dir} is not a directory: remove it, or run with --no-cache")
+    if cache_dir:
+        key = [(str(f), *_stat(f)) for f in files] + [size, skip_bad, max_side]
+        stamp = hashlib.sha256(repr(key).encode()).hexdigest()
+        shape = f"max{max_side}" if max_side else str(size)
+        cache = Path(cache_dir) / f"{spec.replace('/', '_').replace(':', '_')}-{split}-{shape}-{stamp[:16]}.pt"
+        if cache.is_file():
+            try:
+                c = torch.load(cache, weights_only=False)
+                meta = {**c["meta"], **how, "path": "resident"}  # an older cache lacks the path
+                return ImageSet(c["images"], c["labels"], c["classes"], spec, meta, c.get("sizes"))
+            except Exception as e:  # cut short or overwritten: decoded again below
+                aside(cache, f"cannot be read ({type(e).__name__}); decoding the images again")
+    decoded = decode_all(files, size, skip_bad, max_side)
+    keep = [i for i, x in enumerate(decoded) if x is not None]
+    if not keep:
+        raise UserError(f"{spec} {split}: no readable images")
+    bad = [str(files[i]) for i, x in enumerate(decoded) if x is None]
+    meta = {**meta, "files": len(files), "path": "resident", **({"skipped_bad_images": bad} if bad else {})}
+    if max_side:
+        images, sizes = canvas([decoded[i] for i in keep])
+        meta.update(max_side=max_side, mean_size=[round(v, 1) for v in sizes.float().mean(0).tolist()])
+    else:
+        images, sizes = torch.stack([decoded[i] for i in keep]), None
+    out = ImageSet(images, torch.tensor([labels[i] for i in keep]), classes, spec, meta, sizes)
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            kept = {"images": out.images, "labels": out.labels, "classes": classes, "meta": meta, "sizes": sizes}
+            write_durably(cache, lambda f: torch.save(kept, f))
+        except OSError as e:  # a cache is an optimisation: the job goes on without it
+            print(f"bench: cannot keep the decoded {spec} {split} under {cache.parent}: {e.strerror}",
+                  file=sys.stderr)
+    return out
+
+
+def _stat(f):
+    try:
+        st = os.stat(f)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return None, None
