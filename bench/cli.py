@@ -186,6 +186,7 @@ def cmd_run(args):
             raise UserError(f"--datasets {spec}: a pretraining set, with no test split to fine-tune and test on")
     done = len(runnable) - len(todo)
     skipped = len(jobs) - len(runnable)
+    why = sorted({j.skip for j in jobs if j.skip})
     if todo:
         store.check_writable()
     if rerun:  # last of the checks: a refused command leaves every record where it was
@@ -193,7 +194,9 @@ def cmd_run(args):
             store.set_aside(h)
         print(f"--rerun: {len(rerun)} jobs will train again", file=sys.stderr)
     print(f"{args.table} / {preset['name']}: {len(runnable)} jobs, {done} done already"
-          + (f", {skipped} cells skipped" if skipped else ""), file=sys.stderr)
+          + (f", {skipped} cells skipped: {'; '.join(why[:2])}" + (f"; {len(why) - 2} other reasons (--dry-run)"
+                                                                      if len(why) > 2 else "") if skipped else ""),
+          file=sys.stderr)
     if done == len(runnable):
         print(f"all {done} jobs are done; nothing to train", file=sys.stderr)
         return 0
@@ -329,7 +332,8 @@ def cmd_status(args):
                      info.get("job_id", ""), sstate, log])
         if state == "failed":
             why = (rec or {}).get("error") or f"SLURM state {sstate}, no record"
-            failures.append((h, why, slurm.log_tail(log) if log else []))
+            where = ((rec or {}).get("traceback") or "").strip().splitlines()[-5:-1]  # the last frames: file, line
+            failures.append((h, why, slurm.log_tail(log) if log else where))
     print(tabulate(rows, ["hash", "state", "stage", "method", "backbone", "data", "epochs", "top-1", "launcher",
                           "job id", "SLURM", "log"], tablefmt="plain"))
     for h, why, tail in failures:

@@ -11,6 +11,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -47,8 +48,62 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+_ROW_FIELDS = ("id", "method", "backbone", "pretrain_epochs", "pretrain_data", "finetune", "show", "paper")
+
+
+def user_tables_file() -> Path:
+    return Path(os.environ.get("BENCH_TABLES", "~/.config/bench/tables.yaml")).expanduser()
+
+
+_NEW_TABLE = ("title", "columns", "row_columns", "finetune", "rows")
+
+
 def load_tables() -> dict:
-    return yaml.safe_load((resources.files("bench") / "tables.yaml").read_text())
+    """The paper's tables (bench/tables.yaml), with a user's own rows and tables from `user_tables_file()`:
+    under a paper table's name, `rows:` that join it (a new method or backbone beside the paper's); under a new
+    name, a whole table in the same form."""
+    tables = check_tables(yaml.safe_load((resources.files("bench") / "tables.yaml").read_text()),
+                          "bench/tables.yaml")
+    path = user_tables_file()
+    if not path.is_file():
+        return tables
+    mine = read_yaml(path, "it should map table names to rows or tables") or {}
+    if not isinstance(mine, dict):
+        raise UserError(f"{path}: expected table names, each with its rows (as in bench/tables.yaml)")
+    for name, spec in mine.items():
+        keys = ("rows",) if name in tables else _NEW_TABLE
+        if not isinstance(spec, dict) or set(spec) != set(keys) or not isinstance(spec.get("rows"), list):
+            raise UserError(f"{path}: {name}: expected " + ("rows: [...], which join the paper's table" if
+                            name in tables else f"a new table with {', '.join(keys)} (as in bench/tables.yaml)"))
+        ours = {"columns": tables[name]["columns"], "rows": spec["rows"]} if name in tables else spec
+        check_tables({name: ours}, str(path), {r["id"] for r in tables.get(name, {}).get("rows", [])})
+        tables[name] = {**tables[name], "rows": tables[name]["rows"] + spec["rows"]} if name in tables else spec
+    return tables
+
+
+def check_tables(tables: dict, origin: str, taken=frozenset()) -> dict:
+    """Every row checked (its fields are listed at the top of bench/tables.yaml) and completed: no `paper`
+    reads as no published numbers, no `show: {Method: ...}` as the method's key. `taken`: ids already used."""
+    for name, spec in tables.items():
+        ids = set(taken)
+        for i, row in enumerate(spec["rows"]):
+            where = f"{origin}: {name}: row {(row.get('id') if isinstance(row, dict) else None) or i + 1}"
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a map of {', '.join(_ROW_FIELDS)}")
+            missing = [k for k in ("id", "method", "backbone") if not row.get(k)]
+            unknown = [k for k in row if k not in _ROW_FIELDS]
+            if missing or unknown:
+                raise UserError(f"{where}: " + (f"no {', '.join(missing)}" if missing else f"unknown field "
+                                                f"'{unknown[0]}' (known: {', '.join(_ROW_FIELDS)})"))
+            if row["id"] in ids:
+                raise UserError(f"{where}: a second row with this id (ids name a row's records)")
+            ids.add(row["id"])
+            row.setdefault("paper", [None] * len(spec["columns"]))
+            if not isinstance(row["paper"], list) or len(row["paper"]) != len(spec["columns"]):
+                raise UserError(f"{where}: paper should list a number for each of the {len(spec['columns'])} "
+                                f"columns ({', '.join(spec['columns'])}; null where the paper has none)")
+            row["show"] = {"Method": row["method"], **(row.get("show") or {})}
+    return tables
 
 
 def table(name: str) -> dict:
@@ -338,6 +393,12 @@ def _pretrain_config(row, preset, data, seed):
     method_cfg = copy.deepcopy(preset["methods"].get(row["method"], {}))
     pre = {**preset["pretrain"], **method_cfg.pop("pretrain", {})}  # a method's own optimiser settings win
     extra = {k: pre[k] for k in ("weight_decay_end", "clip_grad") if k in pre}
+    if _pick(pre["epochs"], row.get("pretrain_epochs")) is None:
+        raise UserError(f"row {row['id']} of bench/tables.yaml has no pretrain_epochs, and preset "
+                        f"'{preset['name']}' leaves pretrain.epochs to the row")
+    if not (method_cfg.get("views") or {}).get("crops"):  # the engine's views come from here alone
+        raise UserError(f"methods.{row['method']}: no views with crops in preset '{preset['name']}': a pretraining "
+                        f"method's settings hold its crops (as methods.idmm.views in bench/presets/paper.yaml)")
     for key, valid in getattr(METHODS[row["method"]], "choices", {}).items():
         _choice(f"methods.{row['method']}.{key}", method_cfg.get(key), valid)
     return {**extra,
@@ -443,8 +504,12 @@ def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds
     in_rows = {r["backbone"] for r in rows if r["method"] == "in_supervised"}
     # a weights file for a backbone that --backbones leaves out is unused, not a mistake
     init_weights = parse_init_weights(init_weights, {b for b in in_rows if not backbones or b in backbones}, in_rows)
-    _check_choice("method", methods or [], sorted({r["method"] for r in rows}))
-    _check_choice("backbone", backbones or [], sorted({r["backbone"] for r in rows}))
+    for kind, given, known in (("method", methods, METHODS.__contains__), ("backbone", backbones, timm.is_model)):
+        in_table = sorted({r[kind] for r in rows})
+        new = [g for g in given or [] if g not in in_table and known(g)][:1]
+        _check_choice(kind, given or [], in_table, "".join(f" ('{g}' has no row in this table: give it rows in "
+                                                           f"{user_tables_file()}, as bench/tables.yaml has them)"
+                                                           for g in new))
     cols = columns(spec, preset)
     if datasets_:
         for d in datasets_:
@@ -466,6 +531,8 @@ def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds
             skip = skip or f"backbone {row['backbone']} is not in this version of bench"
         if row["backbone"] not in preset["backbones"]:
             skip = skip or f"preset '{preset['name']}' has no settings for backbone {row['backbone']}"
+        if method and method.pretrains and row["method"] not in preset["methods"]:
+            skip = skip or f"preset '{preset['name']}' has no settings for method {row['method']} (methods:)"
         init, init_path = "random", None
         if skip is None and getattr(method, "imagenet_init", False):
             init, init_path, skip = _imagenet_init(row["backbone"], preset, init_weights)
@@ -496,9 +563,10 @@ def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds
 
 
 def check_models(jobs):
-    """Each backbone as the jobs will build it (the preset's kwargs, at each resolution), built and run once on
-    the meta device, which allocates and computes nothing: kwargs timm cannot take, or a shape that does not
-    fit, fail here in one line rather than in every job, perhaps after hours in a SLURM queue."""
+    """Each backbone as the jobs will build it (the preset's kwargs, at each resolution), built once on the meta
+    device, which allocates and computes nothing, and run there on each size of crop its job's views make:
+    kwargs timm cannot take, or a shape that does not fit, fail here in one line rather than in every job,
+    perhaps after hours in a SLURM queue."""
     import warnings
 
     import torch
@@ -508,21 +576,29 @@ def check_models(jobs):
     seen = set()
     for job in jobs:
         c = job.config
-        key = (c.get("backbone"), c.get("resolution"), json.dumps(c.get("model_kwargs"), sort_keys=True))
-        if job.skip or c["stage"] not in ("pretrain", "finetune") or key in seen:
+        if job.skip or c["stage"] not in ("pretrain", "finetune"):
+            continue
+        res, views = c["resolution"], c["views"] if c["stage"] == "finetune" else c["method_cfg"].get("views", {})
+        crops = sorted({x["size"] for x in views.get("crops", []) if x.get("size")} - {res})
+        key = (c["backbone"], res, json.dumps(c["model_kwargs"], sort_keys=True), tuple(crops))
+        if key in seen:
             continue
         seen.add(key)
+        where = f"backbones.{c['backbone']}.kwargs {c['model_kwargs'] or {}}: cannot build or run it at {res} px"
         try:
             with torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the error, not what torch warned on the way, is the one line
-                model = models.create(c["backbone"], c["resolution"], 2, c["drop_path"], c["model_kwargs"])
-                model(torch.empty(2, 3, c["resolution"], c["resolution"]))
+                model = models.create(c["backbone"], res, 2, c["drop_path"], c["model_kwargs"])
+                for size in [res, *crops]:
+                    if size != res:
+                        where = (f"{'finetune' if c['stage'] == 'finetune' else 'methods.' + job.method}.views: "
+                                 f"crops of {size} px, but {c['stage']}.resolution builds {c['backbone']} for {res} px")
+                    model(torch.empty(2, 3, size, size))
         except UserError:
             raise
         except Exception as e:  # timm's own checks: TypeError, AssertionError, ZeroDivisionError, RuntimeError
             why = (str(e).strip().splitlines() or [""])[0]
-            raise UserError(f"backbones.{c['backbone']}.kwargs {c['model_kwargs'] or {}}: cannot build or run the "
-                            f"backbone at {c['resolution']} px: {type(e).__name__}: {why}") from None
+            raise UserError(f"{where}: {type(e).__name__}: {why}") from None
 
 
 def chain(job, by_hash):

@@ -236,3 +236,111 @@ def test_a_partial_randaugment_map_is_described_as_the_views_take_it():
         preset = planner.load_preset("demo", [f"finetune.views.randaugment={value}"])
         job = planner.plan("comparison", preset, ["random"])[0]
         assert planner.describe(job)["randaug"] == label
+
+
+# --- a user's own rows and tables ($BENCH_TABLES) ----------------------------------------------------------------
+
+_MINE = """
+comparison:
+  rows:
+    - {id: vit_s/random, backbone: vit_small_patch16_224, method: random, pretrain_epochs: 0}
+    - {id: vit_s/idmm, backbone: vit_small_patch16_224, method: idmm, pretrain_epochs: 800, show: {Method: IDMM}}
+tiny:
+  title: My table
+  columns: [digits]
+  row_columns: [Backbone, Method]
+  finetune: [{res: 224, epochs: 2}]
+  rows: [{id: deit/random, backbone: deit_tiny_patch16_224, method: random, paper: [50.0]}]
+"""
+
+
+def _user_tables(tmp_path, monkeypatch, text):
+    path = tmp_path / "tables.yaml"
+    path.write_text(text)
+    monkeypatch.setenv("BENCH_TABLES", str(path))
+    return path
+
+
+def test_a_users_rows_join_a_paper_table_and_a_new_table_stands_alone(tmp_path, monkeypatch):
+    paper_rows = {r["id"] for r in planner.table("comparison")["rows"]}
+    _user_tables(tmp_path, monkeypatch, _MINE)
+    spec = planner.table("comparison")
+    assert {r["id"] for r in spec["rows"]} == paper_rows | {"vit_s/random", "vit_s/idmm"}
+    mine = {r["id"]: r for r in spec["rows"]}
+    assert mine["vit_s/random"]["paper"] == [None] * 7 and mine["vit_s/random"]["show"] == {"Method": "random"}
+    preset = planner.load_preset("demo", ["backbones.vit_small_patch16_224={lr: 1.0e-3, warmup_epochs: 1, "
+                                          "kwargs: {patch_size: 4, embed_dim: 48, depth: 2, num_heads: 3}}"])
+    jobs = planner.plan("comparison", preset, backbones=["vit_small_patch16_224"])
+    assert sorted(j.config["stage"] for j in jobs) == ["finetune", "finetune", "pretrain"]
+    assert not any(j.skip for j in jobs)
+    planner.check_models(jobs)
+    (job,) = planner.plan("tiny", planner.load_preset("paper"))  # the table's epochs where the preset has none
+    assert job.cells == [("tiny", "deit/random", "digits")] and job.config["epochs"] == 2
+
+
+@pytest.mark.parametrize("text, words", [
+    ("comparison:\n  rows: [{backbone: deit_tiny_patch16_224, method: idmm}]\n", "row 1: no id"),
+    ("comparison:\n  rows: [{id: x, backbone: b, method: idmm, epochs: 3}]\n", "unknown field 'epochs'"),
+    ("comparison:\n  rows: [{id: deit_tiny/idmm, backbone: b, method: idmm}]\n", "a second row with this id"),
+    ("comparison:\n  rows: [{id: x, backbone: b, method: idmm, paper: [1.0]}]\n", "for each of the 7 columns"),
+    ("comparison:\n  rows: [x]\n", "row 1: expected a map"),
+    ("comparison:\n  title: Mine\n  rows: []\n", "rows: [...], which join the paper's table"),
+    ("mine:\n  rows: []\n", "a new table with title, columns, row_columns, finetune, rows"),
+    ("- comparison\n", "expected table names"),
+    ("comparison: [\n", "not valid YAML"),
+])
+def test_a_users_tables_file_is_checked_row_by_row(tmp_path, monkeypatch, text, words):
+    path = _user_tables(tmp_path, monkeypatch, text)
+    with pytest.raises(UserError) as e:
+        planner.load_tables()
+    assert str(e.value).startswith(f"{path}: ") and words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_method_or_backbone_without_a_row_is_told_where_rows_go(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_TABLES", str(tmp_path / "tables.yaml"))
+    for flag, name in (("methods", "in_supervised"), ("backbones", "vit_small_patch16_224")):
+        with pytest.raises(UserError, match=f"'{name}' has no row in this table: give it rows in "
+                                            f"{tmp_path / 'tables.yaml'}"):
+            planner.plan("comparison", planner.load_preset("demo"), **{flag: [name]})
+    with pytest.raises(UserError) as e:  # a typo is only a typo
+        planner.plan("comparison", planner.load_preset("demo"), methods=["idmn"])
+    assert "has no row" not in str(e.value)
+
+
+def test_a_new_method_without_settings_is_skipped_and_one_without_views_refused(tmp_path, monkeypatch):
+    from methods import METHODS
+    from methods.idmm import IDMM
+
+    monkeypatch.setitem(METHODS, "mine", type("Mine", (IDMM,), {}))
+    _user_tables(tmp_path, monkeypatch, "comparison:\n  rows: [{id: deit_tiny/mine, backbone: deit_tiny_patch16_224, "
+                                        "method: mine, pretrain_epochs: 800}]\n")
+    jobs = planner.plan("comparison", planner.load_preset("demo"), methods=["mine"])
+    assert [j.skip for j in jobs] == ["preset 'demo' has no settings for method mine (methods:)"]
+    preset = planner.load_preset("demo", ["methods.mine={label_smoothing: 0.1}"])
+    with pytest.raises(UserError, match="^methods.mine: no views with crops in preset 'demo'"):
+        planner.plan("comparison", preset, methods=["mine"])
+    _user_tables(tmp_path, monkeypatch, "comparison:\n  rows: [{id: deit_tiny/mine, backbone: deit_tiny_patch16_224, "
+                                        "method: idmm}]\n")
+    with pytest.raises(UserError, match="row deit_tiny/mine of bench/tables.yaml has no pretrain_epochs"):
+        planner.plan("comparison", planner.load_preset("paper"), methods=["idmm"])
+
+
+def test_a_new_method_that_crashes_is_shown_with_where_it_crashed(tmp_path, monkeypatch):
+    """A job run in this process has no log: `bench status` shows the last frames of the record's traceback."""
+    from methods import METHODS
+    from methods.idmm import IDMM
+
+    class Broken(IDMM):
+        def __init__(self, backbone, feature_dim, num_instances, num_classes, cfg):
+            raise KeyError("hidden_dim")
+
+    monkeypatch.setitem(METHODS, "broken", Broken)
+    _user_tables(tmp_path, monkeypatch, "comparison:\n  rows: [{id: deit_tiny/broken, backbone: deit_tiny_patch16_224, "
+                                        "method: broken, pretrain_epochs: 800}]\n")
+    args = ["--table", "comparison", "--preset", "demo", "--results", tmp_path / "r"]
+    run = in_process("run", *args, "--methods", "broken", "--set",
+                     "methods.broken={views: {crops: [{count: 2, size: 16, scale: [0.2, 1.0]}]}}")
+    assert run.returncode == 1 and "KeyError: 'hidden_dim'" in run.stderr
+    status = in_process("status", "--results", tmp_path / "r").stdout
+    assert "KeyError: 'hidden_dim'" in status
+    assert 'test_plan_store.py", line' in status and "in __init__" in status

@@ -91,6 +91,9 @@ def test_bad_values_on_the_command_line_are_one_line_and_exit_2(tmp_path):
                         (f"{kw}.embed_dim=0", "ZeroDivisionError"), (f"{kw}.patch_size=20", "at 16 px")):
         for dry in ([], ["--dry-run"]):
             one_line_exit_2(in_process("run", "--preset", "demo", "--set", item, "--results", res, *dry), kw, words)
+    crops = "methods.idmm.views.crops=[{count: 2, size: 20, scale: [0.2, 1.0]}]"  # a ViT built for 16 px
+    one_line_exit_2(in_process("run", "--preset", "demo", "--set", crops, "--results", res, "--dry-run"),
+                    "methods.idmm.views: crops of 20 px, but pretrain.resolution builds deit_tiny_patch16_224 for 16 px")
     assert not (tmp_path / "r").exists()  # nothing ran
 
 
