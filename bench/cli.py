@@ -376,7 +376,8 @@ def cmd_methods(args):
 def cmd_data_list(args):
     root = datasets.data_root(args.data_root)
     rows = []
-    for d in datasets.DATASETS.values():
+    mine = datasets.user_datasets()
+    for d in [*datasets.DATASETS.values(), *map(datasets.info, mine)]:
         if d.reader is not None:
             where = "embedded"
         else:
@@ -384,8 +385,9 @@ def cmd_data_list(args):
                 datasets.split_files(d.name, "train", args.data_root)
                 where = "found"
             except UserError:  # present but unreadable (e.g. wrong checksums) is not the same as absent
-                where = "invalid" if (root / d.layout.split("/")[0]).exists() else "missing"
-        rows.append([d.name, d.classes, d.train, d.test or "-", where, d.layout or "-", d.note])
+                there = Path(mine[d.name]) if d.name in mine else root / d.layout.split("/")[0]
+                where = "invalid" if there.exists() else "missing"
+        rows.append([d.name, d.classes or "-", d.train or "-", d.test or "-", where, d.layout or "-", d.note])
     print(f"data root: {root}  (--data-root DIR or $BENCH_DATA_ROOT)")
     print(tabulate(rows, ["dataset", "classes", "train", "test", "status", "expected layout", "split"],
                    tablefmt="plain"))
@@ -422,6 +424,9 @@ def cmd_data_download(args):
     root = datasets.data_root(args.data_root)
     if d.reader is not None:
         print(f"{d.name} is embedded: nothing to download")
+        return 0
+    if d.name not in datasets.DATASETS:  # a folder of one's own, by path or by name
+        print(f"{d.name}: your own folder ({d.layout}): nothing to download")
         return 0
     if d.name not in datasets.DOWNLOADS:
         print(f"{d.name}: bench cannot download it. Get the official files from {datasets.OFFICIAL[d.name]}\n"

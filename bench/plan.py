@@ -7,6 +7,7 @@ same job planned by two tables is one job.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import inspect
 import json
@@ -142,6 +143,13 @@ def _read_preset(path: Path) -> dict:
     return raw
 
 
+def preset_id(name: str) -> str:
+    """How records name a preset: a built-in one by name, a file of one's own by its absolute path (so that the
+    report can load it again, from any folder)."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PRESET_DIR / f"{name}.yaml"
+    return path.stem if path.parent == PRESET_DIR else str(path.resolve())
+
+
 def _preset_path(name: str) -> Path:
     path = Path(name) if name.endswith((".yaml", ".yml")) else PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
@@ -189,8 +197,7 @@ def load_preset(name: str, overrides=()) -> dict:
                 where = f"{where}.{k}".lstrip(".")
         node[_key(node, last)] = _scalar(value, f"--set {item}")
         check_values(preset, f"--set {item}")
-    # built-in presets by name; a user's file by its path, so that the report can load it again
-    preset["name"] = path.stem if path.parent == PRESET_DIR else str(path.resolve())
+    preset["name"] = preset_id(name)
     return preset
 
 
@@ -305,6 +312,10 @@ def _shape(where, k):
     return {"backbones": "backbone", "finetune.stages": "fine-tuning stage"}.get(where)
 
 
+_SET_BY_BENCH = {"img_size": "pretrain.resolution and finetune.resolution", "num_classes": "the dataset",
+                 "drop_path_rate": "pretrain.drop_path and finetune.drop_path", "pretrained": "--init-weights"}
+
+
 def _check_shape(kind, v, origin, here):
     need, may = _SHAPES[kind]
     if not isinstance(v, dict):
@@ -315,6 +326,15 @@ def _check_shape(kind, v, origin, here):
         what = f"no {', '.join(missing)}" if missing else f"unknown setting '{unknown[0]}'"
         raise UserError(f"{origin}: {here}: {what} (a {kind} has {', '.join(need)}"
                         + (f"; it may have {', '.join(may)})" if may else ")"))
+    if kind == "backbone":
+        name = here.split(".", 1)[1]
+        if not timm.is_model(name):  # a misspelt name would otherwise be a backbone no row uses, silently
+            close = difflib.get_close_matches(name, timm.list_models(), n=1)
+            raise UserError(f"{origin}: {here}: timm has no model '{name}'" + (f" (did you mean {close[0]}?)"
+                                                                                 if close else ""))
+        taken = [k for k in (v["kwargs"] or {}) if k in _SET_BY_BENCH]
+        if taken:
+            raise UserError(f"{origin}: {here}.kwargs.{taken[0]}: set by bench ({_SET_BY_BENCH[taken[0]]})")
     if kind == "crop group" and v["size"] is None and not here.startswith("finetune.views"):
         raise UserError(f"{origin}: {here}.size: expected a whole number >= 1 (null, the stage's resolution, "
                         f"is for finetune.views only), got None")

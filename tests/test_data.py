@@ -9,7 +9,7 @@ import torch
 import fixtures
 from bench import data as datasets
 from bench.errors import UserError
-from conftest import FAST
+from conftest import FAST, in_process
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_download_offline_fails_with_one_line(tmp_path):
     assert told.returncode == 0 and "indoor67/{Images/, TrainImages.txt, TestImages.txt}" in told.stdout
 
 
-def test_a_folder_named_in_the_users_file_is_a_column(root, tmp_path):
+def test_a_folder_named_in_the_users_file_is_a_column(root, tmp_path, monkeypatch):
     config = tmp_path / "datasets.yaml"
     config.write_text(f"mine: {root / 'mine'}\n")
     env = {"BENCH_DATASETS": str(config)}
@@ -174,6 +174,27 @@ def test_a_folder_named_in_the_users_file_is_a_column(root, tmp_path):
     assert [c.strip() for c in header.strip("|").split("|")][-1] == "mine"  # the records add their column
     unknown = bench("run", "--datasets", "yours", env=env)
     assert unknown.returncode == 2 and "mine" in unknown.stderr and str(config) in unknown.stderr
+    config.write_text(f"mine: {root / 'mine'}\ngone: {tmp_path / 'gone'}\n")
+    monkeypatch.setenv("BENCH_DATASETS", str(config))
+    listed = in_process("data", "list")
+    assert [line.split()[4] for line in listed.stdout.splitlines() if line.startswith(("mine", "gone"))] == \
+        ["found", "missing"]
+    told = in_process("data", "download", "mine")
+    assert told.returncode == 0 and "your own folder" in told.stdout
+
+
+def test_a_class_folder_without_images_is_refused_and_a_hidden_folder_is_no_class(root, tmp_path):
+    import shutil
+
+    mine = tmp_path / "mine"
+    shutil.copytree(root / "mine", mine)
+    (mine / "train" / ".ipynb_checkpoints").mkdir()
+    files, labels, classes, _ = datasets.split_files(f"folder:{mine}", "train")
+    assert len(classes) == 2 and sorted(set(labels)) == [0, 1]
+    (mine / "train" / "empty").mkdir()
+    (mine / "train" / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="empty holds no images"):
+        datasets.split_files(f"folder:{mine}", "train")
 
 
 @pytest.mark.parametrize("content", [b"# garbage header\nn01/a.JPEG\n", b"", b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary",

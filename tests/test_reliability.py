@@ -41,6 +41,8 @@ def one_line_exit_2(res, *words):
     (b"\x89\xff\x00\x12binary", ["not text (byte"]),
     ("base: paper\nmethods: {idmm: {label_smoothing: 2}}\n", ["methods.idmm.label_smoothing", "[0, 1)"]),
     ("base: paper\nfinetune: {views: {crops: [{count: 1, size: 8, scale: [0.5, 0.1]}]}}\n", ["scale"]),
+    ("base: demo\nbackbones: {deit_tiny_patch16_244: {lr: 1.0e-3, warmup_epochs: 1, kwargs: {}}}\n",
+     ["backbones.deit_tiny_patch16_244: timm has no model", "did you mean deit_tiny_patch16_224?"]),
 ])
 def test_a_bad_preset_file_is_named_with_its_key(tmp_path, content, words):
     path = tmp_path / "mine.yaml"
@@ -62,6 +64,8 @@ def test_a_bad_preset_file_is_named_with_its_key(tmp_path, content, words):
     ("finetune.stages.224.batch_size=0", ["finetune.stages.224.batch_size"]),
     ("finetune.mixing.parts=0", ["finetune.mixing.parts"]), ("pretrain.max_side=0", ["pretrain.max_side"]),
     ("finetune.drop_path=1.5", ["finetune.drop_path"]), ("data.decode=gpu", ["data.decode", "auto, pil or device"]),
+    ("backbones.deit_tiny_patch16_224.kwargs.drop_path_rate=0.5", ["set by bench", "finetune.drop_path"]),
+    ("backbones.deit_tiny_patch16_224.kwargs.img_size=32", ["set by bench", "finetune.resolution"]),
 ])
 def test_a_bad_set_value_is_refused_before_any_work(item, words):
     with pytest.raises(UserError) as e:

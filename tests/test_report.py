@@ -268,3 +268,15 @@ def test_report_refuses_a_compare_store_without_records_and_standalone_outside_l
     assert "empty: no records there" in err and len(err.strip().splitlines()) == 1
     assert main(["report", "--results", str(tmp_path / "a"), "--standalone"]) == 2
     assert "--format latex" in capsys.readouterr().err
+
+
+def test_a_preset_file_of_ones_own_is_found_by_the_path_given_to_run_from_any_folder(tmp_path, monkeypatch):
+    """Records name a preset file by its absolute path; `--preset mine.yaml` finds them from its folder."""
+    (tmp_path / "sub").mkdir()
+    mine = tmp_path / "sub" / "mine.yaml"
+    mine.write_text("base: demo\n")
+    store = Store(tmp_path / "r")
+    _fill(store, "comparison", planner.preset_id(str(mine)), {"deit_tiny/random": 0.5})
+    monkeypatch.chdir(tmp_path / "sub")
+    md = report.render("comparison", store, "markdown", preset_name="mine.yaml")
+    assert "50.0" in md and str(mine) in md

@@ -151,11 +151,16 @@ def _cub(root, split):
 def _image_folder(split_dir: Path):
     if not split_dir.is_dir():
         raise UserError(f"{split_dir} is missing: expected <class>/ folders of images there")
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    # hidden folders (.ipynb_checkpoints, .cache) are not classes
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     files = [(f, c) for c, name in enumerate(classes)
              for f in sorted((split_dir / name).iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         raise UserError(f"no images under {split_dir}/<class>/")
+    empty = sorted(set(classes) - {classes[c] for _, c in files})
+    if empty:  # a class no image stands for would still get an output of the head, and count in the test
+        raise UserError(f"{split_dir / empty[0]} holds no images ({' '.join(sorted(IMAGE_EXTENSIONS))})"
+                        + (f", nor do {len(empty) - 1} other class folders" if len(empty) > 1 else ""))
     return [f for f, _ in files], [c for _, c in files], classes, {}
 
 

@@ -78,7 +78,8 @@ class Section:
 def gather(table_name, store, preset_name=None):
     """One Section per (preset, --set overrides) that has results for the table (or the paper preset when none)."""
     variants = _variants(store, table_name)
-    if preset_name:
+    if preset_name:  # as the records name it (a file of one's own: its absolute path)
+        preset_name = planner.preset_id(preset_name)
         variants = {k: v for k, v in variants.items() if k[0] == preset_name} or {(preset_name, ()): []}
     variants = variants or {("paper", ()): []}
     out = []
