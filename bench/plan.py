@@ -335,9 +335,6 @@ def _check_shape(kind, v, origin, here):
         taken = [k for k in (v["kwargs"] or {}) if k in _SET_BY_BENCH]
         if taken:
             raise UserError(f"{origin}: {here}.kwargs.{taken[0]}: set by bench ({_SET_BY_BENCH[taken[0]]})")
-    if kind == "crop group" and v["size"] is None and not here.startswith("finetune.views"):
-        raise UserError(f"{origin}: {here}.size: expected a whole number >= 1 (null, the stage's resolution, "
-                        f"is for finetune.views only), got None")
 
 
 def check_values(preset, origin, node=None, where=""):
@@ -419,6 +416,8 @@ def _pretrain_config(row, preset, data, seed):
     if not (method_cfg.get("views") or {}).get("crops"):  # the engine's views come from here alone
         raise UserError(f"methods.{row['method']}: no views with crops in preset '{preset['name']}': a pretraining "
                         f"method's settings hold its crops (as methods.idmm.views in bench/presets/paper.yaml)")
+    for c in method_cfg["views"]["crops"]:
+        c["size"] = _pick(c["size"], pre["resolution"])  # null: the stage's resolution, as in finetune.views
     for key, valid in getattr(METHODS[row["method"]], "choices", {}).items():
         _choice(f"methods.{row['method']}.{key}", method_cfg.get(key), valid)
     return {**extra,

@@ -344,3 +344,15 @@ def test_a_new_method_that_crashes_is_shown_with_where_it_crashed(tmp_path, monk
     status = in_process("status", "--results", tmp_path / "r").stdout
     assert "KeyError: 'hidden_dim'" in status
     assert 'test_plan_store.py", line' in status and "in __init__" in status
+
+
+def test_a_pretraining_crop_of_size_null_is_the_stages_resolution():
+    def idmm_pretrain(size):
+        crops = f"[{{count: 2, size: {size}, scale: [0.14, 1.0]}}, {{count: 4, size: {size}, scale: [0.05, 0.4]}}]"
+        jobs = planner.plan("comparison", planner.load_preset("demo", [f"methods.idmm.views.crops={crops}"]),
+                            ["idmm"])
+        return next(j for j in jobs if j.config["stage"] == "pretrain")
+
+    null, explicit = idmm_pretrain("null"), idmm_pretrain(16)
+    assert [c["size"] for c in null.config["method_cfg"]["views"]["crops"]] == [16, 16]
+    assert null.hash == explicit.hash  # the same recipe, written either way

@@ -296,6 +296,11 @@ def _cell_text(c):
     return text
 
 
+def _flat(d, prefix=""):
+    for k, v in d.items():
+        yield from _flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [(f"{prefix}{k}", v)]
+
+
 def csv_rows(table_name, store, preset_name=None):
     """One row per job record the table uses: every config field flattened, seed, metric, status, wall time,
     images/s, hardware, package versions and commit."""
@@ -306,6 +311,14 @@ def csv_rows(table_name, store, preset_name=None):
                                "preset_label": sec.label, "top1": (r.get("metrics") or {}).get("top1")}
     df = pd.json_normalize(list(recs.values()), sep=".")
     df = df.drop(columns=[c for c in df.columns if c.startswith("metrics.data")], errors="ignore")
+    # a field of whole numbers that some records lack (a pretraining job has no mixing.parts) stays whole: 4, not
+    # the 4.0 of the float column pandas makes of it
+    kinds = {}
+    for r in recs.values():
+        for k, v in _flat(r):
+            if v is not None:
+                kinds.setdefault(k, set()).add(type(v))
+    df = df.astype({c: "Int64" for c in df.columns if df[c].dtype == float and kinds.get(c) == {int}})
     return df.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)  # JSON, not Python's repr
 
 
