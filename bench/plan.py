@@ -143,15 +143,19 @@ def _read_preset(path: Path) -> dict:
     return raw
 
 
+def _preset_file(name: str) -> Path:
+    return Path(name) if name.endswith((".yaml", ".yml")) else PRESET_DIR / f"{name}.yaml"
+
+
 def preset_id(name: str) -> str:
     """How records name a preset: a built-in one by name, a file of one's own by its absolute path (so that the
     report can load it again, from any folder)."""
-    path = Path(name) if name.endswith((".yaml", ".yml")) else PRESET_DIR / f"{name}.yaml"
+    path = _preset_file(name)
     return path.stem if path.parent == PRESET_DIR else str(path.resolve())
 
 
 def _preset_path(name: str) -> Path:
-    path = Path(name) if name.endswith((".yaml", ".yml")) else PRESET_DIR / f"{name}.yaml"
+    path = _preset_file(name)
     if not path.is_file():
         raise UserError(f"unknown preset '{name}': choose from {', '.join(preset_names())} or a .yaml path")
     return path
@@ -332,7 +336,7 @@ def _check_shape(kind, v, origin, here):
             close = difflib.get_close_matches(name, timm.list_models(), n=1)
             raise UserError(f"{origin}: {here}: timm has no model '{name}'" + (f" (did you mean {close[0]}?)"
                                                                                  if close else ""))
-        taken = [k for k in (v["kwargs"] or {}) if k in _SET_BY_BENCH]
+        taken = [k for k in v["kwargs"] if k in _SET_BY_BENCH] if isinstance(v["kwargs"], dict) else []
         if taken:
             raise UserError(f"{origin}: {here}.kwargs.{taken[0]}: set by bench ({_SET_BY_BENCH[taken[0]]})")
 
@@ -411,8 +415,8 @@ def _pretrain_config(row, preset, data, seed):
     pre = {**preset["pretrain"], **method_cfg.pop("pretrain", {})}  # a method's own optimiser settings win
     extra = {k: pre[k] for k in ("weight_decay_end", "clip_grad") if k in pre}
     if _pick(pre["epochs"], row.get("pretrain_epochs")) is None:
-        raise UserError(f"row {row['id']} of bench/tables.yaml has no pretrain_epochs, and preset "
-                        f"'{preset['name']}' leaves pretrain.epochs to the row")
+        raise UserError(f"table row {row['id']} has no pretrain_epochs, and preset '{preset['name']}' leaves "
+                        f"pretrain.epochs to the row")
     if not (method_cfg.get("views") or {}).get("crops"):  # the engine's views come from here alone
         raise UserError(f"methods.{row['method']}: no views with crops in preset '{preset['name']}': a pretraining "
                         f"method's settings hold its crops (as methods.idmm.views in bench/presets/paper.yaml)")
@@ -551,7 +555,7 @@ def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds
         if row["backbone"] not in preset["backbones"]:
             skip = skip or f"preset '{preset['name']}' has no settings for backbone {row['backbone']}"
         if method and method.pretrains and row["method"] not in preset["methods"]:
-            skip = skip or f"preset '{preset['name']}' has no settings for method {row['method']} (methods:)"
+            skip = skip or f"preset '{preset['name']}' has no settings for method {row['method']} (methods.{row['method']})"
         init, init_path = "random", None
         if skip is None and getattr(method, "imagenet_init", False):
             init, init_path, skip = _imagenet_init(row["backbone"], preset, init_weights)
