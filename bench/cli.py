@@ -193,10 +193,11 @@ def cmd_run(args):
         for h in sorted(rerun):
             store.set_aside(h)
         print(f"--rerun: {len(rerun)} jobs will train again", file=sys.stderr)
-    print(f"{args.table} / {preset['name']}: {len(runnable)} jobs, {done} done already"
-          + (f", {skipped} cells skipped: {'; '.join(why[:2])}" + (f"; {len(why) - 2} other reasons (--dry-run)"
-                                                                      if len(why) > 2 else "") if skipped else ""),
-          file=sys.stderr)
+    skips = ""
+    if skipped:
+        skips = f", {skipped} cells skipped: {'; '.join(why[:2])}"
+        skips += f"; {len(why) - 2} other reasons (--dry-run)" if len(why) > 2 else ""
+    print(f"{args.table} / {preset['name']}: {len(runnable)} jobs, {done} done already{skips}", file=sys.stderr)
     if done == len(runnable):
         print(f"all {done} jobs are done; nothing to train", file=sys.stderr)
         return 0
@@ -332,8 +333,7 @@ def cmd_status(args):
                      info.get("job_id", ""), sstate, log])
         if state == "failed":
             why = (rec or {}).get("error") or f"SLURM state {sstate}, no record"
-            where = ((rec or {}).get("traceback") or "").strip().splitlines()[-5:-1]  # the last frames: file, line
-            failures.append((h, why, slurm.log_tail(log) if log else where))
+            failures.append((h, why, slurm.log_tail(log) if log else _last_frames((rec or {}).get("traceback"))))
     print(tabulate(rows, ["hash", "state", "stage", "method", "backbone", "data", "epochs", "top-1", "launcher",
                           "job id", "SLURM", "log"], tablefmt="plain"))
     for h, why, tail in failures:
@@ -342,6 +342,14 @@ def cmd_status(args):
             print(f"  | {line}")
     _print_damaged(store)
     return 0
+
+
+def _last_frames(tb, n=2):
+    """Where a job run in this process (it has no log) crashed: the last n frames of its traceback, each its
+    `File ..., line ...` and its source line (not the carets or an error message of many lines)."""
+    lines = (tb or "").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith('  File "')][-n:]
+    return [x for i in starts for x in [lines[i], *[y for y in lines[i + 1:i + 2] if y.startswith("    ")]]]
 
 
 def _print_damaged(store):
@@ -510,8 +518,8 @@ def build_parser():
                         "constraint, setup, array_parallelism, max_requeues); default ~/.config/bench/slurm.yaml")
     r.add_argument("--array-parallelism", type=int, metavar="K", help="slurm: at most K tasks of an array at once")
     for flag, meta, text in [("partition", "NAME", ""), ("account", "NAME", ""), ("qos", "NAME", ""),
-                             ("time", "TIME", "time limit per job, in minutes or [days-]hours:minutes:seconds as sbatch takes it; "
-                                                     "a job past it is requeued and resumes"),
+                             ("time", "TIME", "time limit per job: minutes, hours:minutes:seconds or days-hours[:minutes"
+                                                     "[:seconds]]; a job past it is requeued and resumes"),
                              ("cpus-per-job", "N", ""), ("mem", "SIZE", "e.g. 32G"), ("constraint", "FEATURES", "")]:
         r.add_argument(f"--slurm-{flag}", metavar=meta, type=int if meta == "N" else str, help=text or None)
     r.add_argument("--slurm-setup", action="append", default=[], metavar="LINE",

@@ -49,62 +49,97 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-_ROW_FIELDS = ("id", "method", "backbone", "pretrain_epochs", "pretrain_data", "finetune", "show", "paper")
+def _words(v):
+    return isinstance(v, str) and v != ""
+
+
+def _stages(v):  # a chain of fine-tuning stages, [{res, epochs}]
+    return isinstance(v, list) and v != [] and all(isinstance(x, dict) and set(x) == {"res", "epochs"} and
+                                                   _is_int(x["res"]) and x["res"] >= 1 and
+                                                   _is_int(x["epochs"]) and x["epochs"] >= 0 for x in v)
+
+
+_LABEL_FIELDS = ("pretrain_data", "pretrain_epochs", "finetune_res", "finetune_epochs")
+# a table's fields and a row's, each with what it must be (rows: id, method and backbone required)
+_TABLE_FIELDS = {
+    "title": (_words, "a title"),
+    "columns": (lambda v: isinstance(v, list) and v != [] and all(map(_words, v)), "a list of dataset names"),
+    "row_columns": (lambda v: isinstance(v, list) and all(_words(c) or isinstance(c, dict) and len(c) == 1 and
+                                                          next(iter(c.values())) in _LABEL_FIELDS for c in v),
+                    f"a list of labels, or {{Label: field}} with field one of {', '.join(_LABEL_FIELDS)}"),
+    "finetune": (_stages, "fine-tuning stages, [{res: 224, epochs: 200}, ...]"),
+    "rows": (lambda v: isinstance(v, list), "a list of rows"),
+}
+_ROW_FIELDS = {
+    "id": (_words, "a name"), "method": (_words, "a method's key"), "backbone": (_words, "a timm model name"),
+    "pretrain_epochs": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
+    "pretrain_data": (_words, "a dataset name"), "finetune": _TABLE_FIELDS["finetune"],
+    "show": (lambda v: isinstance(v, dict) and all(map(_words, v)), "a map of column label -> text"),
+    "paper": (lambda v: isinstance(v, list) and all(x is None or isinstance(x, (int, float)) and
+                                                    not isinstance(x, bool) for x in v),
+              "a list of published top-1 (%), null where the paper has none"),
+}
 
 
 def user_tables_file() -> Path:
     return Path(os.environ.get("BENCH_TABLES", "~/.config/bench/tables.yaml")).expanduser()
 
 
-_NEW_TABLE = ("title", "columns", "row_columns", "finetune", "rows")
-
-
 def load_tables() -> dict:
     """The paper's tables (bench/tables.yaml), with a user's own rows and tables from `user_tables_file()`:
     under a paper table's name, `rows:` that join it (a new method or backbone beside the paper's); under a new
     name, a whole table in the same form."""
-    tables = check_tables(yaml.safe_load((resources.files("bench") / "tables.yaml").read_text()),
-                          "bench/tables.yaml")
-    path = user_tables_file()
-    if not path.is_file():
-        return tables
-    mine = read_yaml(path, "it should map table names to rows or tables") or {}
-    if not isinstance(mine, dict):
-        raise UserError(f"{path}: expected table names, each with its rows (as in bench/tables.yaml)")
-    for name, spec in mine.items():
-        keys = ("rows",) if name in tables else _NEW_TABLE
-        if not isinstance(spec, dict) or set(spec) != set(keys) or not isinstance(spec.get("rows"), list):
-            raise UserError(f"{path}: {name}: expected " + ("rows: [...], which join the paper's table" if
-                            name in tables else f"a new table with {', '.join(keys)} (as in bench/tables.yaml)"))
-        ours = {"columns": tables[name]["columns"], "rows": spec["rows"]} if name in tables else spec
-        check_tables({name: ours}, str(path), {r["id"] for r in tables.get(name, {}).get("rows", [])})
-        tables[name] = {**tables[name], "rows": tables[name]["rows"] + spec["rows"]} if name in tables else spec
-    return tables
-
-
-def check_tables(tables: dict, origin: str, taken=frozenset()) -> dict:
-    """Every row checked (its fields are listed at the top of bench/tables.yaml) and completed: no `paper`
-    reads as no published numbers, no `show: {Method: ...}` as the method's key. `taken`: ids already used."""
+    tables = yaml.safe_load((resources.files("bench") / "tables.yaml").read_text())
     for name, spec in tables.items():
-        ids = set(taken)
-        for i, row in enumerate(spec["rows"]):
-            where = f"{origin}: {name}: row {(row.get('id') if isinstance(row, dict) else None) or i + 1}"
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: expected a map of {', '.join(_ROW_FIELDS)}")
-            missing = [k for k in ("id", "method", "backbone") if not row.get(k)]
-            unknown = [k for k in row if k not in _ROW_FIELDS]
-            if missing or unknown:
-                raise UserError(f"{where}: " + (f"no {', '.join(missing)}" if missing else f"unknown field "
-                                                f"'{unknown[0]}' (known: {', '.join(_ROW_FIELDS)})"))
-            if row["id"] in ids:
-                raise UserError(f"{where}: a second row with this id (ids name a row's records)")
-            ids.add(row["id"])
-            row.setdefault("paper", [None] * len(spec["columns"]))
-            if not isinstance(row["paper"], list) or len(row["paper"]) != len(spec["columns"]):
-                raise UserError(f"{where}: paper should list a number for each of the {len(spec['columns'])} "
-                                f"columns ({', '.join(spec['columns'])}; null where the paper has none)")
-            row["show"] = {"Method": row["method"], **(row.get("show") or {})}
+        check_table(name, spec, "bench/tables.yaml")
+    path = user_tables_file()
+    mine = read_yaml(path, "it should map table names to rows or tables") if path.is_file() else None
+    if mine is not None and not isinstance(mine, dict):
+        raise UserError(f"{path}: expected table names, each with its rows (as in bench/tables.yaml)")
+    for name, spec in (mine or {}).items():
+        if name in tables:  # rows that join a paper table
+            if not isinstance(spec, dict) or set(spec) != {"rows"}:
+                raise UserError(f"{path}: {name}: expected rows: [...], which join the paper's table")
+            paper_ids = {r["id"] for r in tables[name]["rows"]}
+            check_table(name, {**tables[name], "rows": spec["rows"]}, str(path), paper_ids)
+            tables[name]["rows"] += spec["rows"]
+        else:
+            if not _words(name) or not isinstance(spec, dict) or set(spec) != set(_TABLE_FIELDS):
+                raise UserError(f"{path}: {name}: expected a new table with {', '.join(_TABLE_FIELDS)} (as in "
+                                f"bench/tables.yaml), or the name of one of its tables ({', '.join(tables)})")
+            tables[name] = check_table(name, spec, str(path))
     return tables
+
+
+def check_table(name: str, spec: dict, origin: str, taken=frozenset()) -> dict:
+    """A table's fields and every row checked, each bad value one line naming `origin`; rows completed: no
+    `paper` reads as no published numbers, no `show: {Method: ...}` as the method's key. `taken`: row ids
+    already used."""
+    for k, (ok, what) in _TABLE_FIELDS.items():
+        if not ok(spec.get(k)):
+            raise UserError(f"{origin}: {name}: {k}: expected {what}, got {spec.get(k)!r}")
+    ids = set(taken)
+    for i, row in enumerate(spec["rows"]):
+        where = f"{origin}: {name}: row {row.get('id') if isinstance(row, dict) and _words(row.get('id')) else i + 1}"
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected a map of {', '.join(_ROW_FIELDS)}")
+        missing = [k for k in ("id", "method", "backbone") if k not in row]
+        unknown = [k for k in row if k not in _ROW_FIELDS]
+        if missing or unknown:
+            raise UserError(f"{where}: " + (f"no {', '.join(missing)}" if missing else
+                                            f"unknown field '{unknown[0]}' (known: {', '.join(_ROW_FIELDS)})"))
+        for k, v in row.items():
+            if not _ROW_FIELDS[k][0](v):
+                raise UserError(f"{where}: {k}: expected {_ROW_FIELDS[k][1]}, got {v!r}")
+        if row["id"] in ids:
+            raise UserError(f"{where}: a second row with this id (ids name a row's records)")
+        ids.add(row["id"])
+        row.setdefault("paper", [None] * len(spec["columns"]))
+        if len(row["paper"]) != len(spec["columns"]):
+            raise UserError(f"{where}: paper should list a number for each of the {len(spec['columns'])} "
+                            f"columns ({', '.join(spec['columns'])}; null where the paper has none)")
+        row["show"] = {"Method": row["method"], **row.get("show", {})}
+    return spec
 
 
 def table(name: str) -> dict:
@@ -529,10 +564,10 @@ def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds
     init_weights = parse_init_weights(init_weights, {b for b in in_rows if not backbones or b in backbones}, in_rows)
     for kind, given, known in (("method", methods, METHODS.__contains__), ("backbone", backbones, timm.is_model)):
         in_table = sorted({r[kind] for r in rows})
-        new = [g for g in given or [] if g not in in_table and known(g)][:1]
-        _check_choice(kind, given or [], in_table, "".join(f" ('{g}' has no row in this table: give it rows in "
-                                                           f"{user_tables_file()}, as bench/tables.yaml has them)"
-                                                           for g in new))
+        new = [g for g in given or [] if g not in in_table and known(g)]
+        hint = (f" ('{new[0]}' has no row in this table: give it rows in {user_tables_file()}, as bench/tables.yaml "
+                f"has them)") if new else ""
+        _check_choice(kind, given or [], in_table, hint)
     cols = columns(spec, preset)
     if datasets_:
         for d in datasets_:
@@ -555,7 +590,8 @@ def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds
         if row["backbone"] not in preset["backbones"]:
             skip = skip or f"preset '{preset['name']}' has no settings for backbone {row['backbone']}"
         if method and method.pretrains and row["method"] not in preset["methods"]:
-            skip = skip or f"preset '{preset['name']}' has no settings for method {row['method']} (methods.{row['method']})"
+            skip = skip or (f"preset '{preset['name']}' has no settings for method {row['method']} "
+                            f"(methods.{row['method']})")
         init, init_path = "random", None
         if skip is None and getattr(method, "imagenet_init", False):
             init, init_path, skip = _imagenet_init(row["backbone"], preset, init_weights)

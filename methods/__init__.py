@@ -1,8 +1,8 @@
 """The pretraining methods. A method is one small file: its heads, its loss, its views, its momentum state.
 
 To add one: write `methods/<name>.py` with a `bench.engine.Method` subclass, add it to METHODS below, and give
-its hyper-parameters (with their source) under `methods: <name>:` in bench/presets/paper.yaml and demo.yaml,
-and a row in a table (README, "Adding a method").
+its hyper-parameters (with their source) under `methods: <name>:` in bench/presets/paper.yaml (and smaller ones
+in demo.yaml where the demo needs them), and a row in a table (README, "Adding a method").
 """
 from methods.dino import DINO
 from methods.idmm import IDMM

@@ -226,8 +226,9 @@ def test_a_sin10k_list_reads_an_imagenet_path_with_spaces(tmp_path):
 
 @pytest.mark.parametrize("content, words", [(b"\xff\xfe\x00\x01binary", ": not text"),
                                             (b"mine: [1\n", "not valid YAML: while parsing a flow sequence: expected ',' or ']'"),
-                                            (b"mine:\n", "mine: expected a folder, got None")],
-                         ids=["binary", "bad-yaml", "no-folder"])
+                                            (b"mine:\n", "mine: expected a folder, got None"),
+                                            (b"pets: /x\n", "pets: the name of one of bench's datasets")],
+                         ids=["binary", "bad-yaml", "no-folder", "taken-name"])
 def test_a_bad_users_datasets_file_is_named_in_one_line(tmp_path, monkeypatch, content, words):
     mine = tmp_path / "datasets.yaml"
     mine.write_bytes(content)

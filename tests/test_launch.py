@@ -281,7 +281,7 @@ def test_launch_flags_that_cannot_work_are_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.parametrize("text, key", [
     ("time: abc", "time"), ("time: -5", "time"), ("time: 1.5", "time"), ("time:", "time"), ("time: 0:30:00:00", "time"),
-    ("time: 0:00", "time"),
+    ("time: 0:00:00", "time"), ("time: 2:00", "time"),
     ("setup: 5", "setup"), ("setup: [module load x, 3]", "setup"), ('cpus_per_job: "x"', "cpus_per_job"),
     ("cpus_per_job: 0", "cpus_per_job"), ("gpus_per_job: -1", "gpus_per_job"), ("gpus_per_job: true", "gpus_per_job"),
     ("array_parallelism: 0", "array_parallelism"), ("max_requeues: -1", "max_requeues"), ("mem: lots", "mem"),
@@ -338,7 +338,7 @@ def test_valid_slurm_settings_keep_their_meaning(tmp_path, monkeypatch):
     assert s["partition"] == "" and s["cpus_per_job"] == 4 and s["array_parallelism"] == 256  # "": the default one
     assert slurm.load_settings(cfg, {"mem": "32GB"})["mem"] == "32GB"  # as sbatch --mem takes it
     # sbatch --time's forms, which YAML 1.1 would read in base 60 (2:00:00 as 7200 minutes, five days)
-    for text, minutes in [("2:00:00", 120), ("1:30", 2), ("1-12", 2160), ("1-0:30", 1470), ('"45"', 45)]:
+    for text, minutes in [("2:00:00", 120), ("0:00:30", 1), ("1-12", 2160), ("1-0:30", 1470), ('"45"', 45)]:
         cfg.write_text(f"time: {text}\n")
         assert slurm.load_settings(cfg)["time"] == minutes, text
     assert slurm.load_settings(None, {"time": "0:10:00"})["time"] == 10

@@ -275,8 +275,8 @@ def test_report_refuses_a_compare_store_without_records_and_standalone_outside_l
     assert "--format latex" in capsys.readouterr().err
 
 
-def test_a_preset_file_of_ones_own_is_found_by_the_path_given_to_run_from_any_folder(tmp_path, monkeypatch):
-    """Records name a preset file by its absolute path; `--preset mine.yaml` finds them from its folder."""
+def test_a_preset_file_of_ones_own_is_found_by_the_relative_path_given_to_run(tmp_path, monkeypatch):
+    """Records name a preset file by its absolute path; `--preset mine.yaml`, run from its folder, finds them."""
     (tmp_path / "sub").mkdir()
     mine = tmp_path / "sub" / "mine.yaml"
     mine.write_text("base: demo\n")

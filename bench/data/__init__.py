@@ -281,6 +281,8 @@ def user_datasets() -> dict:
     for k, v in entries.items():
         if v is None or isinstance(v, (bool, dict, list)):
             raise UserError(f"{path}: {k}: expected a folder, got {v!r}")
+        if str(k) in DATASETS:  # the registry's own would win, and the folder never be read
+            raise UserError(f"{path}: {k}: the name of one of bench's datasets; give the folder another")
     return {str(k): str(Path(str(v)).expanduser()) for k, v in entries.items()}
 
 

@@ -50,19 +50,20 @@ def _whole(low):
 
 
 def _minutes(v):
-    """A time limit in whole minutes (seconds rounded up), from minutes or any of sbatch --time's forms: M:S,
-    H:M:S, D-H, D-H:M, D-H:M:S; None if it is none of them or under a minute."""
+    """A time limit in whole minutes (seconds rounded up), from minutes or sbatch --time's forms H:M:S, D-H,
+    D-H:M, D-H:M:S; None if it is none of them or under a minute. sbatch's M:S is refused: `2:00` reads as two
+    hours to people and as two minutes to sbatch (and as 120 to YAML, which this setting once took)."""
     if isinstance(v, bool) or not isinstance(v, (int, str)):
         return None
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)((?::\d+){0,2})", str(v).strip())
-    if not m:
+    if not m or not m.group(1) and m.group(3).count(":") == 1:
         return None
-    days, parts = int(m.group(1) or 0), [int(m.group(2))] + [int(x) for x in m.group(3).split(":")[1:]]
+    parts = [int(m.group(2))] + [int(x) for x in m.group(3).split(":")[1:]]
     if m.group(1):  # days-hours[:minutes[:seconds]]
         hours, minutes, seconds = (parts + [0, 0])[:3]
-    else:  # minutes[:seconds], or hours:minutes:seconds
-        hours, minutes, seconds = parts if len(parts) == 3 else [0] + (parts + [0])[:2]
-    total = days * 1440 + hours * 60 + minutes + -(-seconds // 60)
+    else:  # minutes, or hours:minutes:seconds
+        hours, minutes, seconds = parts if len(parts) == 3 else [0, parts[0], 0]
+    total = int(m.group(1) or 0) * 1440 + hours * 60 + minutes + -(-seconds // 60)
     return total if total >= 1 else None
 
 
@@ -82,7 +83,8 @@ def _name(v):  # each goes on an #SBATCH line, which a newline would end; YAML r
 # int('abc') or a broken batch script), possibly after the table's first arrays were queued. "" or null: unset.
 CHECKS = {
     **{k: (_name, "a name on one line") for k in ("partition", "account", "qos", "constraint")},
-    "time": (lambda v: _minutes(v) is not None, "minutes (a whole number >= 1) or [days-]hours:minutes:seconds"),
+    "time": (lambda v: _minutes(v) is not None,
+             "minutes (a whole number >= 1), hours:minutes:seconds or days-hours[:minutes[:seconds]]"),
     "gpus_per_job": (lambda v: v is None or _whole(0)(v), "a whole number >= 0"),
     "cpus_per_job": (lambda v: v is None or _whole(1)(v), "a whole number >= 1"),
     "mem": (lambda v: v is None or _whole(0)(v) or isinstance(v, str) and re.fullmatch(r"(\d+([KMGT]B?)?)?", v, re.I),
