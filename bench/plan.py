@@ -455,8 +455,7 @@ def _pretrain_config(row, preset, data, seed):
     if not (method_cfg.get("views") or {}).get("crops"):  # the engine's views come from here alone
         raise UserError(f"methods.{row['method']}: no views with crops in preset '{preset['name']}': a pretraining "
                         f"method's settings hold its crops (as methods.idmm.views in bench/presets/paper.yaml)")
-    for c in method_cfg["views"]["crops"]:
-        c["size"] = _pick(c["size"], pre["resolution"])  # null: the stage's resolution, as in finetune.views
+    _size_crops(method_cfg["views"], pre["resolution"])
     for key, valid in getattr(METHODS[row["method"]], "choices", {}).items():
         _choice(f"methods.{row['method']}.{key}", method_cfg.get(key), valid)
     return {**extra,
@@ -471,14 +470,19 @@ def _pretrain_config(row, preset, data, seed):
     }
 
 
+def _size_crops(views, resolution):
+    """A crop group's size null is the stage's resolution, in a pretraining method's views as in fine-tuning's."""
+    for c in views["crops"]:
+        c["size"] = _pick(c["size"], resolution)
+    return views
+
+
 def _finetune_config(row, preset, data, stage, init, seed):
     bb = preset["backbones"][row["backbone"]]
     ft = preset["finetune"]
     st = ft["stages"][stage["res"]]
     res = ft["resolution"].get(stage["res"], stage["res"])
-    views = copy.deepcopy(ft["views"])
-    for c in views["crops"]:
-        c["size"] = _pick(c["size"], res)
+    views = _size_crops(copy.deepcopy(ft["views"]), res)
     return {
         "stage": "finetune", "backbone": row["backbone"], "model_kwargs": bb["kwargs"], "data": data,
         "split": _split(data),
@@ -637,8 +641,8 @@ def check_models(jobs):
         c = job.config
         if job.skip or c["stage"] not in ("pretrain", "finetune"):
             continue
-        res, views = c["resolution"], c["views"] if c["stage"] == "finetune" else c["method_cfg"].get("views", {})
-        crops = sorted({x["size"] for x in views.get("crops", []) if x.get("size")} - {res})
+        res, views = c["resolution"], c["views"] if c["stage"] == "finetune" else c["method_cfg"]["views"]
+        crops = sorted({x["size"] for x in views["crops"]} - {res})  # every size is set by now (_size_crops)
         key = (c["backbone"], res, json.dumps(c["model_kwargs"], sort_keys=True), tuple(crops))
         if key in seen:
             continue
