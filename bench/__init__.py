@@ -1,2 +1,3 @@
-"""bench: reproduce the tables of "Training Vision Transformers with Only 2040 Images" (Cao, Yu, Wu; ECCV 2022)."""
-from bench.models import t2t_vit  # noqa: F401  registers t2t_vit_7 with timm
+"""bench: reproduce the tables of "Training Vision Transformers with Only 2040 Images" (Cao, Yu, Wu; ECCV 2022).
+
+Kept free of imports: `bench` the command imports torch only after it can answer a Ctrl-C with one line."""

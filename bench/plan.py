@@ -22,6 +22,7 @@ import timm
 import yaml
 
 from bench import data as datasets
+from bench import models  # registers bench's own backbones with timm before names are checked
 from bench.data.views import randaugment
 from bench.engine import LR_SCHEDULES, PRECISIONS
 from bench.errors import UserError, load_yaml, read_yaml
@@ -515,9 +516,7 @@ def _imagenet_init(backbone, preset, init_weights):
         return f"file:{file_digest(path)}", str(path), None
     if preset["methods"].get("in_supervised", {}).get("weights") != "timm":
         return None, None, f"preset '{preset['name']}' uses no ImageNet weights: pass --init-weights {backbone}=FILE"
-    from bench.models import imagenet_weights_missing
-
-    why = imagenet_weights_missing(backbone)
+    why = models.imagenet_weights_missing(backbone)
     return (None, None, why) if why else (f"timm:{backbone}", None, None)
 
 
@@ -633,8 +632,6 @@ def check_models(jobs):
     import warnings
 
     import torch
-
-    from bench import models
 
     seen = set()
     for job in jobs:

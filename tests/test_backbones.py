@@ -5,8 +5,7 @@ import pytest
 import timm
 import torch
 
-import bench  # noqa: F401  registers t2t_vit_7
-from bench import models
+from bench import models  # registers t2t_vit_7
 from bench.errors import UserError
 
 BACKBONES = ["deit_tiny_patch16_224", "deit_base_patch16_224", "pvt_v2_b0", "pvt_v2_b3", "t2t_vit_7"]

@@ -101,6 +101,19 @@ def test_bad_values_on_the_command_line_are_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "r").exists()  # nothing ran
 
 
+def test_ctrl_c_while_torch_loads_is_one_line():
+    import signal
+    import time
+
+    # `bench` spends its first seconds importing torch (7 s cold on the CI machine, >1 s warm); 0.5 s lands there
+    p = subprocess.Popen([sys.executable, "-m", "bench", "methods"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, err, out) == (130, "bench: interrupted\n", "")
+
+
 def _record(h, **kw):
     return {"hash": h, "status": "done", "stage": "finetune", "seed": 0, "preset": "demo", "cells": [],
             "config": {"stage": "finetune", "data": "digits", "init": "random"}, "metrics": {"top1": 0.5},

@@ -10,6 +10,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 from bench.errors import UserError
+from bench.models import t2t_vit  # noqa: F401  registers t2t_vit_7 with timm, for every user of a backbone name
 
 NAMES = {
     "deit_tiny_patch16_224": "DeiT-Tiny",

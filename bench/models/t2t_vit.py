@@ -1,4 +1,4 @@
-"""T2T-ViT-7 (Yuan et al., ICCV 2021), registered with timm: `timm.create_model("t2t_vit_7")` after `import bench`.
+"""T2T-ViT-7 (Yuan et al., ICCV 2021), registered with timm: `timm.create_model("t2t_vit_7")` after `import bench.models`.
 
 Written from the architecture facts of yitu-opensource/T2T-ViT (models/t2t_vit.py, token_performer.py):
 a tokens-to-token stem of three soft splits (Unfold k7/s4, k3/s2, k3/s2: overall stride 16) with a Performer
