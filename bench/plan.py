@@ -289,6 +289,7 @@ _RULES = {  # setting name -> (test, what it must be); checked wherever the name
     "weight_decay": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
     "weight_decay_end": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
     "clip_grad": (lambda v: v is None or _is_num(v) and v > 0, "a finite number > 0"),
+    "drop_last": (lambda v: isinstance(v, bool), "true or false"),
     "drop_path": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "label_smoothing": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "mixup_alpha": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
@@ -449,7 +450,7 @@ def _pretrain_config(row, preset, data, seed):
     bb = preset["backbones"][row["backbone"]]
     method_cfg = copy.deepcopy(preset["methods"].get(row["method"], {}))
     pre = {**preset["pretrain"], **method_cfg.pop("pretrain", {})}  # a method's own optimiser settings win
-    extra = {k: pre[k] for k in ("weight_decay_end", "clip_grad") if k in pre}
+    extra = {k: pre[k] for k in ("weight_decay_end", "clip_grad", "drop_last") if k in pre}
     if _pick(pre["epochs"], row.get("pretrain_epochs")) is None:
         raise UserError(f"table row {row['id']} has no pretrain_epochs, and preset '{preset['name']}' leaves "
                         f"pretrain.epochs to the row")

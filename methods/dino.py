@@ -42,8 +42,9 @@ class DINO(Method):
         self.head.cancel_last_layer_gradients(epoch)  # the first freeze_last_layer epochs: no update at all
 
     def backbone(self):
-        """The weights fine-tuning starts from: the teacher's, as the authors' DINO evaluation loads them
-        (--checkpoint_key teacher), or the student's (`export: student`)."""
+        """The weights fine-tuning starts from: the student's (`export: student`), as the authors' DINO_exp saves
+        them for main_deit.py, or the teacher's, as the DINO paper's evaluation loads them (--checkpoint_key
+        teacher)."""
         return self.teacher if self.cfg["export"] == "teacher" else self.encoder
 
     def teacher_temp(self, progress):

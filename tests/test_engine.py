@@ -150,6 +150,9 @@ def test_every_image_is_used_each_epoch_last_partial_batch_included(tmp_path, ti
     assert [len(b) for b in model.batches] == [5, 5, 2, 5, 5, 2]
     for epoch in (model.batches[:3], model.batches[3:]):
         assert sorted(sum(epoch, [])) == list(range(12))
+    model = _Recorder(tiny_vit(3), {"views": VIEWS})  # drop_last: as the DINO and MoCo v3 references load
+    fit(model, tiny_images, {**CFG, "batch_size": 5, "drop_last": True}, tmp_path / "drop")
+    assert [len(b) for b in model.batches] == [5, 5, 5, 5] and len(set(sum(model.batches[:2], []))) == 10
 
 
 def test_official_schedule_is_the_official_formula_with_its_misplaced_parentheses():
@@ -173,6 +176,13 @@ def test_schedule_and_precision_are_in_every_job_and_checked():
 
     jobs = planner.plan("comparison", planner.load_preset("paper"), ["idmm"], None, None, [0])
     assert {(j.config["lr_schedule"], j.config["precision"]) for j in jobs} == {("official", "bf16")}
+    # the baselines run from a reference's own training script keep its schedule and its loader: DINO_exp's
+    # utils.cosine_scheduler and moco-v3's adjust_learning_rate are plain cosines, and both drop the last batch
+    jobs = planner.plan("comparison", planner.load_preset("paper"), ["dino", "mocov3", "simclr"], None, None, [0])
+    pre = {j.config["method"]: j.config for j in jobs if j.config["stage"] == "pretrain"}
+    assert {m: (c["lr_schedule"], c.get("drop_last")) for m, c in pre.items()} == {
+        "dino": ("cosine", True), "mocov3": ("cosine", True), "simclr": ("official", None)}
+    assert {j.config["lr_schedule"] for j in jobs if j.config["stage"] == "finetune"} == {"official"}
     with pytest.raises(UserError, match="finetune.lr_schedule: 'step'"):
         planner.plan("comparison", planner.load_preset("paper", ["finetune.lr_schedule=step"]), ["idmm"])
 
@@ -242,6 +252,7 @@ def test_dino_export_is_in_its_jobs_and_checked():
     from bench.errors import UserError
 
     jobs = planner.plan("comparison", planner.load_preset("paper"), ["dino"], None, None, [0])
-    assert {j.config["method_cfg"]["export"] for j in jobs if j.config["stage"] == "pretrain"} == {"teacher"}
+    # the authors' DINO_exp/main_dino.py saves the student alone, and their fine-tuning loads that file
+    assert {j.config["method_cfg"]["export"] for j in jobs if j.config["stage"] == "pretrain"} == {"student"}
     with pytest.raises(UserError, match="methods.dino.export: 'both'"):
         planner.plan("comparison", planner.load_preset("paper", ["methods.dino.export=both"]), ["dino"])
