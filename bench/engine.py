@@ -28,7 +28,7 @@ from tqdm import tqdm
 from bench.data import feed
 from bench.data.views import make_views
 from bench.errors import UserError
-from bench.results import Lock, aside, write_durably
+from bench.results import aside, write_durably
 
 
 class Method(torch.nn.Module):
@@ -107,10 +107,11 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-    """A signal asked the job to stop; a checkpoint was saved first."""
+    """A signal asked the job to stop: during training, once a checkpoint was saved; before it (`saved=False`:
+    waiting for another run's lock), at once."""
 
-    def __init__(self, signum):
-        super().__init__(f"stopped by signal {signal.Signals(signum).name}; checkpoint saved")
+    def __init__(self, signum, saved=True):
+        super().__init__(f"stopped by signal {signal.Signals(signum).name}" + ("; checkpoint saved" if saved else ""))
         self.signum = signum
 
 
@@ -210,6 +211,15 @@ _stop_requested: list[int] = []
 
 def request_stop(signum=signal.SIGTERM):
     _stop_requested.append(signum)
+
+
+def stop_requested():
+    """The first signal that asked to stop since the requests were last cleared, or 0."""
+    return _stop_requested[0] if _stop_requested else 0
+
+
+def clear_stop_requests():
+    _stop_requested.clear()
 
 
 def _sync_flags(stop: bool, save: bool, bad):
@@ -352,8 +362,8 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             ck = None if flag.item() else ck
     if ck is not None:
-        if ck.get("world_size", 1) != world:
-            raise RuntimeError(f"{ckpt_path} was written by {ck.get('world_size', 1)} processes, this run has "
+        if ck.get("world_size", 1) != world:  # --gpus-per-job is not in the hash: the user's to settle
+            raise UserError(f"{ckpt_path} was written by {ck.get('world_size', 1)} processes, this run has "
                                f"{world}: resume with the same --gpus-per-job or delete the checkpoint")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -384,7 +394,7 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
         lines = log_path.read_text(errors="replace").splitlines()
         kept = [ln for ln in lines if before(ln)]
         if len(kept) != len(lines):
-            log_path.write_text("".join(ln + "\n" for ln in kept))
+            write_durably(log_path, "".join(ln + "\n" for ln in kept))
 
     def save(e, s):
         nonlocal saved_at
@@ -397,7 +407,8 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                      "elapsed_s": earlier_s + saved_at - session_t0, "epoch_s": saved_at - t0 if s else 0.0,
                      "epoch_seen": seen if s else 0}
             write_durably(ckpt_path, lambda f: torch.save(state, f))
-            Lock.touch(run_dir)
+        if world > 1:  # no rank leaves (and perhaps takes the job down) before the checkpoint is on disk
+            dist.barrier()
 
     source = feed(data, rows, dev)  # resident or streamed: batches of uint8 images on the device either way
     labels = data.labels.to(dev)
@@ -446,7 +457,7 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                     check_finite(f"in epoch {epoch}")  # never save NaN weights
                     save(epoch, step)
                 if stop:
-                    raise Interrupted((_stop_requested or [signal.SIGTERM])[0])
+                    raise Interrupted(stop_requested() or signal.SIGTERM)
             check_finite(f"in epoch {epoch}")
             if world > 1:
                 dist.all_reduce(loss_sum)

@@ -10,6 +10,7 @@ from bench import models
 from bench.data.views import cutmix, eval_view, mix_in_parts, mixed_cross_entropy, mixup
 from bench.engine import Method, fit, predict, rank, training_metrics, world_size
 from bench.errors import UserError
+from bench.results import write_durably
 
 
 class Classifier(Method):
@@ -55,6 +56,7 @@ def run(cfg: dict, run_dir: Path, init: dict | None, data_opts: dict):
     last = fit(Classifier(model, cfg), train, cfg, run_dir, desc=f"finetune {cfg['data']} {res}px")
     if rank() != 0:  # rank 0 evaluates and writes the weights
         return {}
-    torch.save(models.export(model, cfg["backbone"], res), run_dir / "weights.pt")
+    weights = models.export(model, cfg["backbone"], res)
+    write_durably(run_dir / "weights.pt", lambda f: torch.save(weights, f))
     return {"top1": top1(model, test, res, cfg["eval_resize"], cfg["precision"]), **training_metrics(last),
             "train_size": len(train), "test_size": len(test), "data": {"train": train.meta, "test": test.meta}}

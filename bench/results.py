@@ -61,14 +61,18 @@ def write_durably(path: Path, content):
     file is the old one or the new one, whole. content: text, or a function that writes to a binary file
     (`lambda f: torch.save(obj, f)`). The one way records, checkpoints and caches reach the disk."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        if callable(content):
-            content(f)
-        else:
-            f.write(content.encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a signal: no half-written temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     try:
         fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -204,83 +208,145 @@ class Store:
         return "partial" if (self.run_dir(h) / "checkpoint.pt").exists() else "pending"
 
 
-class Lock:
-    """A job's lock: RUNDIR/lock, created atomically, holding the owner's host, pid and SLURM job. A lock is
-    taken over when its owner is dead (same host, no such process), is this same SLURM job before a requeue, or
-    has been silent for `stale_s` (another host: the engine touches the lock at each checkpoint).
-    Usage: `with Lock(dir) as held: if held: ...`."""
+def _started(pid):
+    """When process `pid` started (clock ticks since boot, from /proc), to tell it from a later process that was
+    given the same pid; None where /proc cannot say."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
-    def __init__(self, run_dir: Path, stale_s: float = 1800):
-        self.path, self.stale_s, self.held, self.owner = Path(run_dir) / "lock", stale_s, False, None
+
+def _restarts():
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+_HELD_HERE: set = set()  # tokens of the locks this process holds now
+
+
+class Lock:
+    """A job's lock: RUNDIR/lock, created whole (written aside, then linked into place: no reader ever sees it
+    empty), naming its owner: host, pid and the pid's start time, SLURM job and restart count, and a token. While
+    it is held, a thread refreshes its mtime every HEARTBEAT_S, whatever the owner is doing (decoding, compiling,
+    training between checkpoints). It is taken over when its owner is gone: on the owner's host, when no live
+    process is the one that took it; from another host, when it has been silent for STALE_S, or when it is this
+    same SLURM job before a requeue (a lower restart count). `acquire()` / `release()`, or `with Lock(d) as held`."""
+
+    HEARTBEAT_S = 60.0
+    STALE_S = 600.0
+
+    def __init__(self, run_dir: Path):
+        self.path, self.held, self.owner = Path(run_dir) / "lock", False, None
+        self._body, self._beat = None, None
 
     def _owner_alive(self):
         try:
             owner = json.loads(self.path.read_text())
             age = time.time() - self.path.stat().st_mtime
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return False  # a lock is created whole: one that does not parse was damaged, not being written
+        if not isinstance(owner, dict):
             return False
         self.owner = f"{owner.get('host')}:{owner.get('pid')}"
-        if owner.get("slurm_job") and owner.get("slurm_job") == os.environ.get("SLURM_JOB_ID"):
-            return False  # this job itself, before SLURM requeued it (perhaps onto another node)
         if owner.get("host") == socket.gethostname():
-            try:
-                os.kill(int(owner["pid"]), 0)
-                return True
-            except (ProcessLookupError, ValueError, KeyError, TypeError):
+            pid = owner.get("pid")
+            if not isinstance(pid, int) or isinstance(pid, bool):
                 return False
-            except PermissionError:
-                return True
-        return age < self.stale_s
+            if pid == os.getpid():  # this process: alive if it holds that lock now, else an earlier one's pid
+                return owner.get("token") in _HELD_HERE
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:  # another user's live process
+                pass
+            return owner.get("start") is None or _started(pid) in (None, owner["start"])
+        if owner.get("slurm_job") and owner["slurm_job"] == os.environ.get("SLURM_JOB_ID") \
+                and (owner.get("restart") or 0) < _restarts():
+            return False  # this job itself, before SLURM requeued it (perhaps onto another node)
+        return age < self.STALE_S
 
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.is_dir():  # not ours to remove: it may hold something
-            raise UserError(f"{self.path}: a folder where a job's lock file belongs; move it away and run again")
-        for _ in range(3):
+    def _create(self, body: bytes):
+        """Put `body` in place as the lock unless one exists; False if one does."""
+        tmp = self.path.with_name(f".lock.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(body)
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: create, then write (a reader may see it empty)
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    judged = self.path.read_bytes()
-                except FileNotFoundError:
-                    continue
-                if self._owner_alive():
-                    return False
-                # its owner is gone: take it over. Moved to a unique name first (only one taker succeeds); if what
-                # was moved is not the lock judged dead (a new owner came in between), it is put back
-                moved = self.path.with_name(f"lock.stale-{os.getpid()}-{threading.get_ident()}")
-                try:
-                    os.rename(self.path, moved)
-                except FileNotFoundError:
-                    continue
-                if moved.read_bytes() != judged:
-                    try:
-                        os.link(moved, self.path)
-                    except FileExistsError:
-                        pass
-                    moved.unlink(missing_ok=True)
-                    return False
-                moved.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
-                           "slurm_job": os.environ.get("SLURM_JOB_ID")}, f)
-            self.held = True
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
             return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _remove_if(self, body: bytes):
+        """Remove the lock if it still holds `body`; a lock another process put there meanwhile stays. Moved to a
+        unique name first, so that of two processes removing one lock, one does."""
+        moved = self.path.with_name(f"lock.stale-{os.getpid()}-{threading.get_ident()}")
+        try:
+            os.rename(self.path, moved)
+        except FileNotFoundError:
+            return True
+        if moved.read_bytes() == body:
+            moved.unlink(missing_ok=True)
+            return True
+        try:
+            os.link(moved, self.path)
+        except FileExistsError:
+            pass
+        moved.unlink(missing_ok=True)
         return False
 
-    @staticmethod
-    def touch(run_dir: Path):
-        """Tell other hosts the lock's owner is alive (the engine calls this at each checkpoint)."""
-        try:
-            os.utime(Path(run_dir) / "lock")
-        except FileNotFoundError:  # a job trained without a lock (tests, benchmark)
-            pass
+    def acquire(self):
+        """Take the lock (True), or say who holds it (False, `self.owner`)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():  # not ours to remove: it may hold something
+            raise UserError(f"{self.path}: a folder where a job's lock file belongs; move it away and run again")
+        token = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}:{time.time_ns()}"
+        body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "start": _started(os.getpid()),
+                           "slurm_job": os.environ.get("SLURM_JOB_ID"), "restart": _restarts(),
+                           "since": time.time(), "token": token}).encode()
+        for _ in range(3):
+            if self._create(body):
+                _HELD_HERE.add(token)
+                self.held, self._body, self._token = True, body, token
+                self._beat = threading.Event()
+                threading.Thread(target=self._heartbeat, args=(self._beat,), daemon=True).start()
+                return True
+            try:
+                judged = self.path.read_bytes()
+            except FileNotFoundError:
+                continue
+            if self._owner_alive() or not self._remove_if(judged):
+                return False
+        return False
+
+    def _heartbeat(self, stop: threading.Event):
+        while not stop.wait(self.HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self):
+        if self.held:
+            self._beat.set()
+            _HELD_HERE.discard(self._token)
+            self._remove_if(self._body)
+            self.held = False
+
+    def __enter__(self):
+        return self.acquire()
 
     def __exit__(self, *exc):
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        self.release()
 
 
 def hardware():

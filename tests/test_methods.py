@@ -264,7 +264,7 @@ def test_every_method_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(nam
     monkeypatch.setattr(engine, "make_views", stop_after_four)
     with pytest.raises(engine.Interrupted):
         run("stopped")
-    engine._stop_requested.clear()
+    engine.clear_stop_requests()
     monkeypatch.setattr(engine, "make_views", real)
     resumed = run("stopped")
     assert ref.keys() == resumed.keys()

@@ -213,6 +213,98 @@ def test_a_lock_of_a_dead_owner_is_taken_over_and_a_live_one_is_not(tmp_path):
     assert (tmp_path / "lock").is_dir()
 
 
+def _lock_of(tmp_path, **owner):
+    (tmp_path / "lock").write_text(json.dumps(owner))
+    return Lock(tmp_path)
+
+
+def test_a_lock_is_judged_by_who_took_it(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from bench.results import _started
+
+    here = socket.gethostname()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = {"host": here, "pid": sleeper.pid, "start": _started(sleeper.pid)}
+        assert not _lock_of(tmp_path, **live).acquire()
+        # a live process of the same SLURM job (two runs in one allocation) is still another process
+        monkeypatch.setenv("SLURM_JOB_ID", "77")
+        assert not _lock_of(tmp_path, **live, slurm_job="77").acquire()
+        # the pid now names a process that started later than the lock's owner did: the owner is gone
+        lock = _lock_of(tmp_path, **{**live, "start": live["start"] - 1})
+        assert lock.acquire() is (live["start"] is not None)
+        lock.release()
+    finally:
+        sleeper.kill()
+    # this process's own pid, in a lock it does not hold: a process before it that had the same pid
+    lock = _lock_of(tmp_path, host=here, pid=os.getpid(), token="earlier")
+    assert lock.acquire()
+    assert not Lock(tmp_path).acquire()  # and now that it holds it, a second taker waits
+    lock.release()
+    # another host: alive while its heartbeat is fresh, unless it is this SLURM job before a requeue
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert not _lock_of(tmp_path, host="elsewhere", pid=1, slurm_job="77", restart=1).acquire()
+    lock = _lock_of(tmp_path, host="elsewhere", pid=1, slurm_job="77", restart=0)
+    assert lock.acquire()
+    lock.release()
+    _lock_of(tmp_path, host="elsewhere", pid=1)
+    assert not Lock(tmp_path).acquire()
+    old = time.time() - Lock.STALE_S - 1
+    os.utime(tmp_path / "lock", (old, old))
+    lock = Lock(tmp_path)
+    assert lock.acquire()
+    lock.release()
+    assert not (tmp_path / "lock").exists()
+
+
+def test_a_held_lock_beats_and_its_release_leaves_a_successors_lock(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setattr(Lock, "HEARTBEAT_S", 0.05)
+    lock = Lock(tmp_path)
+    assert lock.acquire()
+    old = time.time() - 3600
+    os.utime(tmp_path / "lock", (old, old))
+    time.sleep(0.5)
+    assert time.time() - (tmp_path / "lock").stat().st_mtime < 60
+    (tmp_path / "lock").write_text(json.dumps({"host": "elsewhere", "pid": 1}))  # taken over meanwhile
+    lock.release()
+    assert json.loads((tmp_path / "lock").read_text())["host"] == "elsewhere"
+
+
+def test_a_stop_while_waiting_for_a_lock_or_between_jobs_stops_there(tmp_path):
+    import signal
+    import socket
+
+    from bench import engine
+    from bench.launch import execute, local, stop_on_signals
+
+    preset = planner.load_preset("demo", ["pretrain.epochs=1", "finetune.epochs=1"])
+    jobs = [j for j in planner.plan("comparison", preset, ["random"], None, None, [0, 1]) if not j.skip]
+    store = Store(tmp_path / "r")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        store.run_dir(jobs[0].hash).mkdir(parents=True)
+        (store.run_dir(jobs[0].hash) / "lock").write_text(json.dumps({"host": socket.gethostname(),
+                                                                     "pid": sleeper.pid}))
+        with stop_on_signals(), pytest.raises(engine.Interrupted, match="^stopped by signal SIGINT$"):
+            engine.request_stop(signal.SIGINT)  # Ctrl-C while another run trains the job: no wait for it
+            execute(jobs[0], store, "demo", data_opts={"cache_dir": None})
+    finally:
+        sleeper.kill()
+    (store.run_dir(jobs[0].hash) / "lock").unlink()
+
+    def log(line):  # Ctrl-C as the first job's record is written: the second does not start
+        if "done in" in line:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(engine.Interrupted):
+        local.run(jobs, store, "demo", data_opts={"cache_dir": None}, log=log)
+    assert [store.state(j.hash) for j in jobs] == ["done", "pending"]
+
+
 def test_two_runs_on_one_results_directory_train_each_job_once(tmp_path):
     res = str(tmp_path / "results")
     args = [sys.executable, "-m", "bench", "run", "--table", "comparison", "--preset", "demo", "--methods",

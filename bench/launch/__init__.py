@@ -23,7 +23,7 @@ from bench import data as datasets
 from bench import engine, finetune, models
 from bench.engine import Interrupted, NonFiniteLoss, fit
 from bench.errors import UserError
-from bench.results import Lock, Store, hardware, versions
+from bench.results import Lock, Store, hardware, versions, write_durably
 from methods import METHODS
 
 
@@ -38,7 +38,8 @@ def pretrain(cfg, run_dir, data_opts):
     last = fit(method, train, cfg, run_dir, desc=f"pretrain {cfg['method']} {cfg['data']}")
     if engine.rank() != 0:
         return {}
-    torch.save(models.export(method.backbone(), cfg["backbone"], res), run_dir / "weights.pt")
+    weights = models.export(method.backbone(), cfg["backbone"], res)
+    write_durably(run_dir / "weights.pt", lambda f: torch.save(weights, f))  # before the record says done
     return {**engine.training_metrics(last), "train_size": len(train), "data": train.meta}
 
 
@@ -73,9 +74,10 @@ def execute(job, store: Store, preset_name="", overrides=(), data_opts=None):
         raise UserError(f"cannot create {run_dir}: {e.strerror}") from None
     if engine.rank() != 0:  # rank 0 holds the job's lock and decides for every rank whether to train
         return _train(job, store, run_dir, preset_name, overrides, data_opts) if _rank0_says(False) else None
-    # a lock of another host is stale when silent for 3 checkpoint intervals (at least 30 min: decoding)
-    lock, said = Lock(run_dir, stale_s=max(1800.0, 3 * engine.checkpoint_interval())), False
-    while not lock.__enter__():  # another process trains this job: wait, then use its record
+    lock, said = Lock(run_dir), False
+    while not lock.acquire():  # another process trains this job: wait, then use its record
+        if engine.stop_requested():
+            raise Interrupted(engine.stop_requested(), saved=False)
         if not said:
             print(f"bench: job {job.short} is being trained by {lock.owner}; waiting for it", file=sys.stderr,
                   flush=True)
@@ -88,7 +90,7 @@ def execute(job, store: Store, preset_name="", overrides=(), data_opts=None):
             return rec
         return _train(job, store, run_dir, preset_name, overrides, data_opts)
     finally:
-        lock.__exit__()
+        lock.release()
 
 
 def _rank0_says(flag: bool) -> bool:
@@ -117,6 +119,8 @@ def _train(job, store, run_dir, preset_name, overrides, data_opts):
     except (UserError, Interrupted):
         raise
     except Exception as e:  # a crash is a result too: say what it was and where
+        if engine.rank() != 0:  # rank 0 records it; here, exiting non-zero takes the job's other ranks down
+            raise
         record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(),
                       metrics={})
     if engine.rank() != 0:
@@ -137,15 +141,17 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 @contextmanager
 def stop_on_signals(signals=STOP_SIGNALS):
-    """While training: SIGTERM / SIGUSR2 / Ctrl-C ask the engine to save and stop (it raises Interrupted)."""
-    engine._stop_requested.clear()
+    """While jobs run: SIGTERM / SIGUSR2 / Ctrl-C ask the engine to save and stop (it raises Interrupted at the
+    next step); a request that comes outside training (waiting for a lock, decoding, evaluating) is acted on there
+    or by the caller between jobs (`engine.stop_requested()`)."""
+    engine.clear_stop_requests()
     old = {s: signal.signal(s, lambda signum, _frame: engine.request_stop(signum)) for s in signals}
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        engine._stop_requested.clear()
+        engine.clear_stop_requests()
 
 
 def init_distributed(rank, world, local_rank, master_addr, master_port):

@@ -17,6 +17,8 @@ from collections import Counter
 
 import torch
 
+from bench import engine
+from bench.engine import Interrupted
 from bench.launch import execute, job_spec, launch_info, stop_on_signals
 
 
@@ -53,18 +55,21 @@ def run(jobs, store, preset_name, overrides=(), data_opts=None, devices=None, jo
         return Queue(todo, store, job_spec_args=(preset_name, overrides, data_opts), devices=devices,
                      jobs_per_gpu=jobs_per_gpu, gpus_per_job=gpus_per_job, log=log).run()
     failed, t0 = set(), time.time()
-    for i, job in enumerate(todo, 1):
-        if job.parent in failed:
-            failed.add(job.hash)
-            log(f"[{i}/{len(todo)}] {job.short} not run: its parent {job.parent[:10]} failed")
-            continue
-        log(f"[{i}/{len(todo)}] {_describe(job)}")
-        with stop_on_signals():
+    with stop_on_signals():
+        for i, job in enumerate(todo, 1):
+            if job.parent in failed:
+                failed.add(job.hash)
+                log(f"[{i}/{len(todo)}] {job.short} not run: its parent {job.parent[:10]} failed")
+                continue
+            log(f"[{i}/{len(todo)}] {_describe(job)}")
             rec = execute(job, store, preset_name, overrides, data_opts)
-        left = (time.time() - t0) / i * (len(todo) - i)  # jobs differ in length: a rough figure
-        log(f"[{i}/{len(todo)}] {_outcome(job, rec)}" + (f"; about {left / 60:.1f} min left" if i < len(todo) else ""))
-        if rec["status"] != "done":
-            failed.add(job.hash)
+            left = (time.time() - t0) / i * (len(todo) - i)  # jobs differ in length: a rough figure
+            log(f"[{i}/{len(todo)}] {_outcome(job, rec)}"
+                + (f"; about {left / 60:.1f} min left" if i < len(todo) else ""))
+            if rec["status"] != "done":
+                failed.add(job.hash)
+            if engine.stop_requested() and i < len(todo):  # it came while the job evaluated: its record is in
+                raise Interrupted(engine.stop_requested(), saved=False)
     return len(todo), len(failed)
 
 
@@ -185,8 +190,7 @@ class Queue:
                     for p in self.running[h][1]:
                         p.wait()
                     self._finish(h)
-                from bench.engine import Interrupted
-                raise Interrupted(self.stop[0])
+                raise Interrupted(self.stop[0], saved=False)  # each job process said for itself (its log)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
