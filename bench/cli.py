@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -102,10 +103,15 @@ def _job_table(jobs, store, data_opts):
     return text
 
 
+_SLURM_ONLY = ("slurm_config", "array_parallelism", "wait", "slurm_partition", "slurm_account", "slurm_qos",
+               "slurm_time", "slurm_cpus_per_job", "slurm_mem", "slurm_constraint", "slurm_setup")
+
+
 def _check_launch(args, jobs, gpus):
     """Launch flags that cannot work fail here, before anything is trained or submitted."""
-    if args.jobs_per_gpu < 1 or gpus < 0 or args.gpus_per_job is not None and args.gpus_per_job < 1:
-        raise UserError("--jobs-per-gpu and --gpus-per-job take a whole number of 1 or more")
+    least = 0 if args.launcher == "slurm" else 1  # a CPU partition's jobs take no GPU
+    if args.jobs_per_gpu < 1 or gpus < 0 or args.gpus_per_job is not None and args.gpus_per_job < least:
+        raise UserError(f"--jobs-per-gpu takes a whole number of 1 or more, --gpus-per-job of {least} or more")
     if gpus > 1:
         uneven = [j for j in jobs if not j.skip and j.config["batch_size"] % gpus]
         if uneven:
@@ -156,6 +162,11 @@ def cmd_run(args):
     from bench.engine import checkpoint_interval
 
     checkpoint_interval()  # a bad value fails here, before any job
+    if args.launcher != "slurm":  # else silently a local run, with the user thinking it went to the cluster
+        given = [k for k in _SLURM_ONLY if getattr(args, k) not in (None, False, [])]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} is for --launcher slurm (this run is local)")
+    settings = _slurm_settings(args) if args.launcher == "slurm" else None  # checked in a dry run too
     preset, jobs = _jobs(args)
     planner.check_models(jobs)
     store = Store(args.results)
@@ -166,7 +177,7 @@ def cmd_run(args):
     if args.launcher == "slurm":
         from bench.launch import slurm
 
-        settings = _slurm_settings(args)
+        slurm.check_partition(settings["partition"])
         gpus = settings["gpus_per_job"] if args.gpus_per_job is None else args.gpus_per_job
         if gpus is None:
             gpus = 1 if slurm.cluster_gpus(settings["partition"]) else 0
@@ -226,11 +237,21 @@ def _run_slurm(args, preset, jobs, store, data_opts, settings, gpus):
         by_hash = {j.hash: j for j in jobs}
         print(tabulate([[h[:10], by_hash[h].config["stage"], by_hash[h].method, by_hash[h].config["data"], i]
                         for h, i in ids.items()], ["hash", "stage", "method", "data", "SLURM job"], tablefmt="plain"))
-    print(f"submitted {len(ids)} jobs; logs under {store.root / 'slurm'}; `bench status --results {args.results}`"
-          + ("" if args.wait else " to follow them"), file=sys.stderr)
+    follow = f"bench status --results {args.results}"
+    print(f"submitted {len(ids)} job{'' if len(ids) == 1 else 's'}; logs under {store.root / 'slurm'}"
+          + ("" if args.wait else f"; `{follow}` to follow them"), file=sys.stderr)
     if not args.wait:
         return 1 if not_run else 0
-    outcome = slurm.wait(store, [j.hash for j in jobs if not j.skip], lambda m: print(m, file=sys.stderr))
+    # the jobs are SLURM's now: leaving the wait (Ctrl-C, SIGTERM) leaves them queued and running, and says so
+    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        outcome = slurm.wait(store, [j.hash for j in jobs if not j.skip], lambda m: print(m, file=sys.stderr))
+    except KeyboardInterrupt:
+        print(f"bench: stopped waiting; the jobs go on in SLURM: `{follow}`, `bench cancel --results "
+              f"{args.results}` to stop them, the same command with --wait to wait again", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
     bad = [h for h, o in outcome.items() if o != "done"]
     print(f"finished {len(outcome) - len(bad)} of {len(outcome)} jobs"
           + (f", {len(bad)} failed or not run (see bench status)" if bad else ""), file=sys.stderr)
@@ -312,13 +333,14 @@ def cmd_status(args):
         c = rec["config"] if rec else planned[h].config if h in planned else {}
         c = c or info.get("job", {})  # a job without a record: what the launcher noted when it sent it
         sstate = queue.get(h, (None, ""))[1]
+        parent = planned[h].parent if h in planned else info.get("job", {}).get("parent")
         checkpoint = (store.run_dir(h) / "checkpoint.pt").exists()
         if slurm.settled(rec, sstate):
             state = rec["status"]
         elif sstate in slurm.ACTIVE:
             state = sstate.lower()
-        elif sstate == "CANCELLED" and (store.get(c.get("parent") or "") or {}).get("status") == "failed":
-            state = "not run: parent failed"  # SLURM cancelled it (kill-on-invalid-dep)
+        elif sstate == "CANCELLED" and parent and _ended_badly(store.get(parent), queue.get(parent, (None, ""))[1]):
+            state = "not run: parent failed"  # SLURM cancelled it (kill-on-invalid-dep), its parent ended badly
         elif sstate == "CANCELLED":
             state = "cancelled" + (" (checkpoint saved)" if checkpoint else "")
         elif sstate:  # ended without a record: killed, out of memory, a node failure, lost
@@ -332,7 +354,8 @@ def cmd_status(args):
                      c.get("epochs", ""), "" if top1 is None else f"{100 * top1:.1f}", info.get("launcher", ""),
                      info.get("job_id", ""), sstate, log])
         if state == "failed":
-            why = (rec or {}).get("error") or f"SLURM state {sstate}, no record"
+            why = (rec or {}).get("error") or f"SLURM state {sstate}, no record" + (
+                "; its checkpoint is saved: the same command resumes it" if checkpoint else "")
             failures.append((h, why, slurm.log_tail(log) if log else _last_frames((rec or {}).get("traceback"))))
     print(tabulate(rows, ["hash", "state", "stage", "method", "backbone", "data", "epochs", "top-1", "launcher",
                           "job id", "SLURM", "log"], tablefmt="plain"))
@@ -342,6 +365,15 @@ def cmd_status(args):
             print(f"  | {line}")
     _print_damaged(store)
     return 0
+
+
+def _ended_badly(rec, sstate):
+    """A failed record, or none and a SLURM job that ended without one (killed, timed out too often, lost)."""
+    from bench.launch.slurm import ACTIVE
+
+    if rec is not None:
+        return rec["status"] == "failed"
+    return sstate not in ("", "COMPLETED", "CANCELLED", *ACTIVE)
 
 
 def _last_frames(tb, n=2):
@@ -369,7 +401,13 @@ def cmd_cancel(args):
     else:
         hashes = _known_hashes(store)
     ids = slurm.cancel(store, hashes)
-    print(f"cancelled {len(ids)} SLURM jobs" + (f": {' '.join(ids)}" if ids else " (none queued or running)"))
+    if ids:
+        print(f"cancelled {len(ids)} SLURM job{'' if len(ids) == 1 else 's'}: {' '.join(ids)}")
+    elif args.table:  # the plan names the jobs: one run with other --set values or seeds is not this plan
+        print(f"no queued or running SLURM job of this plan ({args.table}, preset {args.preset}, these --set "
+              f"values and seeds); without --table, bench cancel stops every job of {args.results}")
+    else:
+        print("cancelled 0 SLURM jobs (none queued or running)")
     return 0
 
 

@@ -277,6 +277,37 @@ def test_launch_flags_that_cannot_work_are_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.json"))
 
 
+@slurm
+def test_what_sbatch_refuses_and_slurm_flags_of_a_local_run_are_one_line_and_exit_2(tmp_path, slurm_env):
+    res = ["--preset", "demo", "--methods", "random", *FAST]
+    for args, words in [([*slurm_env, "--slurm-partition", "nosuch"], "no such partition here (sinfo: debug)"),
+                        ([*slurm_env, "--slurm-constraint", "nosuch"], "sbatch refused the job: sbatch: error:"),
+                        ([*slurm_env, "--slurm-mem", "99999999G"], "sbatch refused the job: sbatch: error:"),
+                        (["--slurm-time", "10", "--results", str(tmp_path / "l")], "--slurm-time is for --launcher slurm"),
+                        (["--wait", "--results", str(tmp_path / "l")], "--wait is for --launcher slurm"),
+                        ([*slurm_env, "--slurm-time", "abc", "--dry-run"], "--slurm-time 'abc'")]:
+        out = in_process("run", *res, *args)
+        lines = out.stderr.strip().splitlines()  # sbatch is asked after the plan's line ("1 jobs, 0 done")
+        assert out.returncode == 2 and len(lines) <= 2 and "Traceback" not in out.stderr, (args, out.stderr)
+        assert words in lines[-1] and lines[-1].startswith("bench: error:"), (args, out.stderr)
+    assert not list((tmp_path / "results").glob("*.json")) and not (tmp_path / "l").exists()
+
+
+@slurm
+def test_an_array_task_that_has_not_started_is_pending_not_lost():
+    from bench.launch.slurm import _sacct
+
+    # held: its tasks stay one line of sacct, `N_[0-1]`, shown only when sacct is asked for the array's own id
+    out = subprocess.run(["sbatch", "--parsable", "--hold", "-a", "0-1", "-J", "bench-held", "--wrap", "true"],
+                         capture_output=True, text=True, check=True)
+    array = out.stdout.strip().split(";")[0]
+    try:
+        want = {f"{array}_0": "PENDING", f"{array}_1": "PENDING"}  # once slurmdbd has it (a second or so)
+        _wait_for(lambda: _sacct(set(want)) == want, 60, f"sacct to show {want}")
+    finally:
+        subprocess.run(["scancel", array], check=True)
+
+
 # --- the SLURM settings: checked as they are read (no cluster needed) ------------------------------------------
 
 @pytest.mark.parametrize("text, key", [

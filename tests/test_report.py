@@ -107,6 +107,18 @@ def test_a_failed_cell_says_failed_with_its_reason_and_the_gap_summary(tmp_path)
     assert r"failed\textsuperscript{1}" in tex and r"$\approx$" in tex
 
 
+def test_a_cell_whose_pretraining_failed_says_failed_with_the_pretrainings_reason(tmp_path):
+    store = Store(tmp_path)
+    jobs = planner.plan("comparison", planner.load_preset("paper"), ["simclr"], ["flowers102"], None, [0])
+    pre = next(j for j in jobs if j.config["stage"] == "pretrain")
+    store.put({"hash": pre.hash, "status": "failed", "stage": "pretrain", "config": pre.config, "seed": 0,
+               "cells": [], "preset": "paper", "overrides": [], "metrics": {}, "error": "loss became non-finite",
+               "hardware": {"cpus": 2, "machine": "x86_64"}, "wall_time_s": 5})
+    md = report.render("comparison", store, "markdown")  # the fine-tuning has no record: it never ran
+    assert "failed[1] (71.1)" in next(line for line in md.splitlines() if "SimCLR" in line)
+    assert "[1] failed: deit_tiny/simclr on flowers102: its pretrain failed: loss became non-finite" in md
+
+
 def test_csv_has_one_row_per_job_and_round_trips_through_pandas(tmp_path):
     import io
 

@@ -12,16 +12,20 @@ job; the next `bench run` submits it again and it resumes.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import submitit
 import yaml
+from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import SlurmInfoWatcher
 
 from bench.engine import Interrupted
@@ -104,11 +108,13 @@ def load_settings(path=None, flags=None):
     """Defaults < ~/.config/bench/slurm.yaml (or $BENCH_SLURM_CONFIG) < --slurm-config FILE < --slurm-* flags."""
     out = dict(SETTINGS)
     files = [config_file()] + ([Path(path).expanduser()] if path else [])
-    for f in files:
-        if f == config_file() and not f.is_file():
+    for i, f in enumerate(files):
+        named = "--slurm-config" if i else "BENCH_SLURM_CONFIG" if os.environ.get("BENCH_SLURM_CONFIG") else None
+        if not named and not f.exists():  # the default file is optional; a file one names is not
             continue
         if not f.is_file():
-            raise UserError(f"--slurm-config {f}: no such file")
+            raise UserError(f"{named or 'SLURM settings'} {f}: " + ("a folder, not a file" if f.is_dir() else
+                                                                   "no such file"))
         data = read_yaml(f, "expected 'key: value' lines", _Loader) or {}
         if not isinstance(data, dict):
             raise UserError(f"{f}: expected 'key: value' lines ({', '.join(SETTINGS)})")
@@ -170,15 +176,19 @@ def settled(rec, state):
 
 
 def _sacct(ids):
+    """SLURM job id -> state. sacct is asked for the arrays' own ids: the tasks of an array that have not started
+    are one line (`698_[1-2%3]`) that it shows for the array alone, and submitit's reader expands it."""
     if not ids:
         return {}
     if shutil.which("sacct") is None:
         raise UserError("sacct not found: this machine is not a SLURM client (see the README: .ci/slurm-cluster)")
-    out = subprocess.run(["sacct", "-o", "JobID,State", "--parsable2", "-X", "-j", ",".join(sorted(ids))],
+    arrays = sorted({str(i).split("_")[0] for i in ids})
+    out = subprocess.run(["sacct", "-o", "JobID,State", "--parsable2", "-X", "-j", ",".join(arrays)],
                          capture_output=True, text=True)
     if out.returncode:
         raise UserError(f"sacct failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
-    return {jid: info["State"].split()[0] for jid, info in SlurmInfoWatcher().read_info(out.stdout).items()}
+    info = SlurmInfoWatcher().read_info(out.stdout)
+    return {jid: info[jid]["State"].split()[0] for jid in ids if jid in info}
 
 
 def slurm_states(store, hashes):
@@ -196,15 +206,26 @@ def slurm_states(store, hashes):
     return out
 
 
-def cluster_gpus(partition=None):
-    """Whether the partition's nodes (the default partition's when None) have GPUs, from their gres."""
+def _sinfo(fmt, partition=None):
     if shutil.which("sinfo") is None:
         raise UserError("sinfo not found: this machine is not a SLURM client (see the README: .ci/slurm-cluster)")
-    out = subprocess.run(["sinfo", "-h", "-o", "%G", *(["-p", partition] if partition else [])],
+    out = subprocess.run(["sinfo", "-h", "-o", fmt, *(["-p", partition] if partition else [])],
                          capture_output=True, text=True)
     if out.returncode:
         raise UserError(f"sinfo failed: {out.stderr.strip() or out.returncode}")
-    return "gpu" in out.stdout
+    return out.stdout
+
+
+def check_partition(partition):
+    """A partition the cluster does not have, named before anything is submitted (sbatch would refuse each job)."""
+    if partition and not _sinfo("%P", partition).strip():
+        known = sorted({p.rstrip("*") for p in _sinfo("%P").split()})
+        raise UserError(f"--slurm-partition {partition}: no such partition here (sinfo: {', '.join(known) or 'none'})")
+
+
+def cluster_gpus(partition=None):
+    """Whether the partition's nodes (the default partition's when None) have GPUs, from their gres."""
+    return "gpu" in _sinfo("%G", partition)
 
 
 def _executor(store, settings, gpus_per_job, name):
@@ -266,24 +287,32 @@ def submit(jobs, store, preset_name, overrides, data_opts, settings, gpus_per_jo
                                                stdout=str(sj.paths.stdout), stderr=str(sj.paths.stderr)))
 
     spec = lambda j: job_spec(j, store.root, preset_name, overrides, data_opts)  # noqa: E731
-    previous = []  # the SLURM jobs of the last level
-    for level in range(max((len(c) for c in free), default=0)):
-        batch = [c[level] for c in free if len(c) > level]  # a prefix of the previous level, index for index
-        ex = _executor(store, settings, gpus_per_job, name)
-        if level:
-            dep = f"aftercorr:{previous[0].job_id.split('_')[0]}" if len(previous) > 1 and len(batch) > 1 \
-                else f"afterok:{previous[0].job_id}"
-            ex.update_parameters(dependency=dep)
-        with ex.batch():
-            submitted = [ex.submit(Task(spec(j))) for j in batch]
-        for j, sj in zip(batch, submitted):
-            record(j, sj)
-        previous = submitted
-    for job in [j for j in todo if j.hash not in ids and j.hash not in blocked]:  # plan order: parents first
-        ex = _executor(store, settings, gpus_per_job, name)
-        if job.parent in ids or job.parent in active:
-            ex.update_parameters(dependency=f"afterok:{ids.get(job.parent) or active[job.parent]}")
-        record(job, ex.submit(Task(spec(job))))
+    submitit_said = io.StringIO()  # submitit prints a refusal of sbatch's before raising it: said once, below
+    try:
+        with contextlib.redirect_stderr(submitit_said):
+            previous = []  # the SLURM jobs of the last level
+            for level in range(max((len(c) for c in free), default=0)):
+                batch = [c[level] for c in free if len(c) > level]  # a prefix of the previous level, index for index
+                ex = _executor(store, settings, gpus_per_job, name)
+                if level:
+                    dep = f"aftercorr:{previous[0].job_id.split('_')[0]}" if len(previous) > 1 and len(batch) > 1 \
+                        else f"afterok:{previous[0].job_id}"
+                    ex.update_parameters(dependency=dep)
+                with ex.batch():
+                    submitted = [ex.submit(Task(spec(j))) for j in batch]
+                for j, sj in zip(batch, submitted):
+                    record(j, sj)
+                previous = submitted
+            for job in [j for j in todo if j.hash not in ids and j.hash not in blocked]:  # parents first
+                ex = _executor(store, settings, gpus_per_job, name)
+                if job.parent in ids or job.parent in active:
+                    ex.update_parameters(dependency=f"afterok:{ids.get(job.parent) or active[job.parent]}")
+                record(job, ex.submit(Task(spec(job))))
+    except FailedJobError as e:  # sbatch said no: its own words, not submitit's traceback
+        said = [ln.strip() for ln in str(e).splitlines() if "error" in ln.lower()] or [str(e).strip() or "?"]
+        raise UserError(f"sbatch refused the job: {said[0]}" + (
+            f" ({len(ids)} jobs were submitted before it: bench status, bench cancel)" if ids else "")) from None
+    sys.stderr.write(submitit_said.getvalue())  # what it said of jobs it did submit (warnings)
     return ids, not_run, active
 
 

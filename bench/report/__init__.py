@@ -103,21 +103,25 @@ def gather(table_name, store, preset_name=None):
         rows = []
         for job in jobs:
             rec = None if job.skip else store.get(job.hash)
+            chain = [] if job.skip else planner.chain(job, by_hash)
+            recs = [r for r in map(store.get, (j.hash for j in chain)) if r is not None]
+            status = rec["status"] if rec else ("skipped" if job.skip else "pending")
+            error = rec.get("error") if rec and rec["status"] == "failed" else None
+            failed_stage = next((r for r in recs if r["status"] == "failed"), None)
+            if rec is None and failed_stage:  # its pretraining failed: the cell cannot fill, and says why
+                status, error = "failed", f"its {failed_stage['stage']} failed: {failed_stage.get('error')}"
             for t, row_id, col in job.cells:
                 if t != table_name:
                     continue
                 if job.skip:
                     sec.skips[row_id] = job.skip
                 else:
-                    chain = planner.chain(job, by_hash)
                     sec.recipes.setdefault(row_id, planner.recipe([j.config for j in chain]))
                     sec.chains.setdefault(row_id, []).append(chain)
-                    sec.used += [r for r in map(store.get, (j.hash for j in chain)) if r is not None]
+                    sec.used += recs
                 top1 = rec["metrics"].get("top1") if rec and rec["status"] == "done" else None
                 rows.append({"row": row_id, "column": col, "seed": job.config["seed"],
-                             "top1": None if top1 is None else 100 * top1,
-                             "status": rec["status"] if rec else ("skipped" if job.skip else "pending"),
-                             "error": (rec or {}).get("error") if rec and rec["status"] == "failed" else None})
+                             "top1": None if top1 is None else 100 * top1, "status": status, "error": error})
         sec.df = pd.DataFrame(rows, columns=["row", "column", "seed", "top1", "status", "error"])
         out.append(sec)
     return out
