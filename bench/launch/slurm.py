@@ -109,12 +109,11 @@ def load_settings(path=None, flags=None):
     out = dict(SETTINGS)
     files = [config_file()] + ([Path(path).expanduser()] if path else [])
     for i, f in enumerate(files):
-        named = "--slurm-config" if i else "BENCH_SLURM_CONFIG" if os.environ.get("BENCH_SLURM_CONFIG") else None
-        if not named and not f.exists():  # the default file is optional; a file one names is not
-            continue
+        if not i and not f.exists():  # the default file (or $BENCH_SLURM_CONFIG's) is optional, like
+            continue                  # ~/.config/bench/tables.yaml; the file --slurm-config names is not
         if not f.is_file():
-            raise UserError(f"{named or 'SLURM settings'} {f}: " + ("a folder, not a file" if f.is_dir() else
-                                                                   "no such file"))
+            raise UserError(f"{'--slurm-config' if i else 'SLURM settings'} {f}: "
+                            + ("a folder, not a file" if f.is_dir() else "no such file"))
         data = read_yaml(f, "expected 'key: value' lines", _Loader) or {}
         if not isinstance(data, dict):
             raise UserError(f"{f}: expected 'key: value' lines ({', '.join(SETTINGS)})")
