@@ -272,6 +272,8 @@ def cmd_report(args):
             if not s.records():
                 raise UserError(f"--compare {d}: no records there (is it a --results directory?)")
     stores = [s for _, s in compare] if compare else [store]
+    if not compare and not store.records():  # a mistyped --results looks like a table not run yet: say which
+        print(f"bench: no records in {args.results}: the paper's numbers alone", file=sys.stderr)
     if args.table == "all" or not args.table:
         tables = sorted({t for s in stores for t in report.tables_with_results(s)},
                         key=list(planner.load_tables()).index) or ["comparison"]

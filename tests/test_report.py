@@ -285,6 +285,8 @@ def test_report_refuses_a_compare_store_without_records_and_standalone_outside_l
     assert "empty: no records there" in err and len(err.strip().splitlines()) == 1
     assert main(["report", "--results", str(tmp_path / "a"), "--standalone"]) == 2
     assert "--format latex" in capsys.readouterr().err
+    assert main(["report", "--results", str(tmp_path / "empty")]) == 0  # a table all dashes, and why
+    assert f"no records in {tmp_path / 'empty'}" in capsys.readouterr().err
 
 
 def test_a_preset_file_of_ones_own_is_found_by_the_relative_path_given_to_run(tmp_path, monkeypatch):
