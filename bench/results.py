@@ -237,7 +237,7 @@ class Lock:
 
     def __init__(self, run_dir: Path):
         self.path, self.held, self.owner = Path(run_dir) / "lock", False, None
-        self._body, self._beat = None, None
+        self._body, self._token, self._beat = None, None, None
 
     def _owner_alive(self):
         try:

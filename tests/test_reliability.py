@@ -111,7 +111,10 @@ def test_ctrl_c_while_torch_loads_is_one_line():
     time.sleep(0.5)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
-    assert (p.returncode, err, out) == (130, "bench: interrupted\n", "")
+    assert (err, out) == ("bench: interrupted\n", "")
+    # 130, or death by SIGINT, which a shell reports as 130 too: CPython ends that way, after the handler ran, when
+    # the interrupt landed in code a C extension ran during its import (torch's), whoever caught it
+    assert p.returncode in (130, -signal.SIGINT)
 
 
 def _record(h, **kw):
