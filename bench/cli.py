@@ -103,10 +103,6 @@ def _job_table(jobs, store, data_opts):
     return text
 
 
-_SLURM_ONLY = ("slurm_config", "array_parallelism", "wait", "slurm_partition", "slurm_account", "slurm_qos",
-               "slurm_time", "slurm_cpus_per_job", "slurm_mem", "slurm_constraint", "slurm_setup")
-
-
 def _check_launch(args, jobs, gpus):
     """Launch flags that cannot work fail here, before anything is trained or submitted."""
     least = 0 if args.launcher == "slurm" else 1  # a CPU partition's jobs take no GPU
@@ -163,7 +159,8 @@ def cmd_run(args):
 
     checkpoint_interval()  # a bad value fails here, before any job
     if args.launcher != "slurm":  # else silently a local run, with the user thinking it went to the cluster
-        given = [k for k in _SLURM_ONLY if getattr(args, k) not in (None, False, [])]
+        given = [k for k, v in vars(args).items()  # every --slurm-* flag, and the two others of SLURM's
+                 if (k.startswith("slurm_") or k in ("wait", "array_parallelism")) and v not in (None, False, [])]
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} is for --launcher slurm (this run is local)")
     settings = _slurm_settings(args) if args.launcher == "slurm" else None  # checked in a dry run too
@@ -341,7 +338,7 @@ def cmd_status(args):
             state = rec["status"]
         elif sstate in slurm.ACTIVE:
             state = sstate.lower()
-        elif sstate == "CANCELLED" and parent and _ended_badly(store.get(parent), queue.get(parent, (None, ""))[1]):
+        elif sstate == "CANCELLED" and parent and slurm.ended_badly(store.get(parent), queue.get(parent, (None, ""))[1]):
             state = "not run: parent failed"  # SLURM cancelled it (kill-on-invalid-dep), its parent ended badly
         elif sstate == "CANCELLED":
             state = "cancelled" + (" (checkpoint saved)" if checkpoint else "")
@@ -367,15 +364,6 @@ def cmd_status(args):
             print(f"  | {line}")
     _print_damaged(store)
     return 0
-
-
-def _ended_badly(rec, sstate):
-    """A failed record, or none and a SLURM job that ended without one (killed, timed out too often, lost)."""
-    from bench.launch.slurm import ACTIVE
-
-    if rec is not None:
-        return rec["status"] == "failed"
-    return sstate not in ("", "COMPLETED", "CANCELLED", *ACTIVE)
 
 
 def _last_frames(tb, n=2):

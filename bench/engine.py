@@ -442,7 +442,7 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                 with autocast(dev, precision):
                     loss = model.loss(views, idx, labels[idx], progress)
                 bad |= ~torch.isfinite(loss.detach())
-                stop, due, bad = _sync_flags(bool(_stop_requested), main and time.time() - saved_at >= every, bad)
+                stop, due, bad = _sync_flags(bool(stop_requested()), main and time.time() - saved_at >= every, bad)
                 if world > 1:  # the flags were read from the device anyway
                     check_finite(f"at epoch {epoch} step {step}")
                 update(model, opt, params, loss, cfg, epoch, progress)

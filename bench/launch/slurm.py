@@ -174,6 +174,13 @@ def settled(rec, state):
     return rec is not None and not (rec["status"] == "failed" and state in ACTIVE)
 
 
+def ended_badly(rec, state):
+    """A failed record, or none and a SLURM job that ended without one (killed, timed out too often, lost)."""
+    if rec is not None:
+        return rec["status"] == "failed"
+    return state not in ("", "COMPLETED", "CANCELLED", *ACTIVE)
+
+
 def _sacct(ids):
     """SLURM job id -> state. sacct is asked for the arrays' own ids: the tasks of an array that have not started
     are one line (`698_[1-2%3]`) that it shows for the array alone, and submitit's reader expands it."""

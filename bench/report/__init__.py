@@ -102,9 +102,12 @@ def gather(table_name, store, preset_name=None):
         sec = Section(table_name, " ".join([name] + [f"--set {o}" for o in overrides]), None, cols, {}, [], {})
         rows = []
         for job in jobs:
-            rec = None if job.skip else store.get(job.hash)
+            if not any(t == table_name for t, _, _ in job.cells):
+                continue  # a pretraining job: read as part of its fine-tunings' chains
             chain = [] if job.skip else planner.chain(job, by_hash)
-            recs = [r for r in map(store.get, (j.hash for j in chain)) if r is not None]
+            stored = {j.hash: store.get(j.hash) for j in chain}  # the job's own record last
+            rec = stored.get(job.hash)
+            recs = [r for r in stored.values() if r is not None]
             status = rec["status"] if rec else ("skipped" if job.skip else "pending")
             error = rec.get("error") if rec and rec["status"] == "failed" else None
             failed_stage = next((r for r in recs if r["status"] == "failed"), None)
