@@ -12,12 +12,13 @@ def load_yaml(text, origin, loader=None):
     """yaml.safe_load (or `loader`), or one line naming `origin` and what is wrong where.
 
     PyYAML's own message spans lines and its first says only what it was parsing; safe_load's constructors raise
-    plain Python errors on bad tagged or huge values.
+    plain Python errors on bad tagged or huge values. A key written twice in one map is refused: PyYAML keeps the
+    last silently, and a user who set `epochs` twice in a preset would train with the one they did not read.
     """
     import yaml
 
     try:
-        return yaml.load(text, Loader=loader or yaml.SafeLoader)
+        return yaml.load(text, Loader=_unique_keys(loader or yaml.SafeLoader))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         why = ": ".join(filter(None, (e.context, e.problem))) + (
@@ -30,6 +31,29 @@ def load_yaml(text, origin, loader=None):
         # programmers), KeyError, AttributeError
         why = str(e).split(";")[0] if isinstance(e, ValueError) else "a tagged value YAML cannot construct"
     raise UserError(f"{origin}: not valid YAML: {why}")
+
+
+def _unique_keys(loader):
+    import yaml
+
+    class Unique(loader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then a key of its own overrides
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        if key in seen:
+                            raise yaml.constructor.ConstructorError(
+                                None, None, f"the key {key!r} is written twice in one map", key_node.start_mark)
+                        seen.add(key)
+                    except TypeError:  # an unhashable key: the base class says so
+                        break
+            return super().construct_mapping(node, deep)
+
+    return Unique
 
 
 def read_yaml(path, expected, loader=None):

@@ -330,6 +330,17 @@ def test_a_slurm_setting_of_the_wrong_type_or_range_names_its_file_and_key(tmp_p
     assert str(e.value).startswith(f"{cfg}: {key}: expected ") and len(str(e.value).splitlines()) == 1
 
 
+def test_a_slurm_setting_written_twice_is_refused_not_overridden(tmp_path, monkeypatch):
+    from bench.errors import UserError
+    from bench.launch import slurm
+
+    monkeypatch.setenv("BENCH_SLURM_CONFIG", str(tmp_path / "absent.yaml"))
+    cfg = tmp_path / "slurm.yaml"
+    cfg.write_text("partition: gpu\ntime: 60\npartition: debug\n")
+    with pytest.raises(UserError, match=r"the key 'partition' is written twice in one map \(line 3, column 1\)$"):
+        slurm.load_settings(cfg)
+
+
 @pytest.mark.parametrize("flags, flag", [({"time": -5}, "--slurm-time"), ({"time": 0}, "--slurm-time"),
                                          ({"cpus_per_job": 0}, "--slurm-cpus-per-job"),
                                          ({"array_parallelism": 0}, "--array-parallelism"),

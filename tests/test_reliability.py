@@ -38,6 +38,8 @@ def one_line_exit_2(res, *words):
     ("base: paper\npretrain: {epoch: 3}\n", ["unknown setting 'pretrain.epoch'"]),
     ("base: paper\nfoo: 1\n", ["unknown setting 'foo'"]),
     ("x: [1\n", ["not valid YAML"]),
+    ("base: demo\npretrain: {epochs: 3}\nfinetune: {epochs: 2}\npretrain: {epochs: 4}\n",
+     ["the key 'pretrain' is written twice in one map (line 4"]),
     (b"\x89\xff\x00\x12binary", ["not text (byte"]),
     ("base: paper\nmethods: {idmm: {label_smoothing: 2}}\n", ["methods.idmm.label_smoothing", "[0, 1)"]),
     ("base: paper\nfinetune: {views: {crops: [{count: 1, size: 8, scale: [0.5, 0.1]}]}}\n", ["scale"]),
