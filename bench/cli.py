@@ -13,7 +13,7 @@ from bench import data as datasets
 from bench import plan as planner
 from bench.engine import COMPILE_CHOICES, compiles
 from bench.errors import UserError
-from bench.results import Store, check_output, probe_writable
+from bench.results import Lock, Store, check_output, probe_writable
 
 
 class Parser(argparse.ArgumentParser):
@@ -174,10 +174,11 @@ def cmd_run(args):
     if args.launcher == "slurm":
         from bench.launch import slurm
 
-        slurm.check_partition(settings["partition"])
+        node_cpus, node_gpus = slurm.partition_nodes(settings["partition"])
         gpus = settings["gpus_per_job"] if args.gpus_per_job is None else args.gpus_per_job
         if gpus is None:
-            gpus = 1 if slurm.cluster_gpus(settings["partition"]) else 0
+            gpus = 1 if node_gpus else 0
+        settings["cpus_per_job"] = slurm.fit_cpus(settings, gpus, node_cpus)
     else:
         from bench.launch import local
 
@@ -344,8 +345,11 @@ def cmd_status(args):
             state = "cancelled" + (" (checkpoint saved)" if checkpoint else "")
         elif sstate:  # ended without a record: killed, out of memory, a node failure, lost
             state = "failed"
-        else:
-            state = store.state(h)
+        else:  # running here (its lock's owner is alive), stopped, not started, or SLURM could not be asked
+            holder = Lock(store.run_dir(h)).holder()
+            state = f"running ({holder})" if holder else store.state(h)
+            if state == "pending":
+                state = {None: "not started", "local": "stopped, no checkpoint"}.get(info.get("launcher"), "submitted")
         top1 = (rec or {}).get("metrics", {}).get("top1")
         log = info.get("stderr") or info.get("log") or ""
         rows.append([h[:10], state, c.get("stage", ""), (rec or {}).get("method") or c.get("method") or

@@ -304,6 +304,10 @@ class Lock:
         moved.unlink(missing_ok=True)
         return False
 
+    def holder(self):
+        """Who holds the lock now ("host:pid"), or None when no live owner does."""
+        return self.owner if self.path.is_file() and self._owner_alive() else None
+
     def acquire(self):
         """Take the lock (True), or say who holds it (False, `self.owner`)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -283,6 +283,8 @@ def test_what_sbatch_refuses_and_slurm_flags_of_a_local_run_are_one_line_and_exi
     for args, words in [([*slurm_env, "--slurm-partition", "nosuch"], "no such partition here (sinfo: debug)"),
                         ([*slurm_env, "--slurm-constraint", "nosuch"], "sbatch refused the job: sbatch: error:"),
                         ([*slurm_env, "--slurm-mem", "99999999G"], "sbatch refused the job: sbatch: error:"),
+                        # sbatch accepts this one, and SLURM leaves it pending for ever (PartitionConfig)
+                        ([*slurm_env, "--slurm-cpus-per-job", "64"], "the nodes of the default partition have at most"),
                         (["--slurm-time", "10", "--results", str(tmp_path / "l")], "--slurm-time is for --launcher slurm"),
                         (["--wait", "--results", str(tmp_path / "l")], "--wait is for --launcher slurm"),
                         ([*slurm_env, "--slurm-time", "abc", "--dry-run"], "--slurm-time 'abc'")]:
@@ -291,6 +293,19 @@ def test_what_sbatch_refuses_and_slurm_flags_of_a_local_run_are_one_line_and_exi
         assert out.returncode == 2 and len(lines) <= 2 and "Traceback" not in out.stderr, (args, out.stderr)
         assert words in lines[-1] and lines[-1].startswith("bench: error:"), (args, out.stderr)
     assert not list((tmp_path / "results").glob("*.json")) and not (tmp_path / "l").exists()
+
+
+@slurm
+def test_the_default_cpus_of_a_job_fit_the_partitions_nodes():
+    from bench.launch import slurm
+
+    cpus, gpus = slurm.partition_nodes()  # the CI cluster: one node of this machine's CPUs, no GPUs
+    assert cpus == os.cpu_count() and gpus is False
+    settings = {**slurm.SETTINGS, "partition": "debug"}
+    assert slurm.partition_nodes("debug") == (cpus, False)
+    assert slurm.fit_cpus(settings, 0, cpus) == min(2, cpus)
+    assert slurm.fit_cpus(settings, 4, cpus) == cpus  # 10 a GPU by default, but never more than a node has
+    assert slurm.fit_cpus({**settings, "cpus_per_job": cpus}, 0, cpus) == cpus
 
 
 @slurm

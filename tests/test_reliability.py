@@ -155,6 +155,29 @@ def test_damaged_and_foreign_json_files_are_ignored_and_named(tmp_path, damage):
     assert len(list(tmp_path.glob("fedcba9876543210.json.damaged-*"))) == 1
 
 
+def test_status_tells_a_job_running_in_another_process_from_one_not_started(tmp_path):
+    res = str(tmp_path / "r")
+    args = ["--table", "comparison", "--preset", "demo", "--methods", "random", "--results", res]
+    job = planner.plan("comparison", planner.load_preset("demo"), ["random"])[0]
+
+    def state():
+        out = in_process("status", *args)
+        assert out.returncode == 0, out.stderr
+        return next(line for line in out.stdout.splitlines() if line.startswith(job.hash[:10])).split("  ")[1].strip()
+
+    assert state() == "not started"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bench.results import Lock; "
+                               "assert Lock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)",
+                               str(Store(res).run_dir(job.hash))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert state().startswith(f"running (") and f":{holder.pid})" in state()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert state() == "not started"  # its lock outlived it, naming a process that is gone
+
+
 @pytest.mark.parametrize("damage", ["bytes", "entries"])
 def test_a_damaged_checkpoint_is_set_aside_and_the_job_starts_over(tmp_path, tiny_vit, tiny_images, capfd, damage):
     """Damaged bytes, or a checkpoint whose model has other entries than this one (an earlier version's MoCo v2

@@ -40,7 +40,7 @@ SETTINGS = {
     "partition": None, "account": None, "qos": None,
     "time": 24 * 60,            # minutes per job, or SLURM's [days-]hours:minutes:seconds; a longer run is requeued
     "gpus_per_job": None,       # default: 1 where the partition's nodes have GPUs, else 0; --gpus-per-job N
-    "cpus_per_job": None,       # default: 10 per GPU, or 2 without GPUs
+    "cpus_per_job": None,       # default: 10 per GPU, or 2 without GPUs, at most a node's
     "mem": None,                # e.g. 32G
     "constraint": None,
     "setup": [],                # shell lines run before the job (module load ..., source venv/bin/activate)
@@ -212,31 +212,46 @@ def slurm_states(store, hashes):
     return out
 
 
-def _sinfo(fmt, partition=None):
+def _sinfo(fmt):
     if shutil.which("sinfo") is None:
         raise UserError("sinfo not found: this machine is not a SLURM client (see the README: .ci/slurm-cluster)")
-    out = subprocess.run(["sinfo", "-h", "-o", fmt, *(["-p", partition] if partition else [])],
-                         capture_output=True, text=True)
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", fmt], capture_output=True, text=True)  # -N: a line per node
     if out.returncode:
         raise UserError(f"sinfo failed: {out.stderr.strip() or out.returncode}")
     return out.stdout
 
 
-def check_partition(partition):
-    """A partition the cluster does not have, named before anything is submitted (sbatch would refuse each job)."""
-    if partition and not _sinfo("%P", partition).strip():
-        known = sorted({p.rstrip("*") for p in _sinfo("%P").split()})
+def partition_nodes(partition=None):
+    """(the most CPUs of one node, whether a node has GPUs) of `partition`, or of the default one when None, from
+    sinfo; a partition the cluster does not have is named before anything is submitted."""
+    rows = [line.split(None, 2) + ["", ""] for line in _sinfo("%P %c %G").splitlines() if line.strip()]
+    mine = [r for r in rows if (r[0].rstrip("*") == partition if partition else r[0].endswith("*"))] or (
+        [] if partition else rows)  # no default partition: sbatch says so itself
+    if not mine:
+        known = sorted({r[0].rstrip("*") for r in rows})
         raise UserError(f"--slurm-partition {partition}: no such partition here (sinfo: {', '.join(known) or 'none'})")
+    cpus = max((int(r[1]) for r in mine if r[1].isdigit()), default=None)
+    return cpus, any("gpu" in r[2] for r in mine)
 
 
-def cluster_gpus(partition=None):
-    """Whether the partition's nodes (the default partition's when None) have GPUs, from their gres."""
-    return "gpu" in _sinfo("%G", partition)
+def fit_cpus(settings, gpus_per_job, node_cpus):
+    """The CPUs a job asks for: cpus_per_job, or by default 10 per GPU (2 without GPUs) but at most a node's. A job
+    asking more than any node of its partition has is not refused by sbatch: it stays pending for ever (reason
+    PartitionConfig), so that is refused here."""
+    asked = settings["cpus_per_job"]
+    if asked is None:
+        asked = 10 * gpus_per_job if gpus_per_job else 2
+        return max(1, min(asked, node_cpus)) if node_cpus else asked
+    if node_cpus and asked > node_cpus:
+        where = f"partition {settings['partition']}" if settings["partition"] else "the default partition"
+        raise UserError(f"cpus_per_job {asked} (--slurm-cpus-per-job or the SLURM settings): the nodes of {where} "
+                        f"have at most {node_cpus} CPUs; such a job would stay pending for ever")
+    return asked
 
 
 def _executor(store, settings, gpus_per_job, name):
     ex = submitit.SlurmExecutor(folder=store.root / "slurm" / "%j", max_num_timeout=settings["max_requeues"])
-    cpus = settings["cpus_per_job"] or (10 * gpus_per_job if gpus_per_job else 2)
+    cpus = fit_cpus(settings, gpus_per_job, None)
     params = {"job_name": name, "time": int(settings["time"]), "ntasks_per_node": max(1, gpus_per_job),
               "cpus_per_task": max(1, cpus // max(1, gpus_per_job)), "array_parallelism": settings["array_parallelism"],
               "setup": list(settings["setup"]), "additional_parameters": {"kill-on-invalid-dep": "yes"}}
