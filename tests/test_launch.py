@@ -293,6 +293,7 @@ def test_what_sbatch_refuses_and_slurm_flags_of_a_local_run_are_one_line_and_exi
         assert out.returncode == 2 and len(lines) <= 2 and "Traceback" not in out.stderr, (args, out.stderr)
         assert words in lines[-1] and lines[-1].startswith("bench: error:"), (args, out.stderr)
     assert not list((tmp_path / "results").glob("*.json")) and not (tmp_path / "l").exists()
+    assert not [p.name for p in (tmp_path / "results").rglob("*") if p.is_file()]  # submitit's files of refused jobs
 
 
 @slurm
