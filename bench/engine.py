@@ -310,6 +310,48 @@ def update(model: Method, opt, params, loss, cfg: dict, epoch: int, progress: fl
     model.after_step(progress)
 
 
+def _readable_checkpoint(path: Path, model: Method, dev, main: bool):
+    """The training checkpoint at `path`, or None: none there, or one that cannot be used (cut short, overwritten,
+    not a checkpoint, another model's entries), which is kept aside and the job starts over. Under several ranks,
+    all resume or all start over."""
+    ck = None
+    if path.exists():
+        try:
+            ck = torch.load(path, map_location=dev, weights_only=False)
+            if not isinstance(ck, dict) or not {"model", "optimizer", "epoch", "step"} <= set(ck):
+                raise ValueError("not a training checkpoint")
+            if set(ck["model"]) != set(model.state_dict()):  # written by a version whose model kept other state
+                raise ValueError("its model's entries are not this model's")
+        except Exception as e:
+            if main:
+                why = str(e) if isinstance(e, ValueError) else type(e).__name__
+                aside(path, f"cannot be used ({why}); the job starts again from epoch 0")
+            ck = None
+    if world_size() > 1:
+        flag = torch.tensor([float(ck is None)], device=dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        ck = None if flag.item() else ck
+    return ck
+
+
+def _trim_log(path: Path, epoch: int):
+    """Epochs logged after the checkpoint (or without one) are trained again: their lines go, as does a line cut
+    short by a crash, with the rest."""
+    if not path.exists():
+        return
+
+    def before(line):
+        try:
+            return json.loads(line).get("epoch", -1) < epoch
+        except (ValueError, AttributeError):
+            return False
+
+    lines = path.read_text(errors="replace").splitlines()
+    kept = [ln for ln in lines if before(ln)]
+    if len(kept) != len(lines):
+        write_durably(path, "".join(ln + "\n" for ln in kept))
+
+
 def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
     """Train `model` on `data` for cfg['epochs']; resume from run_dir/checkpoint.pt when it exists.
 
@@ -344,23 +386,8 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
     log_path = run_dir / "metrics.jsonl"
     epoch, step, perm, last = 0, 0, None, {}
     loss_sum = torch.zeros((), device=dev)  # this epoch's, so far: a resumed epoch still logs its whole mean
-    ck, epoch_s, epoch_seen, earlier_s, session_t0 = None, 0.0, 0, 0.0, time.time()
-    if ckpt_path.exists():
-        try:
-            ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
-            if not isinstance(ck, dict) or not {"model", "optimizer", "epoch", "step"} <= set(ck):
-                raise ValueError("not a training checkpoint")
-            if set(ck["model"]) != set(model.state_dict()):  # written by a version whose model kept other state
-                raise ValueError("its model's entries are not this model's")
-        except Exception as e:  # cut short, overwritten, not a checkpoint: kept aside, and the job starts over
-            if main:
-                why = str(e) if isinstance(e, ValueError) else type(e).__name__
-                aside(ckpt_path, f"cannot be used ({why}); the job starts again from epoch 0")
-            ck = None
-        if world > 1:  # every rank must agree on resuming or starting over
-            flag = torch.tensor([float(ck is None)], device=dev)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            ck = None if flag.item() else ck
+    epoch_s, epoch_seen, earlier_s, session_t0 = 0.0, 0, 0.0, time.time()
+    ck = _readable_checkpoint(ckpt_path, model, dev, main)
     if ck is not None:
         if ck.get("world_size", 1) != world:  # --gpus-per-job is not in the hash: the user's to settle
             raise UserError(f"{ckpt_path} was written by {ck.get('world_size', 1)} processes, this run has "
@@ -384,17 +411,8 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
             print(f"{desc}: resumed from epoch {epoch} step {step} of {cfg['epochs']} epochs ({ckpt_path})",
                   file=sys.stderr, flush=True)
 
-    if main and log_path.exists():  # epochs logged after the checkpoint (or without one) are trained again
-        def before(line):  # a line cut short by a crash is dropped with the rest
-            try:
-                return json.loads(line).get("epoch", -1) < epoch
-            except (ValueError, AttributeError):
-                return False
-
-        lines = log_path.read_text(errors="replace").splitlines()
-        kept = [ln for ln in lines if before(ln)]
-        if len(kept) != len(lines):
-            write_durably(log_path, "".join(ln + "\n" for ln in kept))
+    if main:
+        _trim_log(log_path, epoch)
 
     def save(e, s):
         nonlocal saved_at
