@@ -578,6 +578,7 @@ def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds
             if not d.startswith("folder:"):
                 datasets.info(d)  # names the valid choices when unknown
         cols = list(datasets_)
+    cols = list(dict.fromkeys(datasets.canonical(c) for c in cols))  # folder:x and folder:./x/ are one column
     jobs: dict[str, Job] = {}
 
     def add(config, parent, skip):
@@ -604,7 +605,7 @@ def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds
                 parent = None
                 if skip is None and method.pretrains:
                     pdata = row.get("pretrain_data")
-                    pdata = preset["pretrain_data"].get(pdata, pdata) or col
+                    pdata = datasets.canonical(preset["pretrain_data"].get(pdata, pdata) or col)
                     pskip = None
                     if not (pdata.startswith("folder:") or pdata in datasets.DATASETS
                             or pdata in datasets.user_datasets()):

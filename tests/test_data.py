@@ -197,6 +197,81 @@ def test_a_class_folder_without_images_is_refused_and_a_hidden_folder_is_no_clas
         datasets.split_files(f"folder:{mine}", "train")
 
 
+def test_a_folder_is_read_as_imagefolder_reads_it(root, tmp_path):
+    """Images at any depth below their class folder, hidden files left out (macOS's ._name twins), a class
+    folder that links nowhere and a single class refused rather than silently dropped or scored 100%."""
+    import shutil
+
+    mine = tmp_path / "mine"
+    shutil.copytree(root / "mine", mine)
+    before = datasets.split_files(f"folder:{mine}", "train")[0]
+    deep = mine / "train" / "cat" / "a" / "b"
+    deep.mkdir(parents=True)
+    shutil.copy(before[0], deep / "deep.ppm")
+    (mine / "train" / "cat" / "._cat1.jpg").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    files, labels, classes, _ = datasets.split_files(f"folder:{mine}", "train")
+    assert len(files) == len(before) + 1 and deep / "deep.ppm" in files and classes == ["cat", "dog"]
+    assert labels[files.index(deep / "deep.ppm")] == 0 and not any(f.name.startswith(".") for f in files)
+    datasets.check_available(f"folder:{mine}")  # the hidden file is not read as an image
+    (mine / "train" / "bird").symlink_to(tmp_path / "unmounted")
+    with pytest.raises(UserError, match=r"train/bird links to .*unmounted, which is not there$"):
+        datasets.split_files(f"folder:{mine}", "train")
+    (mine / "train" / "bird").unlink()
+    for split in ("train", "test"):
+        shutil.rmtree(mine / split / "dog")
+    with pytest.raises(UserError, match="1 class; a classification needs at least 2"):
+        datasets.check_available(f"folder:{mine}")
+
+
+def test_one_folder_named_two_ways_is_one_column_and_one_job(root, tmp_path, monkeypatch):
+    """Relative paths, ~ and a trailing / name one folder: the plan holds its absolute path, so that the same
+    name in another directory is another folder, not a record of this one."""
+    from bench import plan as planner
+
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("HOME", str(root))
+    jobs = planner.plan("comparison", planner.load_preset("demo"), ["random"],
+                        ["folder:mine", "folder:./mine/", f"folder:{root}/mine", "folder:~/mine"])
+    assert [j.config["data"] for j in jobs] == [f"folder:{root / 'mine'}"]
+    with pytest.raises(UserError, match="folder: names no folder"):
+        planner.plan("comparison", planner.load_preset("demo"), ["random"], ["folder:"])
+
+
+def test_unreadable_images_by_any_cause_are_one_line_and_skip_bad_never_empties_a_class(root, tmp_path, monkeypatch):
+    import shutil
+
+    from PIL import Image
+
+    mine = tmp_path / "mine"
+    shutil.copytree(root / "mine", mine)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # past twice this, PIL refuses a file as a bomb
+    big = mine / "train" / "cat" / "big.png"
+    Image.new("RGB", (100, 100)).save(big)
+    with pytest.raises(UserError, match=f"^cannot read image {big}: Image size .*--skip-bad leaves such files out"):
+        datasets.check_available(f"folder:{mine}")
+    datasets.check_available(f"folder:{mine}", skip_bad=True)
+    big.unlink()
+    for f in (mine / "test" / "dog").iterdir():
+        f.write_bytes(b"")
+    with pytest.raises(UserError, match="test: no image of class 'dog' is readable, so --skip-bad would leave"):
+        datasets.check_available(f"folder:{mine}", skip_bad=True)
+
+
+def test_a_folder_whose_path_is_long_keeps_its_decoded_cache(root, tmp_path):
+    import shutil
+
+    deep = tmp_path.joinpath(*[f"level_{i:02d}_with_a_longish_name" for i in range(8)])
+    shutil.copytree(root / "mine", deep)
+    assert len(str(deep)) > 255
+    first = datasets.resident.load(f"folder:{deep}", "train", datasets.split_files(f"folder:{deep}", "train"),
+                                   24, False, str(tmp_path / "cache"), 64, {})
+    (cached,) = (tmp_path / "cache").iterdir()
+    assert len(cached.name) < 128
+    again = datasets.resident.load(f"folder:{deep}", "train", datasets.split_files(f"folder:{deep}", "train"),
+                                   24, False, str(tmp_path / "cache"), 64, {})
+    assert torch.equal(first.images, again.images)
+
+
 @pytest.mark.parametrize("content", [b"# garbage header\nn01/a.JPEG\n", b"", b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary",
                                      b"# imagenet=/x seed=0 per_class=10\n"],
                          ids=["bad-header", "empty", "binary", "no-images"])

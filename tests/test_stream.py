@@ -138,6 +138,16 @@ def test_decoding_on_the_device_names_a_broken_jpeg_or_skips_it_and_reads_other_
     assert "skipped: cannot read image" in capsys.readouterr().err
 
 
+def test_a_broken_file_read_in_a_worker_process_is_one_line_not_the_workers_traceback(tmp_path):
+    root = imagenet(tmp_path)
+    bad = root / "imagenet" / "val" / WNIDS[1] / "broken.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    data = datasets.load("imagenet", "test", 28, root=str(root), stream=True, workers=1, decode="pil")
+    with pytest.raises(UserError) as e:
+        list(datasets.feed(data, torch.arange(len(data)), torch.device("cpu")).in_order(16))
+    assert str(e.value).startswith(f"cannot read image {bad}: ") and len(str(e.value).splitlines()) == 1
+
+
 def test_device_decoding_runs_a_batch_ahead_in_its_own_thread_in_order_and_ends_with_its_consumer(tmp_path):
     """A GPU decode blocks its caller until done, so the streamed path decodes in a thread of its own, ahead of the
     training step: the batches arrive in the order read, as decoded in the consumer's thread; an error in the

@@ -34,6 +34,9 @@ __all__ = ["ImageSet", "StreamedSet", "feed", "load", "info", "DATASETS"]
 # `warnings.catch_warnings` around each call would swap the process's filters from the decoding thread.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
                         category=DeprecationWarning)
+# PIL warns of images over 89 megapixels (camera photos, shrunk to max_side once decoded) each time one is opened;
+# past its limit of 179 it refuses them, and so does bench, as unreadable images (--skip-bad leaves them out)
+warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
 
 
 def feed(data, rows, dev):
@@ -149,14 +152,21 @@ def _cub(root, split):
 
 
 def _image_folder(split_dir: Path):
+    """torchvision's ImageFolder layout: each folder of `split_dir` a class, its images at any depth below it;
+    hidden files and folders (.ipynb_checkpoints, macOS's ._name twins) are not images or classes."""
     if not split_dir.is_dir():
         raise UserError(f"{split_dir} is missing: expected <class>/ folders of images there")
-    # hidden folders (.ipynb_checkpoints, .cache) are not classes
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files = [(f, c) for c, name in enumerate(classes)
-             for f in sorted((split_dir / name).iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
-    if not files:
-        raise UserError(f"no images under {split_dir}/<class>/")
+    entries = sorted(p for p in split_dir.iterdir() if not p.name.startswith("."))
+    broken = [p for p in entries if p.is_symlink() and not p.exists()]
+    if broken:  # else a class would vanish without a word (an unmounted disk)
+        raise UserError(f"{broken[0]} links to {os.readlink(broken[0])}, which is not there")
+    classes = [p.name for p in entries if p.is_dir()]
+    files = []
+    for c, name in enumerate(classes):
+        for top, dirs, names in os.walk(split_dir / name, followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            files += [(Path(top) / f, c) for f in sorted(names)
+                      if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
     empty = sorted(set(classes) - {classes[c] for _, c in files})
     if empty:  # a class no image stands for would still get an output of the head, and count in the test
         raise UserError(f"{split_dir / empty[0]} holds no images ({' '.join(sorted(IMAGE_EXTENSIONS))})"
@@ -222,7 +232,7 @@ def make_sin10k(imagenet: Path, root: Path, seed: int, per_class: int = 10) -> P
     return out
 
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  # ImageFolder's, and GIF
 
 
 def _tv(name, classes, train, test, cls_name, parts, layout, note, **kwargs):
@@ -309,8 +319,18 @@ def store_size(resolution: int) -> int:
     return math.ceil(resolution * 8 / 7)
 
 
+def canonical(spec: str) -> str:
+    """`folder:DIR` with DIR absolute and normalised (~ expanded, no trailing /): one folder is one column and one
+    set of jobs (their hashes hold it), whichever directory it was named from; other specs as they are."""
+    if not spec.startswith("folder:"):
+        return spec
+    if not spec[len("folder:"):]:
+        raise UserError("folder: names no folder (folder:DIR)")
+    return "folder:" + os.path.abspath(os.path.expanduser(spec[len("folder:"):]))
+
+
 def _root_for(spec, root):
-    return spec[len("folder:"):] if spec.startswith("folder:") else str(data_root(root))
+    return canonical(spec)[len("folder:"):] if spec.startswith("folder:") else str(data_root(root))
 
 
 def check_available(spec: str, root=None, skip_bad=False):
@@ -327,20 +347,29 @@ def check_available(spec: str, root=None, skip_bad=False):
         raise UserError(f"{spec}: train and test have different classes (only in train: "
                         f"{', '.join(sorted(train - test)[:5]) or '-'}; only in test: "
                         f"{', '.join(sorted(test - train)[:5]) or '-'})")
+    if len(listed["train"][2]) < 2:  # a top-1 of 100% by construction
+        raise UserError(f"{spec}: {len(listed['train'][2])} class; a classification needs at least 2")
     if not d.train:  # a user's folder, checked whole before any job: every file decodes, in a faithful mode
         from PIL import Image
 
-        for files, *_ in listed.values():
-            for f in files:
+        for split, (files, labels, classes, _) in listed.items():
+            readable = set()
+            for f, label in zip(files, labels):
                 try:
                     with Image.open(f) as im:
                         refuse_unknown_scale(im.mode, f)
                         # a JPEG decoded at 1/8 scale: every byte of the file read, an eighth of the work
                         im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
                         im.load()
-                except (OSError, ValueError, SyntaxError) as e:
+                    readable.add(label)
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                     if not skip_bad:
-                        raise UserError(f"cannot read image {f}: {e} (--skip-bad leaves such files out)") from None
+                        raise UserError(f"cannot read image {f}: {e} (bench run --skip-bad leaves such files "
+                                        f"out)") from None
+            lost = sorted(set(labels) - readable)
+            if lost:  # its output would still be trained and tested: a number not earned
+                raise UserError(f"{spec} {split}: no image of class {classes[lost[0]]!r} is readable, so --skip-bad "
+                                f"would leave the class empty")
 
 
 def split_files(spec: str, split: str, root=None):

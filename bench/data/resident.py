@@ -96,7 +96,7 @@ def decode_file(path: Path, size: int, max_side: int | None = None) -> torch.Ten
             if box is not None:
                 im = im.crop(box)
             return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
 
 
@@ -172,7 +172,10 @@ def load(spec, split, listing, size, skip_bad, cache_dir, max_side, how) -> Imag
         key = [(str(f), *_stat(f)) for f in files] + [size, skip_bad, max_side]
         stamp = hashlib.sha256(repr(key).encode()).hexdigest()
         shape = f"max{max_side}" if max_side else str(size)
-        cache = Path(cache_dir) / f"{spec.replace('/', '_').replace(':', '_')}-{split}-{shape}-{stamp[:16]}.pt"
+        # the spec's end names the file for people (a folder's whole path could pass the 255-byte limit); the
+        # stamp, of every file, tells the splits apart
+        readable = spec.replace('/', '_').replace(':', '_')[-60:]
+        cache = Path(cache_dir) / f"{readable}-{split}-{shape}-{stamp[:16]}.pt"
         if cache.is_file():
             try:
                 c = torch.load(cache, weights_only=False)
@@ -185,6 +188,10 @@ def load(spec, split, listing, size, skip_bad, cache_dir, max_side, how) -> Imag
     if not keep:
         raise UserError(f"{spec} {split}: no readable images")
     bad = [str(files[i]) for i, x in enumerate(decoded) if x is None]
+    lost = sorted(set(labels) - {labels[i] for i in keep})
+    if lost:  # a class without an image would still have its output and count in the test: a number not earned
+        raise UserError(f"{spec} {split}: no readable image of class {classes[lost[0]]!r} is left once unreadable "
+                        f"files are skipped ({len(bad)} skipped)")
     meta = {**meta, "files": len(files), "path": "resident", **({"skipped_bad_images": bad} if bad else {})}
     if max_side:
         images, sizes = canvas([decoded[i] for i in keep])

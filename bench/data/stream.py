@@ -155,9 +155,13 @@ class StreamedFeed(ResidentFeed):
                                              generator=torch.Generator().manual_seed(0))
         batches = _decoded_ahead(lambda b: self.data.decode_on(self.dev, *b), loader, self.dev) if on_device \
             else loader
-        for images, sizes, idx in batches:
-            yield (to_device(idx, self.dev), to_device(images, self.dev),
-                   None if sizes is None else to_device(sizes, self.dev))
+        try:
+            for images, sizes, idx in batches:
+                yield (to_device(idx, self.dev), to_device(images, self.dev),
+                       None if sizes is None else to_device(sizes, self.dev))
+        except UserError as e:  # a worker's: torch re-raises it with the worker's whole traceback as its message
+            said = str(e).strip().splitlines()
+            raise UserError(said[-1].split("UserError: ", 1)[-1] if len(said) > 1 else str(e)) from None
 
     def epoch(self, perm, start, steps, bs):
         perm = perm.cpu()
