@@ -148,6 +148,21 @@ def test_a_broken_file_read_in_a_worker_process_is_one_line_not_the_workers_trac
     assert str(e.value).startswith(f"cannot read image {bad}: ") and len(str(e.value).splitlines()) == 1
 
 
+def test_a_file_skipped_in_streamed_epochs_is_named_once_and_listed_for_the_record(tmp_path, capfd):
+    root = imagenet(tmp_path)
+    bad = root / "imagenet" / "train" / WNIDS[0] / "broken.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    data = datasets.load("imagenet", "train", 28, root=str(root), max_side=64, stream=True, skip_bad=True,
+                         workers=1, decode="pil")
+    fed = datasets.feed(data, torch.arange(len(data)), torch.device("cpu"))
+    for epoch in range(2):
+        seen = [i for idx, _, _ in fed.epoch(torch.randperm(len(data)), 0, 5, 5) for i in idx.tolist()]
+        assert len(seen) == len(data) - 1 and data.files.index(bad) not in seen
+    assert data.meta["skipped_bad_images"] == [str(bad)]
+    err = capfd.readouterr().err
+    assert err.count("bench: skipped:") == 1 and f"cannot read image {bad}: " in err
+
+
 def test_device_decoding_runs_a_batch_ahead_in_its_own_thread_in_order_and_ends_with_its_consumer(tmp_path):
     """A GPU decode blocks its caller until done, so the streamed path decodes in a thread of its own, ahead of the
     training step: the batches arrive in the order read, as decoded in the consumer's thread; an error in the

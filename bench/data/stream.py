@@ -41,15 +41,14 @@ class StreamedSet:
 
     def _each(self, keys, one):
         """[(key, one(key))] of the keys whose file reads; with skip_bad an unreadable file is left out of its
-        batch (and named on stderr)."""
+        batch (the feed names it, see StreamedFeed._note_skipped)."""
         out = []
         for k in keys:
             try:
                 out.append((k, one(k)))
-            except UserError as e:
+            except UserError:
                 if not self.skip_bad:
                     raise
-                print(f"bench: skipped: {e}", file=sys.stderr)
         if not out:
             raise UserError(f"{self.name}: no readable image in a batch of {len(keys)}")
         return out
@@ -156,12 +155,29 @@ class StreamedFeed(ResidentFeed):
         batches = _decoded_ahead(lambda b: self.data.decode_on(self.dev, *b), loader, self.dev) if on_device \
             else loader
         try:
-            for images, sizes, idx in batches:
+            for chunk, (images, sizes, idx) in zip(chunks, batches):
+                if len(idx) < len(chunk):
+                    self._note_skipped(chunk, idx)
                 yield (to_device(idx, self.dev), to_device(images, self.dev),
                        None if sizes is None else to_device(sizes, self.dev))
         except UserError as e:  # a worker's: torch re-raises it with the worker's whole traceback as its message
             said = str(e).strip().splitlines()
             raise UserError(said[-1].split("UserError: ", 1)[-1] if len(said) > 1 else str(e)) from None
+
+    def _note_skipped(self, chunk, kept):
+        """The files a batch left out (--skip-bad), each named on stderr once a run with why (a worker's reason
+        does not cross to this process: the file is opened again here), and listed in the split's meta, which
+        the job's record keeps, as the resident path lists them."""
+        listed = self.data.meta.setdefault("skipped_bad_images", [])
+        for row in sorted(set(chunk.tolist()) - set(kept.tolist())):
+            if str(self.data.files[row]) not in listed:
+                listed.append(str(self.data.files[row]))
+                try:
+                    self.data._pil(row)
+                    why = f"cannot read image {self.data.files[row]}"
+                except UserError as e:
+                    why = str(e)
+                print(f"bench: skipped: {why}", file=sys.stderr)
 
     def epoch(self, perm, start, steps, bs):
         perm = perm.cpu()
