@@ -285,6 +285,9 @@ def test_the_imagenet_table_runs_streamed_end_to_end_and_fills_its_cells(tmp_pat
     plan = capsys.readouterr().out
     assert "data=sin10k" in plan and "data_path=train:streamed" in plan and "test:streamed" in plan
     assert "decoded by data.decode=device)" in plan
+    # by itself (data.stream=auto) the miniature is resident, in the dry run as in the run: its files are counted
+    assert main(["run", *[a.replace("stream=true", "stream=auto") for a in common], "--dry-run"]) == 0
+    assert "data_path=train:resident(0.0GB),test:resident(0.0GB)" in capsys.readouterr().out
     assert main(["run", *common]) == 0
     recs = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
     pre = next(r for r in recs if r["stage"] == "pretrain")

@@ -393,16 +393,17 @@ def data_path(n: int, size: int, max_side: int | None, stream="auto", memory_gb:
 
 
 def planned_path(spec: str, split: str, size: int, max_side: int | None, data_opts: dict):
-    """(path, resident estimate in bytes or None) of a split before anything is read: from the registry's split
-    size, or the files of a folder that is there; data that is not files is always resident."""
+    """(path, resident estimate in bytes or None) of a split before anything is read: from its files where they
+    are there (as the run will count them: a miniature ImageNet is resident), else from the registry's split
+    size; data that is not files is always resident."""
     d = info(spec)
     if d.reader is not None:
         return "resident", None
-    n = d.train if split == "train" else d.test
-    if not n:
-        try:
-            n = len(split_files(spec, split, data_opts.get("root"))[0])
-        except UserError:
+    try:
+        n = len(split_files(spec, split, data_opts.get("root"))[0])
+    except UserError:
+        n = d.train if split == "train" else d.test
+        if not n:
             return "?", None
     return (data_path(n, size, max_side, data_opts.get("stream", "auto"), data_opts.get("memory_gb", 32.0)),
             resident_bytes(n, size, max_side))
