@@ -392,6 +392,11 @@ def data_path(n: int, size: int, max_side: int | None, stream="auto", memory_gb:
     return "resident"
 
 
+@functools.lru_cache(maxsize=64)
+def _file_count(spec, split, root):  # once a command: a dry run asks for each job, and ImageNet lists 1.28M files
+    return len(split_files(spec, split, root)[0])
+
+
 def planned_path(spec: str, split: str, size: int, max_side: int | None, data_opts: dict):
     """(path, resident estimate in bytes or None) of a split before anything is read: from its files where they
     are there (as the run will count them: a miniature ImageNet is resident), else from the registry's split
@@ -400,7 +405,7 @@ def planned_path(spec: str, split: str, size: int, max_side: int | None, data_op
     if d.reader is not None:
         return "resident", None
     try:
-        n = len(split_files(spec, split, data_opts.get("root"))[0])
+        n = _file_count(spec, split, data_opts.get("root"))
     except UserError:
         n = d.train if split == "train" else d.test
         if not n:
