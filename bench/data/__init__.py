@@ -180,7 +180,11 @@ def _folder(root, split):
 
 
 def _imagenet(root, split):
-    return _image_folder(Path(root) / "imagenet" / {"train": "train", "test": "val"}[split])
+    where = Path(root) / "imagenet" / {"train": "train", "test": "val"}[split]
+    if not where.is_dir():
+        raise UserError(f"{where} is missing: expected <wnid>/ folders of JPEGs there (the data root is --data-root "
+                        f"or $BENCH_DATA_ROOT, default ~/data)")
+    return _image_folder(where)
 
 
 SIN10K_LIST = "sin10k/files.txt"
