@@ -257,6 +257,22 @@ def test_unreadable_images_by_any_cause_are_one_line_and_skip_bad_never_empties_
         datasets.check_available(f"folder:{mine}", skip_bad=True)
 
 
+def test_a_very_elongated_test_image_is_resized_from_the_region_it_shows(tmp_path):
+    """Not whole (an 8000 x 1 image took 8 GB so): the same centre square, but for its edges, on both decoders."""
+    import numpy as np
+    from PIL import Image
+
+    from bench.data.resident import decode_file, shape_tensor
+
+    pixels = np.random.default_rng(0).integers(0, 255, (10, 700, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "strip.png")
+    got = decode_file(tmp_path / "strip.png", 256)
+    whole = Image.fromarray(pixels).resize((17920, 256), Image.BICUBIC).crop((8832, 0, 9088, 256))
+    diff = (got.int() - torch.from_numpy(np.asarray(whole)).permute(2, 0, 1).int()).abs()
+    assert got.shape == (3, 256, 256) and diff[:, :, 8:-8].max() <= 1 and diff.float().mean() < 1
+    assert torch.equal(shape_tensor(torch.from_numpy(pixels).permute(2, 0, 1), 256, None), got)
+
+
 def test_a_folder_whose_path_is_long_keeps_its_decoded_cache(root, tmp_path):
     import shutil
 

@@ -83,6 +83,17 @@ def _geometry(w: int, h: int, size: int, max_side: int | None):
     return nw, nh, (left, top, left + size, top + size)
 
 
+def _source_box(w, h, nw, nh, box):
+    """The region of the w x h original that `box` (in the resized nw x nh image) covers, when resizing the whole
+    image first would be wasteful: an 8000 x 1 image, resized whole, took 8 GB for a 256 px square. Such an image
+    (64 times longer than wide, or more) is resized by PIL from that region alone, which moves the pixels at the
+    square's edges by a few levels; every other image is resized whole, as before."""
+    if box is None or nw * nh <= 64 * (box[2] - box[0]) * (box[3] - box[1]):
+        return None
+    sx, sy = w / nw, h / nh
+    return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
+
+
 def decode_file(path: Path, size: int, max_side: int | None = None) -> torch.Tensor:
     """uint8 [3, h, w], decoded with PIL and shaped by `_geometry` (bicubic, antialiased)."""
     from PIL import Image
@@ -91,9 +102,12 @@ def decode_file(path: Path, size: int, max_side: int | None = None) -> torch.Ten
         with Image.open(path) as im:
             im = _to_rgb(im, path)
             nw, nh, box = _geometry(*im.size, size, max_side)
-            if (nw, nh) != im.size:
+            region = _source_box(*im.size, nw, nh, box)
+            if region is not None:
+                im = im.resize((box[2] - box[0], box[3] - box[1]), Image.BICUBIC, box=region)
+            elif (nw, nh) != im.size:
                 im = im.resize((nw, nh), Image.BICUBIC)
-            if box is not None:
+            if box is not None and region is None:
                 im = im.crop(box)
             return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -105,6 +119,13 @@ def shape_tensor(x: torch.Tensor, size: int, max_side: int | None) -> torch.Tens
     bicubic is PIL's filter (a = -0.5), so the two differ by rounding."""
     h, w = x.shape[1:]
     nw, nh, box = _geometry(w, h, size, max_side)
+    region = _source_box(w, h, nw, nh, box)
+    if region is not None:  # rare: resized by PIL from the region, as decode_file does, so both give one result
+        from PIL import Image
+
+        im = Image.fromarray(x.permute(1, 2, 0).cpu().numpy())
+        im = im.resize((box[2] - box[0], box[3] - box[1]), Image.BICUBIC, box=region)
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).to(x.device)
     if (nw, nh) != (w, h):
         x = F.interpolate(x[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
         x = x.round_().clamp_(0, 255).to(torch.uint8)
