@@ -94,6 +94,8 @@ def load_tables() -> dict:
     for name, spec in tables.items():
         check_table(name, spec, "bench/tables.yaml")
     path = user_tables_file()
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, where the file of your own tables belongs ($BENCH_TABLES)")
     mine = read_yaml(path, "it should map table names to rows or tables") if path.is_file() else None
     if mine is not None and not isinstance(mine, dict):
         raise UserError(f"{path}: expected table names, each with its rows (as in bench/tables.yaml)")
@@ -109,6 +111,14 @@ def load_tables() -> dict:
                 raise UserError(f"{path}: {name}: expected a new table with {', '.join(_TABLE_FIELDS)} (as in "
                                 f"bench/tables.yaml), or the name of one of its tables ({', '.join(tables)})")
             tables[name] = check_table(name, spec, str(path))
+        for row in spec["rows"]:  # a typo in your own row is yours to fix, not a row the plan skips
+            if row["method"] not in METHODS:
+                raise UserError(f"{path}: {name}: row {row['id']}: method: no method '{row['method']}' "
+                                f"(choose from {', '.join(METHODS)})")
+            if not timm.is_model(row["backbone"]):
+                near = difflib.get_close_matches(row["backbone"], timm.list_models(), n=1)
+                raise UserError(f"{path}: {name}: row {row['id']}: backbone: timm has no model "
+                                f"'{row['backbone']}'" + (f" (did you mean {near[0]}?)" if near else ""))
     return tables
 
 
@@ -225,13 +235,17 @@ def load_preset(name: str, overrides=()) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"--set {item}: expected KEY=VALUE, e.g. pretrain.epochs=2")
+        if not value.strip():  # YAML reads it as null, which leaves a setting to the table (800 epochs)
+            raise UserError(f"--set {item}: no value after '=' (write null to unset a setting)")
         *parents, last = key.split(".")
         node, where = preset, ""
         for k in [*parents, last]:
             if not isinstance(node, dict):
-                raise UserError(f"--set {key}: '{where}' is not a group of settings")
+                raise UserError(f"--set {item}: '{where}' is not a group of settings")
             if _key(node, k) not in node and not _open(where, k):  # a typo would otherwise change nothing
-                raise UserError(f"--set {key}: the preset has no setting '{(where + '.' + k).lstrip('.')}'")
+                hint = " (a learning rate is a backbone's: backbones.NAME.lr)" if k == "lr" else ""
+                raise UserError(f"--set {item}: the preset has no setting '{(where + '.' + k).lstrip('.')}' (known "
+                                f"under {where or 'the top'}: {', '.join(map(str, node))}){hint}")
             if k is not last:
                 node = node.setdefault(_key(node, k), {})
                 where = f"{where}.{k}".lstrip(".")
@@ -290,6 +304,8 @@ _RULES = {  # setting name -> (test, what it must be); checked wherever the name
     "weight_decay_end": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
     "clip_grad": (lambda v: v is None or _is_num(v) and v > 0, "a finite number > 0"),
     "drop_last": (lambda v: isinstance(v, bool), "true or false"),
+    "lr_schedule": (lambda v: v in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}"),
+    "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "drop_path": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "label_smoothing": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "mixup_alpha": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
@@ -573,6 +589,12 @@ def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds
                 f"has them)") if new else ""
         _check_choice(kind, given or [], in_table, hint)
     cols = columns(spec, preset)
+    for c in [] if datasets_ else cols:
+        if not c.startswith("folder:"):
+            try:
+                datasets.info(c)
+            except UserError as e:  # else every cell is skipped as a pretraining set not defined, and exit 0
+                raise UserError(f"preset {preset['name']}: datasets.{table_name}: {e}") from None
     if datasets_:
         for d in datasets_:
             if not d.startswith("folder:"):

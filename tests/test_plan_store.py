@@ -151,6 +151,24 @@ def _refused(item):
     return msg
 
 
+@pytest.mark.parametrize("item,words", [
+    ("pretrain.epochs=", ["no value after '='"]),  # null would leave it to the table: 800 epochs
+    ("pretrain.epoch=2", ["no setting 'pretrain.epoch'", "known under pretrain: epochs, batch_size"]),
+    ("finetune.lr=1", ["backbones.NAME.lr"]),
+    ("pretrain.precision=fp8", ["pretrain.precision: expected one of bf16, fp32, got 'fp8'"]),
+    ("methods.dino.pretrain.lr_schedule=x", ["methods.dino.pretrain.lr_schedule: expected one of cosine, official"]),
+])
+def test_a_set_item_that_would_change_nothing_or_fail_later_is_refused_by_name(item, words):
+    msg = _refused(item)
+    for w in words:
+        assert w in msg
+
+
+def test_a_dataset_the_preset_names_is_checked_like_one_on_the_command_line():
+    with pytest.raises(UserError, match=r"^preset demo: datasets.comparison: unknown dataset 'foo'"):
+        planner.plan("comparison", planner.load_preset("demo", ["datasets.comparison=[foo]"]), ["idmm"])
+
+
 @pytest.mark.parametrize("value", ["[1", "@x", "!!python/object:os.system x", "9" * 5000, "!!int x",
                                    "!!timestamp x", "!!bool x", "[" * 1000],
                          ids=["unclosed", "bad-token", "python-tag", "5000-digits", "bad-int", "bad-timestamp",
@@ -299,6 +317,10 @@ def test_a_users_rows_join_a_paper_table_and_a_new_table_stands_alone(tmp_path, 
      "mine: row_columns: expected a list of labels"),
     ("5: {rows: []}\n", "5: expected a new table"),
     ("comparison: [\n", "not valid YAML"),
+    ("comparison:\n  rows: [{id: x, backbone: deit_tiny_patch16_224, method: idmn}]\n",
+     "row x: method: no method 'idmn' (choose from"),
+    ("comparison:\n  rows: [{id: x, backbone: deit_tiny_patch16_24, method: idmm}]\n",
+     "row x: backbone: timm has no model 'deit_tiny_patch16_24' (did you mean deit_tiny_patch16_224?)"),
 ])
 def test_a_users_tables_file_is_checked_row_by_row(tmp_path, monkeypatch, text, words):
     path = _user_tables(tmp_path, monkeypatch, text)
