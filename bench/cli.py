@@ -350,6 +350,8 @@ def cmd_status(args):
             state = f"running ({holder})" if holder else store.state(h)
             if state == "pending":
                 state = {None: "not started", "local": "stopped, no checkpoint"}.get(info.get("launcher"), "submitted")
+            elif state == "partial":  # the same command resumes it
+                state = "stopped, checkpoint saved"
         top1 = (rec or {}).get("metrics", {}).get("top1")
         log = info.get("stderr") or info.get("log") or ""
         rows.append([h[:10], state, c.get("stage", ""), (rec or {}).get("method") or c.get("method") or

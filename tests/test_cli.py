@@ -47,6 +47,7 @@ def test_demo_comparison_idmm_and_random_through_to_the_report(tmp_path):
 
     status = bench("status", "--results", res)
     assert status.returncode == 0 and status.stdout.count("done") == 3
+    assert all(line.split()[-1] == "local" for line in status.stdout.splitlines()[1:])  # where each one ran
 
 
 def test_dry_run_lists_the_paper_recipe():

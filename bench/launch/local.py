@@ -62,6 +62,10 @@ def run(jobs, store, preset_name, overrides=(), data_opts=None, devices=None, jo
                 log(f"[{i}/{len(todo)}] {job.short} not run: its parent {job.parent[:10]} failed")
                 continue
             log(f"[{i}/{len(todo)}] {_describe(job)}")
+            try:  # what `bench status` shows of it while it trains, or once stopped (its stage, method, data)
+                store.put_launch(job.hash, launch_info(job, launcher="local", pid=os.getpid()))
+            except OSError:
+                pass  # execute names what keeps the job's folder from being made
             rec = execute(job, store, preset_name, overrides, data_opts)
             left = (time.time() - t0) / i * (len(todo) - i)  # jobs differ in length: a rough figure
             log(f"[{i}/{len(todo)}] {_outcome(job, rec)}"
