@@ -70,8 +70,13 @@ def write_durably(path: Path, content):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk, a signal: no half-written temporary file left behind
+    except BaseException as e:  # a full disk, a signal: no half-written temporary file left behind
         tmp.unlink(missing_ok=True)
+        cause = e.__cause__ or e.__context__
+        while cause is not None and not isinstance(e, OSError):
+            if isinstance(cause, OSError) and cause.errno:  # torch.save's writer says "unexpected pos 848960"
+                raise OSError(cause.errno, cause.strerror, str(path)) from e
+            cause = cause.__cause__ or cause.__context__
         raise
     try:
         fd = os.open(path.parent, os.O_RDONLY)

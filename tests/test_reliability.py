@@ -509,3 +509,20 @@ def test_a_read_only_results_directory_is_named_before_any_work_and_its_results_
     finally:
         subprocess.run(["umount", str(ro)], check=True)
     assert {p.name: p.read_bytes() for p in results.glob("*.json")} == before
+
+
+def test_a_full_disk_is_named_as_such_and_leaves_no_temporary_file(tmp_path):
+    """torch.save on a full disk raises "unexpected pos 848960 vs 848848"; the OSError behind it is what a user
+    can act on."""
+    from bench.results import write_durably
+
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("this machine will not mount a small tmpfs for the test")
+    try:
+        with pytest.raises(OSError, match=rf"No space left on device: '{mnt / 'checkpoint.pt'}'"):
+            write_durably(mnt / "checkpoint.pt", lambda f: torch.save({"x": torch.zeros(200_000)}, f))
+        assert not list(mnt.iterdir())
+    finally:
+        subprocess.run(["umount", str(mnt)])
