@@ -76,7 +76,7 @@ def _data_paths(cfg, data_opts, seen):
     return ",".join(out), held
 
 
-def _job_table(jobs, store, data_opts):
+def _job_table(jobs, store, data_opts, rerun=frozenset()):
     by_hash = {j.hash: j for j in jobs}
     rows, seen, most = [], {}, 0
     for j in jobs:
@@ -89,6 +89,7 @@ def _job_table(jobs, store, data_opts):
             d["chain"] = f"{r['finetune_res']}/{r['finetune_epochs']}"
             d["cells"] = ",".join(f"{t}:{row}:{col}" for t, row, col in j.cells)
         state = "skipped: " + j.skip if j.skip else store.state(j.hash)
+        state = f"{state}, --rerun: trains again" if j.hash in rerun and state != "pending" else state
         rows.append([j.short, "  ".join(f"{k}={v}" for k, v in d.items()), state])
     text = tabulate(rows, ["hash", "recipe", "state"], tablefmt="plain")
     files = [path for path, est in seen.values() if est is not None]
@@ -106,8 +107,11 @@ def _job_table(jobs, store, data_opts):
 def _check_launch(args, jobs, gpus):
     """Launch flags that cannot work fail here, before anything is trained or submitted."""
     least = 0 if args.launcher == "slurm" else 1  # a CPU partition's jobs take no GPU
-    if args.jobs_per_gpu < 1 or gpus < 0 or args.gpus_per_job is not None and args.gpus_per_job < least:
-        raise UserError(f"--jobs-per-gpu takes a whole number of 1 or more, --gpus-per-job of {least} or more")
+    if args.jobs_per_gpu < 1:
+        raise UserError(f"--jobs-per-gpu {args.jobs_per_gpu}: expected a whole number of 1 or more")
+    if gpus < 0 or args.gpus_per_job is not None and args.gpus_per_job < least:
+        raise UserError(f"--gpus-per-job {args.gpus_per_job if args.gpus_per_job is not None else gpus}: expected a "
+                        f"whole number of {least} or more")
     if gpus > 1:
         uneven = [j for j in jobs if not j.skip and j.config["batch_size"] % gpus]
         if uneven:
@@ -129,10 +133,12 @@ def _rerun_set(prefixes, jobs):
     other check has passed)."""
     picked = set()
     for p in prefixes:
-        hits = [j.hash for j in jobs if j.hash.startswith(p)]
-        if len(p) < 4 or len(hits) != 1:
+        if len(p.strip()) < 4:
+            raise UserError(f"--rerun {p!r}: give at least 4 characters of a job's hash (see --dry-run)")
+        hits = [j.hash for j in jobs if j.hash.startswith(p.strip().lower())]
+        if len(hits) != 1:
             raise UserError(f"--rerun {p}: {'no' if not hits else 'more than one'} job of this table has a hash "
-                            f"starting so (see --dry-run; give at least 4 characters)")
+                            f"starting so (see --dry-run)")
         picked.add(hits[0])
     for j in jobs:  # plan order: parents first, so a child of a picked job is picked too
         if j.parent in picked:
@@ -169,7 +175,7 @@ def cmd_run(args):
     store = Store(args.results)
     rerun = _rerun_set(args.rerun, jobs) if args.rerun else set()
     if args.dry_run:
-        print(_job_table(jobs, store, _data_opts(args, preset)))
+        print(_job_table(jobs, store, _data_opts(args, preset), rerun))
         return 0
     if args.launcher == "slurm":
         from bench.launch import slurm
@@ -272,6 +278,15 @@ def cmd_report(args):
     stores = [s for _, s in compare] if compare else [store]
     if not compare and not store.records():  # a mistyped --results looks like a table not run yet: say which
         print(f"bench: no records in {args.results}: the paper's numbers alone", file=sys.stderr)
+    for s in stores:  # what the tables below leave out, said rather than shown as empty cells
+        damaged = s.damaged()
+        if damaged:
+            print(f"bench: warning: {len(damaged)} damaged records in {s.root} are left out (bench status "
+                  f"names them)", file=sys.stderr)
+        unknown = sorted({c[0] for r in s.records() for c in r["cells"]} - set(planner.load_tables()))
+        if unknown:
+            print(f"bench: warning: records in {s.root} fill tables bench does not know here: {', '.join(unknown)} "
+                  f"(tables of your own are read from {planner.user_tables_file()})", file=sys.stderr)
     if args.table == "all" or not args.table:
         tables = sorted({t for s in stores for t in report.tables_with_results(s)},
                         key=list(planner.load_tables()).index) or ["comparison"]
@@ -617,6 +632,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        if not str(getattr(args, "results", "results")).strip():  # else the records land in the current folder
+            raise UserError("--results: an empty path (give a folder, default ./results)")
         return args.func(args)
     except UserError as e:
         print(f"bench: error: {e}", file=sys.stderr)

@@ -200,11 +200,13 @@ def preset_id(name: str) -> str:
     return path.stem if path.parent == PRESET_DIR else str(path.resolve())
 
 
-def _preset_path(name: str) -> Path:
+def _preset_path(name: str, origin="--preset") -> Path:
     path = _preset_file(name)
-    if not path.is_file():
-        raise UserError(f"unknown preset '{name}': choose from {', '.join(preset_names())} or a .yaml path")
-    return path
+    if path.is_file():
+        return path
+    if path.parent == PRESET_DIR:
+        raise UserError(f"{origin} {name}: no such preset: choose from {', '.join(preset_names())} or a .yaml path")
+    raise UserError(f"{origin} {name}: " + ("a folder, not a preset file" if path.is_dir() else "no such file"))
 
 
 def _resolve(path: Path, seen=()) -> dict:
@@ -217,7 +219,7 @@ def _resolve(path: Path, seen=()) -> dict:
     if not isinstance(base, str):
         raise UserError(f"{path}: base: expected a preset name or a .yaml path, got {base!r}")
     base_path = _preset_path(base if not base.endswith((".yaml", ".yml")) or Path(base).is_absolute()
-                             else str(path.parent / base))
+                             else str(path.parent / base), f"{path}: base:")
     if base_path.resolve() in seen or base_path.resolve() == path.resolve():
         raise UserError(f"{path}: base '{base}' leads back to this file")
     parent = _resolve(base_path, (*seen, path.resolve()))

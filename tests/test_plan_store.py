@@ -43,8 +43,10 @@ def test_seeds_multiply_jobs_and_unknown_names_are_user_errors():
         planner.plan("comparison", planner.load_preset("demo"), methods=["nope"])
     with pytest.raises(UserError, match="unknown table 'nope'"):
         planner.table("nope")
-    with pytest.raises(UserError, match="unknown preset"):
+    with pytest.raises(UserError, match="^--preset nope: no such preset: choose from demo, paper"):
         planner.load_preset("nope")
+    with pytest.raises(UserError, match="^--preset /nowhere/mine.yaml: no such file$"):
+        planner.load_preset("/nowhere/mine.yaml")
 
 
 def test_paper_preset_resolves_the_authors_recipe():

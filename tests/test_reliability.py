@@ -35,6 +35,7 @@ def one_line_exit_2(res, *words):
     ("base: paper\npretrain: 5\n", ["pretrain", "group of settings"]),
     ("- 1\n- 2\n", ["map of settings"]),
     ("base: SELF\n", ["leads back to this file"]),
+    ("base: nope\n", [": base: nope: no such preset: choose from"]),
     ("base: paper\npretrain: {epoch: 3}\n", ["unknown setting 'pretrain.epoch'"]),
     ("base: paper\nfoo: 1\n", ["unknown setting 'foo'"]),
     ("x: [1\n", ["not valid YAML"]),
@@ -149,6 +150,7 @@ def test_damaged_and_foreign_json_files_are_ignored_and_named(tmp_path, damage):
     assert status.returncode == 0 and "damaged record" in status.stdout and "fedcba9876543210.json" in status.stdout
     report = in_process("report", "--results", str(tmp_path), cwd=str(tmp_path))
     assert report.returncode == 0, report.stderr
+    assert f"1 damaged records in {tmp_path} are left out" in report.stderr
     # writing that job's record again keeps the damaged file aside rather than losing it
     store.put(_record("fedcba9876543210", **_IN_A_TABLE))
     assert store.get("fedcba9876543210")["status"] == "done"
@@ -176,6 +178,13 @@ def test_status_tells_a_job_running_in_another_process_from_one_not_started(tmp_
         holder.kill()
         holder.wait()
     assert state() == "not started"  # its lock outlived it, naming a process that is gone
+
+
+def test_a_report_says_when_records_fill_a_table_it_does_not_know(tmp_path):
+    """A table of one's own whose tables file moved away: its records would otherwise just not show."""
+    Store(tmp_path).put(_record("0123456789abcdef", cells=[["mine", "deit_tiny/idmm", "digits"]]))
+    report = in_process("report", "--results", str(tmp_path), cwd=str(tmp_path))
+    assert report.returncode == 0 and "fill tables bench does not know here: mine" in report.stderr
 
 
 @pytest.mark.parametrize("damage", ["bytes", "entries"])
@@ -464,6 +473,11 @@ def test_a_damaged_parent_weights_file_names_the_way_to_regenerate_it(tmp_path):
     assert blocked.returncode == 2 and "Traceback" not in blocked.stderr
     error = blocked.stderr.strip().splitlines()[-1]
     assert error.startswith("bench: error: cannot read weights file") and f"--rerun {pre['hash'][:10]}" in error
+    for prefix, said in (("", "give at least 4 characters"), (pre["hash"][:3], "give at least 4 characters"),
+                         ("ffff" if not pre["hash"].startswith("ffff") else "0000", "no job of this table")):
+        one_line_exit_2(in_process(*base, "--rerun", prefix), said)
+    planned = in_process(*base, "--rerun", pre["hash"][:8].upper(), "--dry-run").stdout
+    assert planned.count("--rerun: trains again") == 1  # the damaged parent; its child has no record
     again = in_process(*base, "--rerun", pre["hash"][:10])
     assert again.returncode == 0, again.stderr
     assert {r["status"] for r in Store(res).records()} == {"done"} and len(Store(res).records()) == 2

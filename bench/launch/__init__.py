@@ -71,7 +71,8 @@ def execute(job, store: Store, preset_name="", overrides=(), data_opts=None):
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create {run_dir}: {e.strerror}") from None
+        raise UserError(f"{run_dir}: a file where the job's folder belongs; move it away and run again"
+                        if run_dir.exists() else f"cannot create {run_dir}: {e.strerror}") from None
     if engine.rank() != 0:  # rank 0 holds the job's lock and decides for every rank whether to train
         return _train(job, store, run_dir, preset_name, overrides, data_opts) if _rank0_says(False) else None
     lock, said = Lock(run_dir), False
