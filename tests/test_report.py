@@ -275,6 +275,24 @@ def test_compare_puts_two_stores_side_by_side_with_the_difference(tmp_path, monk
     assert len(df) == 3 and df.set_index("row").loc["deit_tiny/idmm", "difference"] == pytest.approx(3.0)
 
 
+def test_compare_finds_a_job_two_recipes_share_in_the_store_that_ran_only_one(tmp_path, monkeypatch):
+    """B ran the demo and the demo with 3 pretraining epochs; A the demo alone. Random init is one job under both
+    recipes: its record in A fills A's side of B's second table."""
+    from bench.cli import main
+
+    a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
+    for store in (a, b):
+        _fill(store, "comparison", "demo", {"deit_tiny/idmm": 0.40, "deit_tiny/random": 0.30})
+    _fill(b, "comparison", "demo", {"deit_tiny/idmm": 0.45}, overrides=("pretrain.epochs=3",))
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--compare", "a", "b", "--format", "csv", "--out", "c.csv"]) == 0
+    df = pd.read_csv(tmp_path / "c.csv").set_index(["preset_label", "row"])
+    three = "demo --set pretrain.epochs=3"
+    assert df.loc[(three, "deit_tiny/random"), "a_mean"] == pytest.approx(30.0)
+    assert df.loc[(three, "deit_tiny/random"), "difference"] == pytest.approx(0.0)
+    assert pd.isna(df.loc[(three, "deit_tiny/idmm"), "a_mean"])  # A never pretrained for 3 epochs
+
+
 def test_report_refuses_a_compare_store_without_records_and_standalone_outside_latex(tmp_path, capsys):
     from bench.cli import main
 

@@ -75,9 +75,11 @@ class Section:
     chains: dict = field(default_factory=dict)     # row id -> [[job, ...] one chain per cell and seed]
 
 
-def gather(table_name, store, preset_name=None):
-    """One Section per (preset, --set overrides) that has results for the table (or the paper preset when none)."""
-    variants = _variants(store, table_name)
+def gather(table_name, store, preset_name=None, variants=None):
+    """One Section per (preset, --set overrides) that has results for the table (or the paper preset when none).
+    `variants` ({(preset, overrides): records}, default the store's own) says which, and shapes their plans
+    (seeds, columns, weights files); the cells are filled from `store`'s records, by hash."""
+    variants = _variants(store, table_name) if variants is None else dict(variants)
     if preset_name:  # as the records name it (a file of one's own: its absolute path)
         preset_name = planner.preset_id(preset_name)
         variants = {k: v for k, v in variants.items() if k[0] == preset_name} or {(preset_name, ()): []}
@@ -364,7 +366,13 @@ def models(tables, store, preset_name=None, seeds=None, compare=None):
 
 def _paired(table_name, a, b, preset_name=None):
     """[(label, store A's Section or None, store B's)] for every preset variant with records in either store."""
-    sides = [{s.label: s for s in gather(table_name, store, preset_name) if s.used} for store in (a, b)]
+    # both stores' variants for each: a job two recipes share (random init, under another pretraining's
+    # epochs) has its record in A, though A never ran B's recipe
+    variants = {}
+    for store in (a, b):
+        for k, recs in _variants(store, table_name).items():
+            variants.setdefault(k, []).extend(recs)
+    sides = [{s.label: s for s in gather(table_name, store, preset_name, variants) if s.used} for store in (a, b)]
     return [(k, sides[0].get(k), sides[1].get(k)) for k in sorted(set(sides[0]) | set(sides[1]))]
 
 
