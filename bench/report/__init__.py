@@ -231,7 +231,7 @@ def build(spec, sec, seeds=None):
                    + (f", rank correlation of the methods per dataset (Spearman) {sum(rhos) / len(rhos):.2f} "
                       f"over {len(rhos)} datasets" if rhos else "")
                    + "; = within one point of the paper, + above, - below."]
-    footer = (_footer(sec.used, sec.skips, sec.label) + summary
+    footer = (_footer(sec.used, sec.skips, sec.label, seeds) + summary
               + [f"[{i}] failed: {n}" for i, n in enumerate(notes, 1)])
     return {"title": f"{spec['title']} (preset: {sec.label})", "header": _header(spec, sec.cols), "body": body,
             "footer": footer, "legend": "Top-1 (%) on the test split, and the recipe's numbers: reproduced (paper).",
@@ -260,7 +260,7 @@ def build_compare(spec, a, b, names, seeds=None):
                  keep=lambda cells: any(c["value"] != "— → —" for c in cells))
     footer = []
     for name, sec in ((names[0], a), (names[1], b)):
-        footer += [f"{name}: {line}" for line in (_footer(sec.used, {}, sec.label) if sec else ["no results"])]
+        footer += [f"{name}: {line}" for line in (_footer(sec.used, {}, sec.label, seeds) if sec else ["no results"])]
     if diffs:
         footer.append(f"{len(diffs)} cells in both; {names[1]} minus {names[0]}: mean "
                       f"{sum(diffs) / len(diffs):+.1f}, mean absolute {sum(map(abs, diffs)) / len(diffs):.1f} "
@@ -285,8 +285,14 @@ def _machine(hw):
     return f"{hw['cpus']} CPUs ({hw['machine']}{threads})"
 
 
-def _footer(used, skips, preset):
+def _footer(used, skips, preset, seeds=None):
     lines = []
+    if seeds:  # the jobs behind the cells shown, not every seed's
+        shown = [r for r in used if r["seed"] in seeds]
+        if used and not shown:
+            lines.append(f"no records of seed {', '.join(map(str, seeds))} (those of this preset: "
+                         f"{', '.join(map(str, sorted({r['seed'] for r in used})))})")
+        used = shown
     if used:
         hw = sorted({_machine(r["hardware"]) for r in used})
         wall = sum(r.get("wall_time_s", 0) for r in {r["hash"]: r for r in used}.values())
