@@ -185,9 +185,10 @@ class Store:
         probe_writable(self.root, f"--results {self.root}", "; nothing was run")
 
     def set_aside(self, h):
-        """For `bench run --rerun`: the job's record and checkpoint are moved aside (kept), so it runs again."""
+        """For `bench run --rerun`: the job's record, checkpoint, metrics log and weights are moved aside (kept:
+        the new run would start the log again and write the weights over), so it runs again."""
         moved = []
-        for path in (self.path(h), self.run_dir(h) / "checkpoint.pt"):
+        for path in (self.path(h), *(self.run_dir(h) / f for f in ("checkpoint.pt", "metrics.jsonl", "weights.pt"))):
             if path.exists():
                 moved.append(aside(path, "is set aside for --rerun", tag="replaced"))
         return moved

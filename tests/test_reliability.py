@@ -481,6 +481,10 @@ def test_a_damaged_parent_weights_file_names_the_way_to_regenerate_it(tmp_path):
     again = in_process(*base, "--rerun", pre["hash"][:10])
     assert again.returncode == 0, again.stderr
     assert {r["status"] for r in Store(res).records()} == {"done"} and len(Store(res).records()) == 2
+    run_dir = store.run_dir(pre["hash"])  # the replaced run's files are kept beside the new ones
+    (old_weights,) = run_dir.glob("weights.pt.replaced-*")
+    assert old_weights.read_bytes() == b"garbage" and list(run_dir.glob("metrics.jsonl.replaced-*"))
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1  # FAST: one epoch, the new run's
 
 
 @pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"),
