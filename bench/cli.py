@@ -76,7 +76,7 @@ def _data_paths(cfg, data_opts, seen):
     return ",".join(out), held
 
 
-def _job_table(jobs, store, data_opts, rerun=frozenset()):
+def _job_table(jobs, store, data_opts, rerun=frozenset(), here=True):
     by_hash = {j.hash: j for j in jobs}
     rows, seen, most = [], {}, 0
     for j in jobs:
@@ -101,6 +101,11 @@ def _job_table(jobs, store, data_opts, rerun=frozenset()):
                  + (", nvjpeg where a job has a GPU, PIL where not" if decode == "auto" else "")
                  + f"); in brackets, a split's decoded size if held resident; the most one job holds "
                  f"resident: {most / 2 ** 30:.1f} GB")
+    from bench.engine import device
+
+    if here and device().type != "cuda" and any(j.config.get("precision") == "bf16" for j in jobs if not j.skip):
+        text += (f"\nprecision: bf16 runs as fp32 on this machine's {device().type} (a CPU trains in fp32; the "
+                 f"record says which ran): the jobs' hashes keep the recipe's precision")
     return text
 
 
@@ -175,7 +180,7 @@ def cmd_run(args):
     store = Store(args.results)
     rerun = _rerun_set(args.rerun, jobs) if args.rerun else set()
     if args.dry_run:
-        print(_job_table(jobs, store, _data_opts(args, preset), rerun))
+        print(_job_table(jobs, store, _data_opts(args, preset), rerun, here=args.launcher != "slurm"))
         return 0
     if args.launcher == "slurm":
         from bench.launch import slurm

@@ -57,6 +57,7 @@ def test_dry_run_lists_the_paper_recipe():
     assert len(pre) == 7
     for line in pre:
         assert "epochs=800" in line and "batch=256" in line and "crops=2x112+4x112" in line and "pending" in line
+    assert ("bf16 runs as fp32 on this machine's cpu" in out.stdout) == (not torch.cuda.is_available())
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
