@@ -650,7 +650,7 @@ def main(argv=None):
         from bench.engine import Interrupted
 
         if isinstance(e, Interrupted):
-            print(f"bench: {e}; run the same command again to resume", file=sys.stderr)
+            print(f"bench: {e}; run the same command again to " + ("resume" if e.saved else "go on"), file=sys.stderr)
             return 128 + e.signum
         raise
 

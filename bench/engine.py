@@ -112,7 +112,7 @@ class Interrupted(RuntimeError):
 
     def __init__(self, signum, saved=True):
         super().__init__(f"stopped by signal {signal.Signals(signum).name}" + ("; checkpoint saved" if saved else ""))
-        self.signum = signum
+        self.signum, self.saved = signum, saved
 
 
 def device():
@@ -235,7 +235,7 @@ def _sync_flags(stop: bool, save: bool, bad):
 def checkpoint_interval():
     """Seconds between time-based checkpoints (BENCH_CHECKPOINT_EVERY_S, default 300; `bench run
     --checkpoint-every`). A checkpoint is also written at the end of training and on a stop request."""
-    raw = os.environ.get("BENCH_CHECKPOINT_EVERY_S", "300")
+    raw = os.environ.get("BENCH_CHECKPOINT_EVERY_S") or "300"  # set but empty: unset
     try:
         value = float(raw)
     except ValueError:
