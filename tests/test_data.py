@@ -251,6 +251,10 @@ def test_unreadable_images_by_any_cause_are_one_line_and_skip_bad_never_empties_
         datasets.check_available(f"folder:{mine}")
     datasets.check_available(f"folder:{mine}", skip_bad=True)
     big.unlink()
+    Image.new("I", (8, 8)).save(mine / "train" / "cat" / "deep.tif")  # 32-bit pixels: no known 0-255 scale
+    with pytest.raises(UserError, match="32-bit integer pixels .* --skip-bad leaves such files out"):
+        datasets.check_available(f"folder:{mine}")
+    datasets.check_available(f"folder:{mine}", skip_bad=True)
     for f in (mine / "test" / "dog").iterdir():
         f.write_bytes(b"")
     with pytest.raises(UserError, match="test: no image of class 'dog' is readable, so --skip-bad would leave"):
@@ -318,8 +322,10 @@ def test_a_sin10k_list_reads_an_imagenet_path_with_spaces(tmp_path):
 @pytest.mark.parametrize("content, words", [(b"\xff\xfe\x00\x01binary", ": not text"),
                                             (b"mine: [1\n", "not valid YAML: while parsing a flow sequence: expected ',' or ']'"),
                                             (b"mine:\n", "mine: expected a folder, got None"),
+                                            (b"mine: 5\n", "mine: expected a folder, got 5"),
+                                            (b"folder:x: /x\n", "may not start with 'folder:'"),
                                             (b"pets: /x\n", "pets: the name of one of bench's datasets")],
-                         ids=["binary", "bad-yaml", "no-folder", "taken-name"])
+                         ids=["binary", "bad-yaml", "no-folder", "a-number", "folder-prefix", "taken-name"])
 def test_a_bad_users_datasets_file_is_named_in_one_line(tmp_path, monkeypatch, content, words):
     mine = tmp_path / "datasets.yaml"
     mine.write_bytes(content)

@@ -287,14 +287,18 @@ def user_datasets_file() -> Path:
 def user_datasets() -> dict:
     """Names a user gave their own image folders: a YAML map `name: /path/with/train/and/test`."""
     path = user_datasets_file()
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, where the file naming your own datasets belongs ($BENCH_DATASETS)")
     if not path.is_file():
         return {}
     entries = read_yaml(path, "it should map dataset names to folders") or {}
     if not isinstance(entries, dict):
         raise UserError(f"{path} should map dataset names to folders")
     for k, v in entries.items():
-        if v is None or isinstance(v, (bool, dict, list)):
+        if not isinstance(v, str) or not v.strip():
             raise UserError(f"{path}: {k}: expected a folder, got {v!r}")
+        if str(k).startswith("folder:"):  # `folder:DIR` is read as the path it names, never as this name
+            raise UserError(f"{path}: {k}: a name may not start with 'folder:'")
         if str(k) in DATASETS:  # the registry's own would win, and the folder never be read
             raise UserError(f"{path}: {k}: the name of one of bench's datasets; give the folder another")
     return {str(k): str(Path(str(v)).expanduser()) for k, v in entries.items()}
@@ -348,9 +352,10 @@ def check_available(spec: str, root=None, skip_bad=False):
                                                                           else ("train",))}
     if d.has_test and listed["train"][2] != listed["test"][2]:
         train, test = set(listed["train"][2]), set(listed["test"][2])
-        raise UserError(f"{spec}: train and test have different classes (only in train: "
-                        f"{', '.join(sorted(train - test)[:5]) or '-'}; only in test: "
-                        f"{', '.join(sorted(test - train)[:5]) or '-'})")
+        # ascii(): names that differ by a trailing space, their Unicode form or a newline show how they differ
+        show = lambda names: ", ".join(map(ascii, sorted(names)[:5])) or "-"  # noqa: E731
+        raise UserError(f"{spec}: train and test have different classes (only in train: {show(train - test)}; "
+                        f"only in test: {show(test - train)})")
     if len(listed["train"][2]) < 2:  # a top-1 of 100% by construction
         raise UserError(f"{spec}: {len(listed['train'][2])} class; a classification needs at least 2")
     if not d.train:  # a user's folder, checked whole before any job: every file decodes, in a faithful mode
@@ -366,10 +371,10 @@ def check_available(spec: str, root=None, skip_bad=False):
                         im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
                         im.load()
                     readable.add(label)
-                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                    if not skip_bad:
-                        raise UserError(f"cannot read image {f}: {e} (bench run --skip-bad leaves such files "
-                                        f"out)") from None
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, UserError) as e:
+                    if not skip_bad:  # (a UserError: pixels of no known scale, which decoding skips too)
+                        said = str(e) if isinstance(e, UserError) else f"cannot read image {f}: {e}"
+                        raise UserError(f"{said} (bench run --skip-bad leaves such files out)") from None
             lost = sorted(set(labels) - readable)
             if lost:  # its output would still be trained and tested: a number not earned
                 raise UserError(f"{spec} {split}: no image of class {classes[lost[0]]!r} is readable, so --skip-bad "
