@@ -61,14 +61,14 @@ def _data_opts(args, preset):
             "stream": "auto", "memory_gb": 32, "workers": None, "decode": "auto", **(preset.get("data") or {})}
 
 
-def _data_paths(cfg, data_opts, seen):
+def _data_paths(cfg, data_opts, seen, counts):
     """The dry-run's word on a job's splits: resident or streamed, and (in brackets) their decoded size if
     held resident, from the registry's split sizes or the files of a folder."""
     out, held = [], 0
     for split, size, max_side in datasets.splits_of(cfg):
         key = (cfg["data"], split, size, max_side)
         if key not in seen:  # a folder's files are listed once, not once per job
-            seen[key] = datasets.planned_path(cfg["data"], split, size, max_side, data_opts)
+            seen[key] = datasets.planned_path(cfg["data"], split, size, max_side, data_opts, counts)
         path, est = seen[key]
         if est is not None:
             held += est if path == "resident" else 0
@@ -78,11 +78,11 @@ def _data_paths(cfg, data_opts, seen):
 
 def _job_table(jobs, store, data_opts, rerun=frozenset(), here=True):
     by_hash = {j.hash: j for j in jobs}
-    rows, seen, most = [], {}, 0
+    rows, seen, counts, most = [], {}, {}, 0
     for j in jobs:
         d = planner.describe(j)
         if not j.skip:
-            d["data_path"], held = _data_paths(j.config, data_opts, seen)
+            d["data_path"], held = _data_paths(j.config, data_opts, seen, counts)
             most = max(most, held)
         if j.cells and not j.skip:  # a cell's final job: the whole chain, as the table's columns give it
             r = planner.recipe([c.config for c in planner.chain(j, by_hash)])

@@ -401,20 +401,18 @@ def data_path(n: int, size: int, max_side: int | None, stream="auto", memory_gb:
     return "resident"
 
 
-@functools.lru_cache(maxsize=64)
-def _file_count(spec, split, root):  # once a command: a dry run asks for each job, and ImageNet lists 1.28M files
-    return len(split_files(spec, split, root)[0])
-
-
-def planned_path(spec: str, split: str, size: int, max_side: int | None, data_opts: dict):
+def planned_path(spec: str, split: str, size: int, max_side: int | None, data_opts: dict, counts=None):
     """(path, resident estimate in bytes or None) of a split before anything is read: from its files where they
     are there (as the run will count them: a miniature ImageNet is resident), else from the registry's split
     size; data that is not files is always resident."""
     d = info(spec)
     if d.reader is not None:
         return "resident", None
+    counts = {} if counts is None else counts  # {(spec, split): files}: ImageNet's 1.28M are listed once a command
     try:
-        n = _file_count(spec, split, data_opts.get("root"))
+        if (spec, split) not in counts:
+            counts[spec, split] = len(split_files(spec, split, data_opts.get("root"))[0])
+        n = counts[spec, split]
     except UserError:
         n = d.train if split == "train" else d.test
         if not n:
