@@ -11,7 +11,7 @@ from tabulate import tabulate
 
 from bench import data as datasets
 from bench import plan as planner
-from bench.engine import COMPILE_CHOICES, compiles
+from bench.engine import COMPILE_CHOICES, compiles, device
 from bench.errors import UserError
 from bench.results import Lock, Store, check_output, probe_writable
 
@@ -101,8 +101,6 @@ def _job_table(jobs, store, data_opts, rerun=frozenset(), here=True):
                  + (", nvjpeg where a job has a GPU, PIL where not" if decode == "auto" else "")
                  + f"); in brackets, a split's decoded size if held resident; the most one job holds "
                  f"resident: {most / 2 ** 30:.1f} GB")
-    from bench.engine import device
-
     if here and device().type != "cuda" and any(j.config.get("precision") == "bf16" for j in jobs if not j.skip):
         text += (f"\nprecision: bf16 runs as fp32 on this machine's {device().type} (a CPU trains in fp32; the "
                  f"record says which ran): the jobs' hashes keep the recipe's precision")
@@ -283,18 +281,19 @@ def cmd_report(args):
     stores = [s for _, s in compare] if compare else [store]
     if not compare and not store.records():  # a mistyped --results looks like a table not run yet: say which
         print(f"bench: no records in {args.results}: the paper's numbers alone", file=sys.stderr)
+    known = list(planner.load_tables())
     for s in stores:  # what the tables below leave out, said rather than shown as empty cells
         damaged = s.damaged()
         if damaged:
             print(f"bench: warning: {len(damaged)} damaged records in {s.root} are left out (bench status "
                   f"names them)", file=sys.stderr)
-        unknown = sorted({c[0] for r in s.records() for c in r["cells"]} - set(planner.load_tables()))
+        unknown = sorted({c[0] for r in s.records() for c in r["cells"]} - set(known))
         if unknown:
             print(f"bench: warning: records in {s.root} fill tables bench does not know here: {', '.join(unknown)} "
                   f"(tables of your own are read from {planner.user_tables_file()})", file=sys.stderr)
     if args.table == "all" or not args.table:
         tables = sorted({t for s in stores for t in report.tables_with_results(s)},
-                        key=list(planner.load_tables()).index) or ["comparison"]
+                        key=known.index) or ["comparison"]
     else:
         tables = [args.table]
     text = report.document(tables, store, args.format, args.preset, args.seeds, args.standalone, compare)
@@ -359,7 +358,8 @@ def cmd_status(args):
             state = rec["status"]
         elif sstate in slurm.ACTIVE:
             state = sstate.lower()
-        elif sstate == "CANCELLED" and parent and slurm.ended_badly(store.get(parent), queue.get(parent, (None, ""))[1]):
+        elif sstate == "CANCELLED" and parent and slurm.ended_badly(store.get(parent),
+                                                                    queue.get(parent, (None, ""))[1]):
             state = "not run: parent failed"  # SLURM cancelled it (kill-on-invalid-dep), its parent ended badly
         elif sstate == "CANCELLED":
             state = "cancelled" + (" (checkpoint saved)" if checkpoint else "")

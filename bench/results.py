@@ -72,9 +72,9 @@ def write_durably(path: Path, content):
         os.replace(tmp, path)
     except BaseException as e:  # a full disk, a signal: no half-written temporary file left behind
         tmp.unlink(missing_ok=True)
-        cause = e.__cause__ or e.__context__
-        while cause is not None and not isinstance(e, OSError):
-            if isinstance(cause, OSError) and cause.errno:  # torch.save's writer says "unexpected pos 848960"
+        cause = None if isinstance(e, OSError) else e.__cause__ or e.__context__
+        while cause is not None:  # torch.save's writer says "unexpected pos 848960"; the OSError behind it, why
+            if isinstance(cause, OSError) and cause.errno:
                 raise OSError(cause.errno, cause.strerror, str(path)) from e
             cause = cause.__cause__ or cause.__context__
         raise

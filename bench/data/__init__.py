@@ -236,7 +236,8 @@ def make_sin10k(imagenet: Path, root: Path, seed: int, per_class: int = 10) -> P
     return out
 
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  # ImageFolder's, and GIF
+# torchvision ImageFolder's, and GIF
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def _tv(name, classes, train, test, cls_name, parts, layout, note, **kwargs):

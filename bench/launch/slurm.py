@@ -310,7 +310,8 @@ def submit(jobs, store, preset_name, overrides, data_opts, settings, gpus_per_jo
     spec = lambda j: job_spec(j, store.root, preset_name, overrides, data_opts)  # noqa: E731
     submitit_said = io.StringIO()  # submitit prints a refusal of sbatch's before raising it: said once, below
     folder = store.root / "slurm"
-    before = set(os.listdir(folder)) if folder.is_dir() else set()
+    listing = lambda: set(os.listdir(folder)) if folder.is_dir() else set()  # noqa: E731
+    before = listing()
     try:
         with contextlib.redirect_stderr(submitit_said):
             previous = []  # the SLURM jobs of the last level
@@ -332,7 +333,7 @@ def submit(jobs, store, preset_name, overrides, data_opts, settings, gpus_per_jo
                     ex.update_parameters(dependency=f"afterok:{ids.get(job.parent) or active[job.parent]}")
                 record(job, ex.submit(Task(spec(job))))
     except FailedJobError as e:  # sbatch said no: its own words, not submitit's traceback
-        for name in (set(os.listdir(folder)) if folder.is_dir() else set()) - before:  # what submitit wrote for the refused job, left behind by it
+        for name in listing() - before:  # what submitit wrote for the refused job and left behind
             if re.fullmatch(r"[0-9a-f]{32}\.pkl|\.submission_file_[0-9a-f]{32}\.sh", name):
                 (folder / name).unlink(missing_ok=True)
         said = [ln.strip() for ln in str(e).splitlines() if "error" in ln.lower()] or [str(e).strip() or "?"]
