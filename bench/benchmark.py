@@ -33,6 +33,11 @@ from methods import METHODS
 
 BASELINES = ["idmm", "simclr", "supcon", "mocov2", "mocov3", "dino"]
 BACKBONES = ["deit_tiny_patch16_224", "deit_base_patch16_224", "pvt_v2_b0", "pvt_v2_b3", "t2t_vit_7"]
+ROWS = ([(f"pretrain {m} {BACKBONES[0]}", {"method": m, "backbone": BACKBONES[0]}) for m in BASELINES]
+        + [(f"pretrain idmm {b}", {"method": "idmm", "backbone": b}) for b in BACKBONES[1:]]
+        + [(f"finetune {b} 224", {"method": "random", "backbone": b}) for b in BACKBONES])
+STREAMED = [f"streamed {BACKBONES[0]} 224 {decoder}" for decoder in ("pil", "device")]
+LABELS = [label for label, _ in ROWS] + STREAMED  # what --only matches against
 
 
 def make_jpegs(root: Path, n: int, classes: int = 4, seed: int = 0):
@@ -269,8 +274,7 @@ def streamed(configs, measured, resident, data, dev, epochs, only, say):
     with the minutes one epoch of ImageNet's training split would take at that rate."""
     label = f"finetune {BACKBONES[0]} 224"
     cfg, base = configs[label], measured.get(label, {}).get("end_to_end")
-    for decoder in ("pil", "device"):
-        row = f"streamed {BACKBONES[0]} 224 {decoder}"
+    for row, decoder in zip(STREAMED, ("pil", "device")):
         if only and not any(o in row for o in only):
             continue
         if base is None:
@@ -286,15 +290,8 @@ def streamed(configs, measured, resident, data, dev, epochs, only, say):
 
 def _configs(preset, data):
     """(label, job config) for every measured combination."""
-    out = []
-    for method in BASELINES:
-        out.append((f"pretrain {method} deit_tiny_patch16_224", {"method": method, "backbone": BACKBONES[0]}))
-    for backbone in BACKBONES[1:]:
-        out.append((f"pretrain idmm {backbone}", {"method": "idmm", "backbone": backbone}))
-    for backbone in BACKBONES:
-        out.append((f"finetune {backbone} 224", {"method": "random", "backbone": backbone}))
     configs = []
-    for label, row in out:
+    for label, row in ROWS:
         row = {**row, "id": label, "pretrain_epochs": 1}
         if label.startswith("pretrain"):
             cfg = planner._pretrain_config(row, preset, data, 0)

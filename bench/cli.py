@@ -528,6 +528,9 @@ def cmd_benchmark(args):
     for name, value in (("--images", args.images), ("--steps", args.steps), ("--epochs", args.epochs)):
         if value is not None and value < 1:
             raise UserError(f"{name} {value}: expected a whole number >= 1")
+    for text in args.only or ():
+        if not any(text in label for label in benchmark.LABELS):
+            raise UserError(f"--only {text}: matches no measurement; they are: {', '.join(benchmark.LABELS)}")
     preset = args.preset or ("demo" if small else "paper")
     out = check_output(args.out)
     profile = args.profile and check_output(args.profile, "--profile")

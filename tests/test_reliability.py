@@ -448,6 +448,9 @@ def test_an_output_file_never_takes_a_results_place(tmp_path):
         one_line_exit_2(in_process(*args), "a job's results live there")
     assert {p: p.read_bytes() for p in before} == before
     one_line_exit_2(in_process("benchmark", "--device", "tpu"), "--device tpu")
+    # a label typed another way ("fine-tune") measured nothing and wrote an empty JSON, exit 0
+    one_line_exit_2(in_process("benchmark", "--device", "cpu", "--only", "finetune", "fine-tune"),
+                    "--only fine-tune: matches no measurement")
     (tmp_path / "file").write_text("x")  # no folder can be made under a file: refused before minutes of work
     one_line_exit_2(in_process("benchmark", "--device", "cpu", "--out", tmp_path / "file" / "b.json"), "--out")
 
