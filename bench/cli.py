@@ -11,8 +11,8 @@ from tabulate import tabulate
 
 from bench import data as datasets
 from bench import plan as planner
-from bench.engine import COMPILE_CHOICES, compiles, device
-from bench.errors import UserError
+from bench.engine import COMPILE_CHOICES, checkpoint_position, compiles, device
+from bench.errors import UserError, jobs as n_jobs
 from bench.results import Lock, Store, check_output, probe_writable
 
 
@@ -177,24 +177,24 @@ def cmd_run(args):
     planner.check_models(jobs)
     store = Store(args.results)
     rerun = _rerun_set(args.rerun, jobs) if args.rerun else set()
-    if args.dry_run:
-        print(_job_table(jobs, store, _data_opts(args, preset), rerun, here=args.launcher != "slurm"))
-        return 0
-    if args.launcher == "slurm":
-        from bench.launch import slurm
-
-        node_cpus, node_gpus = slurm.partition_nodes(settings["partition"])
+    if args.launcher == "slurm":  # the partition is asked for its nodes only when jobs are submitted
         gpus = settings["gpus_per_job"] if args.gpus_per_job is None else args.gpus_per_job
-        if gpus is None:
-            gpus = 1 if node_gpus else 0
-        settings["cpus_per_job"] = slurm.fit_cpus(settings, gpus, node_cpus)
-    else:
+        if not args.dry_run:
+            from bench.launch import slurm
+
+            node_cpus, node_gpus = slurm.partition_nodes(settings["partition"])
+            gpus = (1 if node_gpus else 0) if gpus is None else gpus
+            settings["cpus_per_job"] = slurm.fit_cpus(settings, gpus, node_cpus)
+    else:  # a dry run refuses what the run would
         from bench.launch import local
 
         devices, gpus = local.visible_gpus(), args.gpus_per_job or 1
         if gpus > 1 and len(devices) < gpus:
             raise UserError(f"--gpus-per-job {gpus}: {len(devices)} GPUs are visible on this machine")
-    _check_launch(args, jobs, gpus)
+    _check_launch(args, jobs, 0 if gpus is None else gpus)
+    if args.dry_run:
+        print(_job_table(jobs, store, _data_opts(args, preset), rerun, here=args.launcher != "slurm"))
+        return 0
     runnable = [j for j in jobs if not j.skip]
     todo = [j for j in runnable if j.hash in rerun or store.state(j.hash) != "done"]
     for spec in sorted({j.config["data"] for j in todo}):  # missing data fails here, before any training
@@ -207,24 +207,29 @@ def cmd_run(args):
     why = sorted({j.skip for j in jobs if j.skip})
     if todo:
         store.check_writable()
+    for h in sorted(rerun):  # its files would move from under the process that writes them
+        holder = Lock(store.run_dir(h)).holder()
+        if holder:
+            raise UserError(f"--rerun {h[:10]}: the job is being trained by {holder}; stop it or let it finish, "
+                            "then rerun it")
     if rerun:  # last of the checks: a refused command leaves every record where it was
         for h in sorted(rerun):
             store.set_aside(h)
-        print(f"--rerun: {len(rerun)} jobs will train again", file=sys.stderr)
+        print(f"--rerun: {n_jobs(len(rerun))} will train again", file=sys.stderr)
     skips = ""
     if skipped:
         skips = f", {skipped} cells skipped: {'; '.join(why[:2])}"
         skips += f"; {len(why) - 2} other reasons (--dry-run)" if len(why) > 2 else ""
-    print(f"{args.table} / {preset['name']}: {len(runnable)} jobs, {done} done already{skips}", file=sys.stderr)
+    print(f"{args.table} / {preset['name']}: {n_jobs(len(runnable))}, {done} done already{skips}", file=sys.stderr)
     if done == len(runnable):
-        print(f"all {done} jobs are done; nothing to train", file=sys.stderr)
+        print(("the job is" if done == 1 else f"all {done} jobs are") + " done; nothing to train", file=sys.stderr)
         return 0
     data_opts = _data_opts(args, preset)
     if args.launcher == "slurm":
         return _run_slurm(args, preset, jobs, store, data_opts, settings, gpus)
     ran, failed = local.run(jobs, store, preset["name"], args.set, data_opts, devices=devices,
                             jobs_per_gpu=args.jobs_per_gpu, gpus_per_job=gpus)
-    print(f"finished {ran - failed} of {ran} jobs" + (f", {failed} failed or not run (see bench status)" if failed else "")
+    print(f"finished {ran - failed} of {n_jobs(ran)}" + (f", {failed} failed or not run (see bench status)" if failed else "")
           + f"; results in {args.results}", file=sys.stderr)
     return 1 if failed else 0
 
@@ -239,13 +244,13 @@ def _run_slurm(args, preset, jobs, store, data_opts, settings, gpus):
     for job, why in not_run:
         print(f"{job.short} not submitted: {why}", file=sys.stderr)
     if active:
-        print(f"{len(active)} jobs already queued or running: not submitted again", file=sys.stderr)
+        print(f"{n_jobs(len(active))} already queued or running: not submitted again", file=sys.stderr)
     if ids:
         by_hash = {j.hash: j for j in jobs}
         print(tabulate([[h[:10], by_hash[h].config["stage"], by_hash[h].method, by_hash[h].config["data"], i]
                         for h, i in ids.items()], ["hash", "stage", "method", "data", "SLURM job"], tablefmt="plain"))
     follow = f"bench status --results {args.results}"
-    print(f"submitted {len(ids)} job{'' if len(ids) == 1 else 's'}; logs under {store.root / 'slurm'}"
+    print(f"submitted {n_jobs(len(ids))}; logs under {store.root / 'slurm'}"
           + ("" if args.wait else f"; `{follow}` to follow them"), file=sys.stderr)
     if not args.wait:
         return 1 if not_run else 0
@@ -260,7 +265,7 @@ def _run_slurm(args, preset, jobs, store, data_opts, settings, gpus):
     finally:
         signal.signal(signal.SIGTERM, old)
     bad = [h for h, o in outcome.items() if o != "done"]
-    print(f"finished {len(outcome) - len(bad)} of {len(outcome)} jobs"
+    print(f"finished {len(outcome) - len(bad)} of {n_jobs(len(outcome))}"
           + (f", {len(bad)} failed or not run (see bench status)" if bad else ""), file=sys.stderr)
     return 1 if bad else 0
 
@@ -353,7 +358,7 @@ def cmd_status(args):
         c = c or info.get("job", {})  # a job without a record: what the launcher noted when it sent it
         sstate = queue.get(h, (None, ""))[1]
         parent = planned[h].parent if h in planned else info.get("job", {}).get("parent")
-        checkpoint = (store.run_dir(h) / "checkpoint.pt").exists()
+        checkpoint = _checkpoint_note(store.run_dir(h) / "checkpoint.pt", c.get("epochs"))
         if slurm.settled(rec, sstate):
             state = rec["status"]
         elif sstate in slurm.ACTIVE:
@@ -362,7 +367,7 @@ def cmd_status(args):
                                                                     queue.get(parent, (None, ""))[1]):
             state = "not run: parent failed"  # SLURM cancelled it (kill-on-invalid-dep), its parent ended badly
         elif sstate == "CANCELLED":
-            state = "cancelled" + (" (checkpoint saved)" if checkpoint else "")
+            state = "cancelled" + (f" ({checkpoint})" if checkpoint else "")
         elif sstate:  # ended without a record: killed, out of memory, a node failure, lost
             state = "failed"
         else:  # running here (its lock's owner is alive), stopped, not started, or SLURM could not be asked
@@ -371,7 +376,7 @@ def cmd_status(args):
             if state == "pending":
                 state = {None: "not started", "local": "stopped, no checkpoint"}.get(info.get("launcher"), "submitted")
             elif state == "partial":  # the same command resumes it
-                state = "stopped, checkpoint saved"
+                state = f"stopped, {checkpoint or 'checkpoint saved'}"
         top1 = (rec or {}).get("metrics", {}).get("top1")
         log = info.get("stderr") or info.get("log") or ""
         rows.append([h[:10], state, c.get("stage", ""), (rec or {}).get("method") or c.get("method") or
@@ -380,7 +385,7 @@ def cmd_status(args):
                      info.get("job_id", ""), sstate, log])
         if state == "failed":
             why = (rec or {}).get("error") or f"SLURM state {sstate}, no record" + (
-                "; its checkpoint is saved: the same command resumes it" if checkpoint else "")
+                f"; {checkpoint}: the same command resumes it" if checkpoint else "")
             failures.append((h, why, slurm.log_tail(log) if log else _last_frames((rec or {}).get("traceback"))))
     print(tabulate(rows, ["hash", "state", "stage", "method", "backbone", "data", "epochs", "top-1", "launcher",
                           "job id", "SLURM", "log"], tablefmt="plain"))
@@ -390,6 +395,19 @@ def cmd_status(args):
             print(f"  | {line}")
     _print_damaged(store)
     return 0
+
+
+def _checkpoint_note(path, epochs):
+    """Where a stopped job's checkpoint stands, in the words of the engine's 'resumed from' line; None: none."""
+    if not path.exists():
+        return None
+    at = checkpoint_position(path)
+    if at is None:
+        return "checkpoint saved"
+    epoch, step = at
+    if epoch == epochs:  # trained; stopped while evaluating
+        return "checkpoint after the last epoch"
+    return f"checkpoint at epoch {epoch} step {step} of {epochs} epochs"
 
 
 def _last_frames(tb, n=2):

@@ -334,6 +334,16 @@ def _readable_checkpoint(path: Path, model: Method, dev, main: bool):
     return ck
 
 
+def checkpoint_position(path: Path):
+    """(epoch, step) the training checkpoint at `path` resumes from, or None where there is none to read; its
+    tensors are mapped, not read, so a status of many jobs does not load their weights."""
+    try:
+        ck = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return int(ck["epoch"]), int(ck["step"])
+    except Exception:
+        return None
+
+
 def _trim_log(path: Path, epoch: int):
     """Epochs logged after the checkpoint (or without one) are trained again: their lines go, as does a line cut
     short by a crash, with the rest."""

@@ -8,6 +8,11 @@ class UserError(Exception):
     """
 
 
+def jobs(n: int) -> str:
+    """'1 job', '3 jobs': counts in messages."""
+    return f"{n} job{'' if n == 1 else 's'}"
+
+
 def load_yaml(text, origin, loader=None):
     """yaml.safe_load (or `loader`), or one line naming `origin` and what is wrong where.
 

@@ -198,13 +198,22 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_durably(path, json.dumps(info, indent=1))
 
+    _LAUNCH = {"launcher": str, "job_id": str, "submitted": (int, float), "stdout": str, "stderr": str, "log": str,
+               "job": dict}
+
     def launch(self, h):
+        """What the launcher noted when it sent the job, or None: never sent, or a note that cannot be read or is
+        not of the shape written here (cut short, hand-edited): only where a job was sent, and status does without."""
         try:
-            return json.loads((self.run_dir(h) / "launch.json").read_text())
-        except FileNotFoundError:
-            return None
+            info = json.loads((self.run_dir(h) / "launch.json").read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return None  # only where a job was sent: `bench status` shows it without
+            return None
+        if not isinstance(info, dict) or "launcher" not in info or (
+                info["launcher"] == "slurm" and not {"job_id", "submitted"} <= set(info)):
+            return None
+        odd = [k for k, t in self._LAUNCH.items()
+               if k in info and (isinstance(info[k], bool) or not isinstance(info[k], t))]
+        return None if odd else info
 
     def state(self, h):
         """done / failed / partial (a checkpoint exists) / pending."""
@@ -275,7 +284,10 @@ class Lock:
     def _create(self, body: bytes):
         """Put `body` in place as the lock unless one exists; False if one does."""
         tmp = self.path.with_name(f".lock.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_bytes(body)
+        try:
+            tmp.write_bytes(body)
+        except OSError as e:  # a job's folder of another user's, or a read-only mount below a writable store
+            raise UserError(f"{self.path.parent}: cannot write there ({e.strerror}); the job was not run") from None
         try:
             os.link(tmp, self.path)
             return True

@@ -271,9 +271,10 @@ def test_launch_flags_that_cannot_work_are_one_line_and_exit_2(tmp_path):
                         (["--launcher", "slurm", "--gpus-per-job", "3", "--slurm-config", str(tmp_path / "ok.yaml")],
                          "does not split evenly")]:
         (tmp_path / "ok.yaml").write_text("time: 5\n")
-        out = in_process("run", *res, *args)
-        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
-        assert words in out.stderr and out.stderr.startswith("bench: error:"), (args, out.stderr)
+        for dry in ([], ["--dry-run"]):  # a dry run refuses what the run would (it listed the jobs, exit 0)
+            out = in_process("run", *res, *args, *dry)
+            assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, (args, dry, out.stderr)
+            assert words in out.stderr and out.stderr.startswith("bench: error:"), (args, dry, out.stderr)
     assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.json"))
 
 
@@ -289,7 +290,7 @@ def test_what_sbatch_refuses_and_slurm_flags_of_a_local_run_are_one_line_and_exi
                         (["--wait", "--results", str(tmp_path / "l")], "--wait is for --launcher slurm"),
                         ([*slurm_env, "--slurm-time", "abc", "--dry-run"], "--slurm-time 'abc'")]:
         out = in_process("run", *res, *args)
-        lines = out.stderr.strip().splitlines()  # sbatch is asked after the plan's line ("1 jobs, 0 done")
+        lines = out.stderr.strip().splitlines()  # sbatch is asked after the plan's line ("1 job, 0 done")
         assert out.returncode == 2 and len(lines) <= 2 and "Traceback" not in out.stderr, (args, out.stderr)
         assert words in lines[-1] and lines[-1].startswith("bench: error:"), (args, out.stderr)
     assert not list((tmp_path / "results").glob("*.json")) and not (tmp_path / "l").exists()

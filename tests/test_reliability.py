@@ -157,10 +157,11 @@ def test_damaged_and_foreign_json_files_are_ignored_and_named(tmp_path, damage):
     assert len(list(tmp_path.glob("fedcba9876543210.json.damaged-*"))) == 1
 
 
-def test_status_tells_a_job_running_in_another_process_from_one_not_started(tmp_path):
+def test_status_and_rerun_tell_a_job_running_in_another_process_from_one_not_started(tmp_path, monkeypatch):
     res = str(tmp_path / "r")
-    args = ["--table", "comparison", "--preset", "demo", "--methods", "random", "--results", res]
-    job = planner.plan("comparison", planner.load_preset("demo"), ["random"])[0]
+    args = ["--table", "comparison", "--preset", "demo", "--methods", "random", "--results", res,
+            "--set", "finetune.epochs=2"]
+    job = planner.plan("comparison", planner.load_preset("demo", ["finetune.epochs=2"]), ["random"])[0]
 
     def state():
         out = in_process("status", *args)
@@ -174,10 +175,44 @@ def test_status_tells_a_job_running_in_another_process_from_one_not_started(tmp_
     try:
         assert holder.stdout.readline() == "held\n"
         assert state().startswith(f"running (") and f":{holder.pid})" in state()
+        (Store(res).run_dir(job.hash) / "metrics.jsonl").write_text("{}\n")  # what a running job has written
+        # --rerun moved its log from under it and then took the other run's record for its own
+        one_line_exit_2(in_process("run", *args, "--rerun", job.hash[:8]),
+                        f"--rerun {job.short}: the job is being trained by ", f":{holder.pid}; stop it")
+        assert (Store(res).run_dir(job.hash) / "metrics.jsonl").read_text() == "{}\n"
     finally:
         holder.kill()
         holder.wait()
     assert state() == "not started"  # its lock outlived it, naming a process that is gone
+    import bench.engine as engine
+
+    real, calls = engine.make_views, [0]
+
+    def stop_at_the_thirtieth_step(*a):  # as a Ctrl-C there would: the step ends, the checkpoint is written
+        calls[0] += 1
+        if calls[0] == 30:
+            engine.request_stop()
+        return real(*a)
+
+    monkeypatch.setattr(engine, "make_views", stop_at_the_thirtieth_step)
+    assert in_process("run", *args).returncode == 143  # SIGTERM's
+    engine.clear_stop_requests()
+    assert state() == "stopped, checkpoint at epoch 1 step 4 of 2 epochs"  # 26 steps an epoch: 807 digits, 32 a batch
+
+
+def test_a_launch_note_of_another_shape_leaves_status_and_cancel_working(tmp_path):
+    """launch.json, hand-edited or an earlier version's: status and cancel crashed on a missing job id, a string
+    or a list where a map was."""
+    run = Store(tmp_path).run_dir("0123456789abcdef")
+    run.mkdir(parents=True)
+    for note in ['{"launcher": "slurm"}', '"local"', "[]", '{"launcher": "local", "job": "x"}',
+                 '{"launcher": "local", "log": 5}', '{"launcher": "slurm", "job_id": 7, "submitted": 0}']:
+        (run / "launch.json").write_text(note)
+        for cmd in ("status", "cancel"):
+            out = in_process(cmd, "--results", tmp_path)
+            assert out.returncode == 0 and not out.stderr, (note, cmd, out.stderr)
+    (run / "launch.json").write_text('{"launcher": "local", "job": {"stage": "pretrain", "method": "idmm"}}')
+    assert "pretrain  idmm" in in_process("status", "--results", tmp_path).stdout  # a good note is still read
 
 
 def test_a_report_says_when_records_fill_a_table_it_does_not_know(tmp_path):
@@ -530,6 +565,25 @@ def test_a_read_only_results_directory_is_named_before_any_work_and_its_results_
     finally:
         subprocess.run(["umount", str(ro)], check=True)
     assert {p.name: p.read_bytes() for p in results.glob("*.json")} == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"),
+                    reason="a read-only mount needs root (CI runs as root)")
+def test_a_jobs_folder_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path):
+    """The store writable but one job's folder not (another user's, a read-only mount): its lock could not be
+    made, and the job's first write raised OSError through the CLI."""
+    job = planner.plan("comparison", planner.load_preset("demo"), ["random"])[0]
+    run_dir = Store(tmp_path).run_dir(job.hash)
+    run_dir.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(run_dir), str(run_dir)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(run_dir)], check=True)
+        out = in_process("run", "--preset", "demo", "--methods", "random", "--results", tmp_path)
+    finally:
+        subprocess.run(["umount", str(run_dir)], check=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.splitlines()[-1] == \
+        f"bench: error: {run_dir}: cannot write there (Read-only file system); the job was not run"
 
 
 def test_a_full_disk_is_named_as_such_and_leaves_no_temporary_file(tmp_path):

@@ -88,7 +88,7 @@ def test_two_seeds_give_mean_std_and_n_and_seeds_select(tmp_path):
     assert "81.0 ± 1.4 (n=2) (79.9) +1.1" in idmm
     one = report.render("comparison", store, "markdown", seeds=[1])
     assert "82.0 (79.9) +2.1" in next(line for line in one.splitlines() if "IDMM" in line)
-    assert "2 jobs of preset" in md and "1 jobs of preset" in one  # the footer counts the jobs shown
+    assert "2 jobs of preset" in md and "1 job of preset" in one  # the footer counts the jobs shown
     none = report.render("comparison", store, "markdown", seeds=[5])
     assert "no records of seed 5 (those of this preset: 0, 1)" in none and "jobs of preset" not in none
 

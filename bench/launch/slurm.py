@@ -30,6 +30,7 @@ from submitit.slurm.slurm import SlurmInfoWatcher
 
 from bench.engine import Interrupted
 from bench.errors import UserError, read_yaml
+from bench.errors import jobs as n_jobs
 from bench.launch import init_distributed, job_spec, launch_info, run_spec
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -337,8 +338,9 @@ def submit(jobs, store, preset_name, overrides, data_opts, settings, gpus_per_jo
             if re.fullmatch(r"[0-9a-f]{32}\.pkl|\.submission_file_[0-9a-f]{32}\.sh", name):
                 (folder / name).unlink(missing_ok=True)
         said = [ln.strip() for ln in str(e).splitlines() if "error" in ln.lower()] or [str(e).strip() or "?"]
-        raise UserError(f"sbatch refused the job: {said[0]}" + (
-            f" ({len(ids)} jobs were submitted before it: bench status, bench cancel)" if ids else "")) from None
+        before_it = f" ({n_jobs(len(ids))} {'was' if len(ids) == 1 else 'were'} submitted before it: bench status," \
+            " bench cancel)" if ids else ""
+        raise UserError(f"sbatch refused the job: {said[0]}{before_it}") from None
     sys.stderr.write(submitit_said.getvalue())  # what it said of jobs it did submit (warnings)
     return ids, not_run, active
 

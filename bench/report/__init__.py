@@ -20,7 +20,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from bench import plan as planner
-from bench.errors import UserError
+from bench.errors import UserError, jobs as n_jobs
 from bench.models import NAMES
 
 FORMATS = {"markdown": "md", "latex": "tex", "html": "html", "csv": "csv"}
@@ -296,7 +296,7 @@ def _footer(used, skips, preset, seeds=None):
     if used:
         hw = sorted({_machine(r["hardware"]) for r in used})
         wall = sum(r.get("wall_time_s", 0) for r in {r["hash"]: r for r in used}.values())
-        lines.append(f"{len({r['hash'] for r in used})} jobs of preset '{preset}', "
+        lines.append(f"{n_jobs(len({r['hash'] for r in used}))} of preset '{preset}', "
                      f"run on {', '.join(hw)}, {wall / 60:.1f} min of training and evaluation in total.")
     lines += [f"{row}: {why}" for row, why in skips.items()]
     return lines
