@@ -358,7 +358,8 @@ def cmd_status(args):
         c = c or info.get("job", {})  # a job without a record: what the launcher noted when it sent it
         sstate = queue.get(h, (None, ""))[1]
         parent = planned[h].parent if h in planned else info.get("job", {}).get("parent")
-        checkpoint = _checkpoint_note(store.run_dir(h) / "checkpoint.pt", c.get("epochs"))
+        # a job with a record is settled: its checkpoint (kept after training) is not opened
+        checkpoint = _checkpoint_note(store.run_dir(h) / "checkpoint.pt", c.get("epochs")) if rec is None else None
         if slurm.settled(rec, sstate):
             state = rec["status"]
         elif sstate in slurm.ACTIVE:
@@ -407,7 +408,7 @@ def _checkpoint_note(path, epochs):
     epoch, step = at
     if epoch == epochs:  # trained; stopped while evaluating
         return "checkpoint after the last epoch"
-    return f"checkpoint at epoch {epoch} step {step} of {epochs} epochs"
+    return f"checkpoint at epoch {epoch} step {step}" + (f" of {epochs} epochs" if epochs is not None else "")
 
 
 def _last_frames(tb, n=2):
