@@ -331,6 +331,18 @@ def _known_hashes(store):
     return sorted(hashes)
 
 
+def _whole_store(args, command):
+    """status and cancel without --table cover every job of the store: a flag that selects jobs of a table would
+    be ignored (cancel would stop the jobs it meant to spare), so it is refused."""
+    defaults = {"preset": "paper", "methods": None, "datasets": None, "backbones": None, "seeds": [0],
+                "init_weights": [], "set": []}
+    given = [k for k, v in defaults.items() if getattr(args, k) != v]
+    if given:
+        raise UserError(f"--{given[0].replace('_', '-')} selects the jobs of a table: give --table too (without "
+                        f"it, bench {command} covers every job of {args.results})")
+    return _known_hashes(Store(args.results))
+
+
 def cmd_status(args):
     from bench.launch import slurm
 
@@ -340,7 +352,7 @@ def cmd_status(args):
         hashes = [j.hash for j in jobs if not j.skip]
         planned = {j.hash: j for j in jobs}
     else:
-        hashes, planned = _known_hashes(store), {}
+        hashes, planned = _whole_store(args, "status"), {}
     if not hashes:
         print(f"no results in {args.results}")
         _print_damaged(store)
@@ -434,7 +446,7 @@ def cmd_cancel(args):
         _, jobs = _jobs(args)
         hashes = [j.hash for j in jobs if not j.skip]
     else:
-        hashes = _known_hashes(store)
+        hashes = _whole_store(args, "cancel")
     ids = slurm.cancel(store, hashes)
     if ids:
         print(f"cancelled {len(ids)} SLURM job{'' if len(ids) == 1 else 's'}: {' '.join(ids)}")
@@ -552,6 +564,8 @@ def cmd_benchmark(args):
             raise UserError(f"--only {text}: matches no measurement; they are: {', '.join(benchmark.LABELS)}")
     preset = args.preset or ("demo" if small else "paper")
     out = check_output(args.out)
+    if out.is_dir():  # found only after the first row's minutes of measuring, and that row lost
+        raise UserError(f"--out {out}: a folder; give the path of the JSON file to write")
     profile = args.profile and check_output(args.profile, "--profile")
     probe_writable(out.parent, f"--out {out}")
     if profile:

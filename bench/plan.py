@@ -244,6 +244,8 @@ def load_preset(name: str, overrides=()) -> dict:
         for k in [*parents, last]:
             if not isinstance(node, dict):
                 raise UserError(f"--set {item}: '{where}' is not a group of settings")
+            if _key(node, k) not in node and where == "methods":
+                _known_method(k, f"--set {item}")
             if _key(node, k) not in node and not _open(where, k):  # a typo would otherwise change nothing
                 hint = " (a learning rate is a backbone's: backbones.NAME.lr)" if k == "lr" else ""
                 raise UserError(f"--set {item}: the preset has no setting '{(where + '.' + k).lstrip('.')}' (known "
@@ -257,6 +259,14 @@ def load_preset(name: str, overrides=()) -> dict:
     return preset
 
 
+def _known_method(name, origin):
+    """A method's settings under a name no method has would change nothing, silently (`methods.idmmm`)."""
+    if name not in METHODS:
+        close = difflib.get_close_matches(str(name), list(METHODS), n=1)
+        raise UserError(f"{origin}: methods.{name}: no method of that name (" + (
+            f"did you mean {close[0]}?" if close else f"the methods: {', '.join(METHODS)}") + ")")
+
+
 def _check_keys(raw, base, origin, where=""):
     """Every key of a preset file exists in its base, except where users add entries (`_open`)."""
     for k, v in raw.items():
@@ -265,6 +275,8 @@ def _check_keys(raw, base, origin, where=""):
             return
         known = _key(base, str(k)) if isinstance(k, str) else k
         if known not in base:
+            if where == "methods":
+                _known_method(k, origin)
             if _open(where, str(k)) or where.startswith(_OPEN_BELOW) or (where.endswith("views") and k in VIEW_KEYS):
                 continue
             raise UserError(f"{origin}: unknown setting '{here}'"

@@ -159,6 +159,9 @@ def _refused(item):
     ("finetune.lr=1", ["backbones.NAME.lr"]),
     ("pretrain.precision=fp8", ["pretrain.precision: expected one of bf16, fp32, got 'fp8'"]),
     ("methods.dino.pretrain.lr_schedule=x", ["methods.dino.pretrain.lr_schedule: expected one of cosine, official"]),
+    # settings under a name no method has: accepted, and IDMM trained with its label smoothing unchanged
+    ("methods.idmmm={label_smoothing: 0}", ["methods.idmmm: no method of that name (did you mean idmm?)"]),
+    ("methods.idmmm.label_smoothing=0", ["methods.idmmm: no method of that name (did you mean idmm?)"]),
 ])
 def test_a_set_item_that_would_change_nothing_or_fail_later_is_refused_by_name(item, words):
     msg = _refused(item)
@@ -232,7 +235,11 @@ def test_numbers_written_without_a_dot_are_numbers_in_a_preset_file_and_a_set_ma
     assert pre["methods"]["idmm"]["pretrain"]["lr"] == 2e-3 and pre["pretrain"]["batch_size"] == 64
 
 
-def test_a_new_methods_own_schedule_and_mixing_are_its_own(tmp_path):
+def test_a_new_methods_own_schedule_and_mixing_are_its_own(tmp_path, monkeypatch):
+    from methods import METHODS
+    from methods.idmm import IDMM
+
+    monkeypatch.setitem(METHODS, "mymethod", type("MyMethod", (IDMM,), {}))  # registered, as the README says
     path = tmp_path / "mine.yaml"
     path.write_text("base: demo\nmethods: {mymethod: {schedule: cosine, mixing: {cutmix_alpha: 1.0}}}\n")
     assert planner.load_preset(str(path))["methods"]["mymethod"]["schedule"] == "cosine"

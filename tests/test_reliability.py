@@ -213,6 +213,10 @@ def test_a_launch_note_of_another_shape_leaves_status_and_cancel_working(tmp_pat
             assert out.returncode == 0 and not out.stderr, (note, cmd, out.stderr)
     (run / "launch.json").write_text('{"launcher": "local", "job": {"stage": "pretrain", "method": "idmm"}}')
     assert "pretrain  idmm" in in_process("status", "--results", tmp_path).stdout  # a good note is still read
+    for cmd in ("status", "cancel"):  # without --table a filter was ignored: cancel stopped every job of the store
+        for flag in (["--methods", "idmm"], ["--seeds", "1"], ["--preset", "demo"], ["--set", "pretrain.epochs=1"]):
+            one_line_exit_2(in_process(cmd, "--results", tmp_path, *flag),
+                            f"{flag[0]} selects the jobs of a table: give --table too")
 
 
 def test_a_report_says_when_records_fill_a_table_it_does_not_know(tmp_path):
@@ -488,6 +492,7 @@ def test_an_output_file_never_takes_a_results_place(tmp_path):
                     "--only fine-tune: matches no measurement")
     (tmp_path / "file").write_text("x")  # no folder can be made under a file: refused before minutes of work
     one_line_exit_2(in_process("benchmark", "--device", "cpu", "--out", tmp_path / "file" / "b.json"), "--out")
+    one_line_exit_2(in_process("benchmark", "--device", "cpu", "--out", tmp_path), f"--out {tmp_path}: a folder")
 
 
 def test_a_deleted_custom_preset_leaves_the_other_tables_reportable(tmp_path):

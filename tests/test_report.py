@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import re
@@ -91,6 +92,8 @@ def test_two_seeds_give_mean_std_and_n_and_seeds_select(tmp_path):
     assert "2 jobs of preset" in md and "1 job of preset" in one  # the footer counts the jobs shown
     none = report.render("comparison", store, "markdown", seeds=[5])
     assert "no records of seed 5 (those of this preset: 0, 1)" in none and "jobs of preset" not in none
+    csv = lambda seeds: pd.read_csv(io.StringIO(report.render("comparison", store, "csv", seeds=seeds)))  # noqa: E731
+    assert sorted(csv(None)["seed"]) == [0, 1] and list(csv([1])["seed"]) == [1]  # it listed every seed's job
 
 
 def test_a_failed_cell_says_failed_with_its_reason_and_the_gap_summary(tmp_path):
@@ -120,6 +123,18 @@ def test_a_cell_whose_pretraining_failed_says_failed_with_the_pretrainings_reaso
     md = report.render("comparison", store, "markdown")  # the fine-tuning has no record: it never ran
     assert "failed[1] (71.1)" in next(line for line in md.splitlines() if "SimCLR" in line)
     assert "[1] failed: deit_tiny/simclr on flowers102: its pretrain failed: loss became non-finite" in md
+
+
+def test_one_recipe_typed_in_two_orders_is_one_table_with_its_seeds_pooled(tmp_path):
+    """--set items in another order make the same jobs; the report made two tables of one recipe, a seed each."""
+    store = Store(tmp_path)
+    one, other = ["pretrain.epochs=1", "finetune.epochs=1"], ["finetune.epochs=1", "pretrain.epochs=1"]
+    _fill(store, "comparison", "demo", {"deit_tiny/random": 0.30}, one, seed=0)
+    _fill(store, "comparison", "demo", {"deit_tiny/random": 0.40}, other, seed=1)
+    md = report.render("comparison", store, "markdown")
+    assert md.count("### ") == 1 and "35.0 ± 7.1 (n=2)" in md, md
+    # a key set twice: the order is the recipe, and it stays as typed
+    assert report._in_order(["pretrain.epochs=1", "pretrain.epochs=2"]) == ("pretrain.epochs=1", "pretrain.epochs=2")
 
 
 def test_csv_has_one_row_per_job_and_round_trips_through_pandas(tmp_path):

@@ -50,9 +50,17 @@ def _variants(store, table_name):
     found = {}
     for r in store.records():
         if any(c[0] == table_name for c in r.get("cells", [])) and r.get("preset"):
-            recipe = tuple(o for o in r.get("overrides", []) if not o.startswith("data."))
+            recipe = _in_order([o for o in r.get("overrides", []) if not o.startswith("data.")])
             found.setdefault((r["preset"], recipe), []).append(r)
     return found
+
+
+def _in_order(overrides):
+    """--set items sorted where their order cannot change the recipe (no key set twice, none inside another's):
+    the same recipe typed in two orders has the same jobs, and is one section of the report, its seeds pooled."""
+    keys = [str(o).split("=", 1)[0].strip() for o in overrides]
+    clash = any(a == b or b.startswith(a + ".") for i, a in enumerate(keys) for b in keys[i + 1:] + keys[:i])
+    return tuple(overrides) if clash else tuple(sorted(overrides))
 
 
 def _paper_recipe(row, spec):
@@ -316,12 +324,14 @@ def _flat(d, prefix=""):
         yield from _flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [(f"{prefix}{k}", v)]
 
 
-def csv_rows(table_name, store, preset_name=None):
-    """One row per job record the table uses: every config field flattened, seed, metric, status, wall time,
-    images/s, hardware, package versions and commit."""
+def csv_rows(table_name, store, preset_name=None, seeds=None):
+    """One row per job record the table uses (of `seeds` where given, as the other formats' cells): every config
+    field flattened, seed, metric, status, wall time, images/s, hardware, package versions and commit."""
     recs = {}
     for sec in gather(table_name, store, preset_name):
         for r in sec.used:
+            if seeds and r["seed"] not in seeds:
+                continue
             recs[r["hash"]] = {**{k: v for k, v in r.items() if k not in ("traceback", "cells")}, "table": table_name,
                                "preset_label": sec.label, "top1": (r.get("metrics") or {}).get("top1")}
     df = pd.json_normalize(list(recs.values()), sep=".")
@@ -397,7 +407,7 @@ def document(tables, store, fmt="markdown", preset_name=None, seeds=None, standa
             (na, sa), (nb, sb) = compare
             frames = [compare_rows(t, sa, sb, (na, nb), preset_name, seeds) for t in tables]
         else:
-            frames = [csv_rows(t, store, preset_name) for t in tables]
+            frames = [csv_rows(t, store, preset_name, seeds) for t in tables]
         return pd.concat(frames, ignore_index=True).to_csv(index=False)
     ms = models(tables, store, preset_name, seeds, compare)
     if fmt == "markdown":
