@@ -36,8 +36,8 @@ BACKBONES = ["deit_tiny_patch16_224", "deit_base_patch16_224", "pvt_v2_b0", "pvt
 ROWS = ([(f"pretrain {m} {BACKBONES[0]}", {"method": m, "backbone": BACKBONES[0]}) for m in BASELINES]
         + [(f"pretrain idmm {b}", {"method": "idmm", "backbone": b}) for b in BACKBONES[1:]]
         + [(f"finetune {b} 224", {"method": "random", "backbone": b}) for b in BACKBONES])
-STREAMED = [f"streamed {BACKBONES[0]} 224 {decoder}" for decoder in ("pil", "device")]
-LABELS = [label for label, _ in ROWS] + STREAMED  # what --only matches against
+STREAMED = {f"streamed {BACKBONES[0]} 224 {decoder}": decoder for decoder in ("pil", "device")}  # row: decoder
+LABELS = [label for label, _ in ROWS] + list(STREAMED)  # what --only matches against
 
 
 def make_jpegs(root: Path, n: int, classes: int = 4, seed: int = 0):
@@ -274,7 +274,7 @@ def streamed(configs, measured, resident, data, dev, epochs, only, say):
     with the minutes one epoch of ImageNet's training split would take at that rate."""
     label = f"finetune {BACKBONES[0]} 224"
     cfg, base = configs[label], measured.get(label, {}).get("end_to_end")
-    for row, decoder in zip(STREAMED, ("pil", "device")):
+    for row, decoder in STREAMED.items():
         if only and not any(o in row for o in only):
             continue
         if base is None:

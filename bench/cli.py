@@ -26,16 +26,23 @@ def _store_args(p):
     p.add_argument("--results", default="results", metavar="DIR", help="result store (default: ./results)")
 
 
+# the flags that choose a table's jobs, and their defaults (status and cancel without --table refuse the others)
+_JOB_FILTERS = {"preset": "paper", "methods": None, "datasets": None, "backbones": None, "seeds": [0],
+                "init_weights": [], "set": []}
+
+
 def _plan_args(p):
+    d = _JOB_FILTERS
     p.add_argument("--table", default="comparison", help="comparison | transfer | sota | imagenet")
-    p.add_argument("--preset", default="paper", help="paper | demo | path/to/preset.yaml")
-    p.add_argument("--methods", nargs="+", metavar="M", help="only these rows' methods")
-    p.add_argument("--datasets", nargs="+", metavar="D", help="columns to run: registered names or folder:DIR")
-    p.add_argument("--backbones", nargs="+", metavar="B", help="only these rows' backbones")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S")
-    p.add_argument("--init-weights", nargs="+", default=[], metavar="[BACKBONE=]FILE",
+    p.add_argument("--preset", default=d["preset"], help="paper | demo | path/to/preset.yaml")
+    p.add_argument("--methods", nargs="+", default=d["methods"], metavar="M", help="only these rows' methods")
+    p.add_argument("--datasets", nargs="+", default=d["datasets"], metavar="D",
+                   help="columns to run: registered names or folder:DIR")
+    p.add_argument("--backbones", nargs="+", default=d["backbones"], metavar="B", help="only these rows' backbones")
+    p.add_argument("--seeds", nargs="+", type=int, default=d["seeds"], metavar="S")
+    p.add_argument("--init-weights", nargs="+", default=d["init_weights"], metavar="[BACKBONE=]FILE",
                    help="ImageNet weights for the 'IN super.' rows, instead of timm's download")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", default=d["set"], metavar="KEY=VALUE",
                    help="override a preset value, e.g. --set pretrain.epochs=2 (changes the job hashes)")
     _store_args(p)
 
@@ -334,9 +341,7 @@ def _known_hashes(store):
 def _whole_store(args, command):
     """status and cancel without --table cover every job of the store: a flag that selects jobs of a table would
     be ignored (cancel would stop the jobs it meant to spare), so it is refused."""
-    defaults = {"preset": "paper", "methods": None, "datasets": None, "backbones": None, "seeds": [0],
-                "init_weights": [], "set": []}
-    given = [k for k, v in defaults.items() if getattr(args, k) != v]
+    given = [k for k, v in _JOB_FILTERS.items() if getattr(args, k) != v]
     if given:
         raise UserError(f"--{given[0].replace('_', '-')} selects the jobs of a table: give --table too (without "
                         f"it, bench {command} covers every job of {args.results})")
