@@ -123,7 +123,7 @@ def host_waits(dev, fn):
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
-def profile_steps(dev, fn, steps, path):
+def profile_steps(dev, fn, steps, path, what="step"):
     """torch.profiler over `steps` calls of `fn` (whole steps, views included): the operators that took the most
     device time and the most host time, written to `path`, for the question a missed target leaves (what is
     left?). Returns the wall time a step and, on a GPU, how much of it the GPU was busy (kernels and copies): a
@@ -134,6 +134,8 @@ def profile_steps(dev, fn, steps, path):
     cuda = dev.type == "cuda"
     if cuda:  # detach CUPTI when the profile ends: left attached it slows the GPU work measured after it
         os.environ.setdefault("TEARDOWN_CUPTI", "1")
+    else:  # kineto's lines without a GPU are noise on stderr (trace markers, "gpuGetDeviceCount failed")
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     _sync(dev)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         t = time.perf_counter()
@@ -153,7 +155,7 @@ def profile_steps(dev, fn, steps, path):
                 busy_us, reach = busy_us + end - reach, end
         busy_ms = busy_us / 1e3 / steps
     table = prof.key_averages()
-    text = [f"{steps} steps, {wall_ms:.2f} ms a step under the profiler"
+    text = [f"{steps} x {what}, {wall_ms:.2f} ms each under the profiler"
             + (f", the GPU busy {busy_ms:.2f} ms of it" if cuda else "")]
     if cuda:
         text += ["by device time", table.table(sort_by="self_device_time_total", row_limit=30)]
@@ -268,10 +270,11 @@ def end_to_end(cfg, train, dev, epochs):
 IMAGENET_TRAIN = 1_281_167
 
 
-def streamed(configs, measured, resident, data, dev, epochs, only, say):
+def streamed(configs, measured, resident, data, dev, epochs, only, say, profile_dir=None):
     """(row, measurement) pairs: (b) of DeiT-Tiny fine-tuning at 224 on the same JPEGs streamed (read a batch at
     a time, decoded by PIL in the workers or by torchvision on the device), against the same split resident;
-    with the minutes one epoch of ImageNet's training split would take at that rate."""
+    with the minutes one epoch of ImageNet's training split would take at that rate. With `profile_dir`, a
+    profile of one whole epoch of each (the reading is what differs from a resident split's step)."""
     label = f"finetune {BACKBONES[0]} 224"
     cfg, base = configs[label], measured.get(label, {}).get("end_to_end")
     for row, decoder in STREAMED.items():
@@ -283,6 +286,9 @@ def streamed(configs, measured, resident, data, dev, epochs, only, say):
         r = end_to_end(copy.deepcopy(cfg), split, dev, epochs)
         r.update(resident=base, of_resident=round(r["end_to_end"] / base, 2), workers=split.workers,
                  decoder=split.meta["decoder"], imagenet_epoch_min=round(IMAGENET_TRAIN / r["end_to_end"] / 60, 1))
+        if profile_dir is not None:
+            r["profile"] = profile_steps(dev, lambda: end_to_end(copy.deepcopy(cfg), split, dev, 1), 1,
+                                         profile_dir / f"{row.replace(' ', '-')}.txt", "epoch")
         say(f"  {row:40s} (b) {r['end_to_end']:>8} images/s, {r['of_resident']} of resident ({base}),"
             f" {r['decoder']}; an ImageNet epoch {r['imagenet_epoch_min']} min")
         yield row, r
@@ -301,33 +307,61 @@ def _configs(preset, data):
     return configs
 
 
+def _rate(c, rates, base):
+    """(images/s, how it was estimated or None) of a job at the end-to-end rates measured, or (None, None).
+    `base`: the resolution the preset trains the table's 224 px stages at, the one fine-tuning was measured at."""
+    b, m = c["backbone"], c.get("method")
+    ft = rates.get(f"finetune {b} 224")
+    if c["stage"] != "pretrain":
+        if c["resolution"] == base or not ft:
+            return ft, None
+        return ft * (base / c["resolution"]) ** 2, (f"finetune {b} {c['resolution']} px at its {base} px rate"
+                                                     f" over the tokens' ratio")
+    if f"pretrain {m} {b}" in rates:
+        return rates[f"pretrain {m} {b}"], None
+    if m == "supervised" and ft:  # the fine-tuning step on the pretraining set, on crops no larger than 224
+        return ft, f"pretrain {m} {b} at its {base} px fine-tuning rate (an upper bound on its time)"
+    tiny, ours, ours_tiny = (rates.get(f"pretrain {m} {BACKBONES[0]}"), rates.get(f"pretrain idmm {b}"),
+                             rates.get(f"pretrain idmm {BACKBONES[0]}"))
+    if tiny and ours and ours_tiny:
+        return tiny * ours / ours_tiny, f"pretrain {m} {b} as {m} on {BACKBONES[0]} scaled by idmm's ratio"
+    return None, None
+
+
 def implied_hours(preset, rates, streamed=None):
-    """Device-hours of every paper table under `preset` at the end-to-end rates measured (448 px stages: a
-    quarter of the 224 px rate, an estimate: 4x the tokens). A split that would be streamed (ImageNet's) runs
-    at `streamed` times that rate: the share of the resident rate that streaming DeiT-Tiny's fine-tuning kept."""
-    out = {}
+    """Device-hours of every paper table under `preset` at the end-to-end rates measured. A job whose rate was
+    not measured is estimated from rates that were, and named under `estimated` with its share of the hours,
+    or left out and named under `not_counted`. A split that would be streamed (ImageNet's) runs at `streamed`
+    times the rate: the share of the resident rate that streaming DeiT-Tiny's fine-tuning kept."""
+    out, base = {}, preset["finetune"]["resolution"].get(224, 224)
     for name in planner.load_tables():
-        seconds, missing, slowed = 0.0, set(), False
+        seconds, guessed, missing, estimated, slowed = 0.0, 0.0, set(), set(), False
         for job in planner.plan(name, preset):
             c = job.config
             if c["stage"] == "skipped" or c["data"] not in datasets.DATASETS:
                 continue
-            n = datasets.DATASETS[c["data"]].train
-            if c["stage"] == "pretrain":
-                rate = rates.get(f"pretrain {c['method']} {c['backbone']}") or rates.get(f"finetune {c['backbone']} 224")
-            else:
-                rate = rates.get(f"finetune {c['backbone']} 224")
-                rate = rate / 4 if rate and c["resolution"] > 224 else rate
+            rate, how = _rate(c, rates, base)
             if not rate:
-                missing.add(c["backbone"])
+                missing.add(" ".join(str(x) for x in (c["stage"], c.get("method"), c["backbone"], c["resolution"]) if x))
                 continue
+            n = datasets.DATASETS[c["data"]].train
             (_, size, max_side), *_ = datasets.splits_of(c)  # the training split's
             if streamed and datasets.data_path(n, size, max_side) == "streamed":
                 rate, slowed = rate * streamed, True
             seconds += n * c["epochs"] / rate
-        out[name] = {"hours": round(seconds / 3600, 2), **({"not_counted": sorted(missing)} if missing else {}),
+            if how:
+                guessed += n * c["epochs"] / rate
+                estimated.add(how)
+        out[name] = {"hours": round(seconds / 3600, 2) if seconds else None,
+                     **({"estimated": sorted(estimated), "estimated_hours": round(guessed / 3600, 2)}
+                        if estimated else {}),
+                     **({"not_counted": sorted(missing)} if missing else {}),
                      **({"streamed_at": streamed} if slowed else {})}
     return out
+
+
+def _some(names, shown=3):
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more (in the JSON)" if len(names) > shown else "")
 
 
 def _cpu_name():
@@ -399,7 +433,8 @@ def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out
                     + (f"  host waits/step {r['host_waits']}" if r["host_waits"] is not None else "")
                     + (f"  GPU busy {r['profile']['gpu_busy_ms']} of {r['profile']['wall_ms']} ms a step"
                        if r.get("profile", {}).get("gpu_busy_ms") is not None else ""))
-            for row, r in streamed(dict(configs), results["runs"], resident, data, dev, epochs, only, say):
+            for row, r in streamed(dict(configs), results["runs"], resident, data, dev, epochs, only, say,
+                                   profile_dir):
                 results["runs"][row] = r
                 save()
         finally:
@@ -412,7 +447,13 @@ def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out
     kept = max((v["of_resident"] for k, v in results["runs"].items() if k.startswith("streamed")), default=None)
     results["implied_hours"] = implied_hours(preset, rates, kept)
     for name, v in results["implied_hours"].items():
-        notes = ([f"not counted: {', '.join(v['not_counted'])}"] if v.get("not_counted") else []) + (
+        if v["hours"] is None:
+            say(f"  table {name:10s} not measured: no job of it has a rate (b)"
+                + (" (--only left its rows out)" if only else ""))
+            continue
+        notes = ([f"{v['estimated_hours']} of them estimated: {_some(v['estimated'])}"]
+                 if v.get("estimated") else []) + (
+            [f"not counted: {_some(v['not_counted'])}"] if v.get("not_counted") else []) + (
             [f"streamed splits at {v['streamed_at']} of the resident rate"] if v.get("streamed_at") else [])
         say(f"  table {name:10s} {v['hours']:>9} device-hours at rate (b)"
             + (f" ({'; '.join(notes)})" if notes else ""))

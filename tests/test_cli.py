@@ -148,7 +148,7 @@ def test_benchmark_with_a_compiled_backbone_reports_the_compilation_apart(tmp_pa
 def test_benchmark_measures_streaming_beside_the_resident_split(tmp_path):
     out = tmp_path / "b.json"
     run = in_process("benchmark", "--device", "cpu", "--images", "24", "--epochs", "1", "--only", "streamed",
-                     "--out", str(out))
+                     "--out", str(out), "--profile", str(tmp_path / "p"))
     assert run.returncode == 0, run.stderr
     rows = json.loads(out.read_text())["runs"]
     assert set(rows) == {"streamed deit_tiny_patch16_224 224 pil", "streamed deit_tiny_patch16_224 224 device"}
@@ -156,6 +156,8 @@ def test_benchmark_measures_streaming_beside_the_resident_split(tmp_path):
         assert r["end_to_end"] > 0 and r["resident"] > 0
         assert r["of_resident"] == round(r["end_to_end"] / r["resident"], 2)
         assert r["imagenet_epoch_min"] == round(1_281_167 / r["end_to_end"] / 60, 1)
+        # profiled as a whole epoch: the reading is what a resident split's step profile would not show
+        assert r["profile"]["steps"] == 1 and "1 x epoch" in Path(r["profile"]["file"]).read_text()
     assert rows["streamed deit_tiny_patch16_224 224 device"]["decoder"] == "torchvision on cpu"
     assert rows["streamed deit_tiny_patch16_224 224 pil"]["decoder"].startswith("PIL")
     assert "an ImageNet epoch" in run.stdout
@@ -179,6 +181,40 @@ def test_implied_hours_slow_only_the_splits_that_stream_by_the_share_streaming_k
     assert abs(slowed["imagenet"]["hours"] - plain["imagenet"]["hours"] - imagenet_ft / 3600) < 0.02
 
 
+def test_implied_hours_name_what_they_estimate_and_what_they_leave_out():
+    """No hour without its source: a job no row measured is either estimated from rates that were measured,
+    named with its share of the hours, or left out and named; a table with nothing measured has no hours."""
+    from bench import data as datasets
+    from bench import plan as planner
+    from bench.benchmark import implied_hours
+
+    preset = planner.load_preset("paper")
+    tiny, b0 = "deit_tiny_patch16_224", "pvt_v2_b0"
+    rates = {f"finetune {tiny} 224": 1000.0, f"pretrain idmm {tiny}": 2000.0, f"pretrain dino {tiny}": 500.0,
+             f"pretrain idmm {b0}": 1000.0, f"finetune {b0} 224": 800.0}
+    hours = implied_hours(preset, rates)
+    assert "estimated" not in hours["comparison"] and hours["comparison"]["not_counted"] == [
+        f"pretrain {m} {tiny} 112" for m in ("mocov2", "mocov3", "simclr", "supcon")]
+
+    def seconds(table, pick, rate):
+        return sum(datasets.DATASETS[j.config["data"]].train * j.config["epochs"] / rate
+                   for j in planner.plan(table, preset) if j.config["stage"] != "skipped" and pick(j.config))
+
+    transfer = hours["transfer"]  # DINO on PVT at DINO's DeiT rate times IDMM's PVT/DeiT ratio; supervised as fine-tuning
+    assert transfer["estimated"] == [f"pretrain dino {b0} as dino on {tiny} scaled by idmm's ratio",
+                                     f"pretrain supervised {b0} at its 224 px fine-tuning rate (an upper bound on its time)"]
+    guessed = (seconds("transfer", lambda c: c.get("method") == "dino" and c["backbone"] == b0, 500 * 1000 / 2000)
+               + seconds("transfer", lambda c: c.get("method") == "supervised" and c["backbone"] == b0, 800))
+    assert abs(transfer["estimated_hours"] - guessed / 3600) < 0.01
+    assert "pretrain mocov3 pvt_v2_b3 112" in transfer["not_counted"]
+    sota = hours["sota"]  # 448 px fine-tuning at a quarter of the 224 px rate: 4x the tokens
+    assert sota["estimated"] == [f"finetune {b} 448 px at its 224 px rate over the tokens' ratio" for b in (tiny, b0)]
+    at_448 = (seconds("sota", lambda c: c["resolution"] == 448 and c["backbone"] == tiny, 1000 / 4)
+              + seconds("sota", lambda c: c["resolution"] == 448 and c["backbone"] == b0, 800 / 4))
+    assert abs(sota["estimated_hours"] - at_448 / 3600) < 0.01
+    assert all(v == {"hours": None, "not_counted": v["not_counted"]} for v in implied_hours(preset, {}).values())
+
+
 def test_benchmark_measures_the_three_pipelines_and_writes_json(tmp_path):
     out = tmp_path / "b.json"
     run = bench("benchmark", "--device", "cpu", "--images", "48", "--steps", "1", "--epochs", "1",
@@ -198,7 +234,9 @@ def test_benchmark_measures_the_three_pipelines_and_writes_json(tmp_path):
         assert "by host time" in text and "aten::addmm" in text
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["finetune-deit_tiny_patch16_224-224.txt",
                                                                   "pretrain-idmm-deit_tiny_patch16_224.txt"]
-    assert result["implied_hours"]["comparison"]["hours"] > 0
+    assert result["implied_hours"]["comparison"]["hours"] > 0 and result["implied_hours"]["transfer"]["hours"] is None
+    assert "transfer   not measured" in run.stdout
     assert "(a)" in run.stdout and "b/c" in run.stdout
+    assert "gpuGetDeviceCount" not in run.stderr  # the profiler's noise on a machine without a GPU
     bad = bench("benchmark", "--device", "cpu", "--images", "0")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
