@@ -277,11 +277,34 @@ def _run_slurm(args, preset, jobs, store, data_opts, settings, gpus):
     return 1 if bad else 0
 
 
+def _check_selection(report, stores, tables, args):
+    """A --preset or --seeds that selects no record: the CSV and a comparison would be empty, so it is refused;
+    a table shows the paper's numbers alone, and says so."""
+    if not (args.preset or args.seeds) or not any(s.records() for s in stores):
+        return
+    recs = [r for s in stores for r in s.records() if any(c[0] in tables for c in r.get("cells", []))]
+    preset = planner.preset_id(args.preset) if args.preset else None
+    if any((preset is None or r["preset"] == preset) and (not args.seeds or r["seed"] in args.seeds) for r in recs):
+        return
+    asked = " and ".join(x for x in (preset and f"preset {args.preset}",
+                                      args.seeds and f"seed {', '.join(map(str, args.seeds))}") if x)
+    held = (f"; they hold presets {', '.join(sorted({r['preset'] for r in recs}))}, seeds "
+            f"{', '.join(map(str, sorted({r['seed'] for r in recs})))}" if recs else "")
+    what = (f"no records of {asked} for the {', '.join(tables)} table{'s' if len(tables) > 1 else ''} in "
+            + (" or ".join(args.compare) if args.compare else str(args.results)) + held)
+    if args.compare or args.format == "csv":
+        raise UserError(what)
+    print(f"bench: {what}: the paper's numbers alone", file=sys.stderr)
+
+
 def cmd_report(args):
     from bench import report
 
     if args.standalone and args.format != "latex":
         raise UserError("--standalone makes a LaTeX document: use it with --format latex")
+    if args.compare and args.results is not None:
+        raise UserError("--results with --compare: --compare names the two stores it reads; drop --results")
+    args.results = args.results or "results"
     _check_seeds(args.seeds)
     store = Store(args.results)
     compare = None
@@ -308,6 +331,7 @@ def cmd_report(args):
                         key=known.index) or ["comparison"]
     else:
         tables = [args.table]
+    _check_selection(report, stores, tables, args)
     text = report.document(tables, store, args.format, args.preset, args.seeds, args.standalone, compare)
     if args.out:
         out = check_output(args.out)
@@ -631,7 +655,7 @@ def build_parser():
     rep.add_argument("--compare", nargs=2, metavar=("RESULTS_A", "RESULTS_B"),
                      help="two result stores side by side per cell: A → B and the difference")
     _store_args(rep)
-    rep.set_defaults(func=cmd_report)
+    rep.set_defaults(func=cmd_report, results=None)  # None: not given (--compare takes no --results)
 
     st = sub.add_parser("status", help="every job's state, launcher, SLURM id and logs; why failed jobs failed")
     _plan_args(st)

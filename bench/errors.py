@@ -8,9 +8,9 @@ class UserError(Exception):
     """
 
 
-def jobs(n: int) -> str:
-    """'1 job', '3 jobs': counts in messages."""
-    return f"{n} job{'' if n == 1 else 's'}"
+def jobs(n: int, noun: str = "job") -> str:
+    """'1 job', '3 jobs' (or of another noun): counts in messages."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def load_yaml(text, origin, loader=None):

@@ -80,6 +80,23 @@ def test_a_record_counts_only_for_the_recipe_that_made_it(tmp_path):
     assert "preset: demo)" in md and "42.0" not in md
 
 
+def test_records_of_a_recipe_the_preset_no_longer_gives_are_said_and_kept_in_the_csv(tmp_path, capsys):
+    """A preset file edited after its jobs ran (here: its weight decay) plans jobs of other hashes: the cells
+    are empty, and the report says why and how many, and the CSV still lists the finished records, stale."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: demo\n")
+    store = Store(tmp_path / "r")
+    _fill(store, "comparison", planner.preset_id(str(mine)), {"deit_tiny/idmm": 0.42, "deit_tiny/random": 0.3})
+    assert "42.0" in report.render("comparison", store, "markdown") and "warning" not in capsys.readouterr().err
+    mine.write_text("base: demo\nfinetune: {weight_decay: 0.01}\n")
+    md = report.render("comparison", store, "markdown")
+    assert "42.0" not in md
+    err = capsys.readouterr().err
+    assert f"warning: 2 records of preset {mine} left out of the comparison table" in err and "stale" in err
+    df = pd.read_csv(io.StringIO(report.render("comparison", store, "csv")))
+    assert len(df) == 2 and df["stale"].all() and sorted(df["top1"]) == [0.3, 0.42]
+
+
 def test_two_seeds_give_mean_std_and_n_and_seeds_select(tmp_path):
     store = Store(tmp_path)
     _fill(store, "comparison", "paper", {"deit_tiny/idmm": 0.80}, seed=0, datasets=["flowers102"])
@@ -323,6 +340,30 @@ def test_report_refuses_a_compare_store_without_records_and_standalone_outside_l
     assert "--format latex" in capsys.readouterr().err
     assert main(["report", "--results", str(tmp_path / "empty")]) == 0  # a table all dashes, and why
     assert f"no records in {tmp_path / 'empty'}" in capsys.readouterr().err
+
+
+def test_a_filter_that_selects_no_record_is_refused_where_the_output_would_be_empty(tmp_path, capsys, monkeypatch):
+    """--preset or --seeds naming nothing the stores hold: the CSV and a comparison would print nothing and exit
+    0; they refuse in one line naming what the stores hold. A table still shows the paper's numbers, and says so.
+    --results beside --compare (which names both stores) was ignored: refused."""
+    from bench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for side in "ab":
+        _fill(Store(tmp_path / side), "comparison", "demo", {"deit_tiny/idmm": 0.4})
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for args in (["--compare", a, b, "--preset", "paper"], ["--results", a, "--format", "csv", "--preset", "paper"],
+                 ["--results", a, "--format", "csv", "--seeds", "7"]):
+        assert main(["report", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "no records of" in err and "they hold presets demo, seeds 0" in err
+    assert main(["report", "--results", a, "--preset", "paper"]) == 0
+    out, err = capsys.readouterr()
+    assert "(79.9)" in out and "no records of preset paper for the comparison table" in err
+    assert main(["report", "--results", a, "--compare", a, b]) == 2
+    assert "drop --results" in capsys.readouterr().err
+    assert main(["report", "--compare", a, b, "--preset", "demo", "--format", "csv"]) == 0
+    assert "a_mean" in capsys.readouterr().out
 
 
 def test_a_preset_file_of_ones_own_is_found_by_the_relative_path_given_to_run(tmp_path, monkeypatch):

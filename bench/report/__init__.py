@@ -81,6 +81,7 @@ class Section:
     used: list                                     # the records of every stage that fills a cell
     recipes: dict                                  # row id -> the derived row fields of its first chain
     chains: dict = field(default_factory=dict)     # row id -> [[job, ...] one chain per cell and seed]
+    stale: list = field(default_factory=list)      # records of this variant that no job of its plan has now
 
 
 def gather(table_name, store, preset_name=None, variants=None):
@@ -99,8 +100,8 @@ def gather(table_name, store, preset_name=None, variants=None):
         except UserError as e:
             if preset_name:  # asked for by name: the user wants to know
                 raise
-            print(f"bench: warning: {len(recs)} records of preset {name} left out of the {table_name} table: {e}",
-                  file=sys.stderr)
+            print(f"bench: warning: {n_jobs(len(recs), 'record')} of preset {name} left out of the {table_name} "
+                  f"table: {e}", file=sys.stderr)
             continue
         seeds = sorted({r["seed"] for r in recs}) or [0]
         cols = planner.columns(planner.table(table_name), preset)
@@ -110,6 +111,15 @@ def gather(table_name, store, preset_name=None, variants=None):
         jobs = planner.plan(table_name, preset, datasets_=cols, seeds=seeds, init_weights=files)
         by_hash = {j.hash: j for j in jobs}
         sec = Section(table_name, " ".join([name] + [f"--set {o}" for o in overrides]), None, cols, {}, [], {})
+        # made by a recipe the preset no longer gives (its file, bench's defaults or the table edited since):
+        # said, and kept in the CSV, rather than silently shown as empty cells (`recs` of `store`'s own only:
+        # a comparison gathers both stores' variants from each)
+        sec.stale = [r for r in recs if r["hash"] not in by_hash and store.get(r["hash"]) is not None]
+        if sec.stale:
+            print(f"bench: warning: {n_jobs(len(sec.stale), 'record')} of preset {sec.label} left out of the "
+                  f"{table_name} table: made by a recipe the preset no longer gives (its file, bench's defaults or "
+                  f"the table changed since); --format csv lists them, marked stale",
+                  file=sys.stderr)
         rows = []
         for job in jobs:
             if not any(t == table_name for t, _, _ in job.cells):
@@ -329,11 +339,12 @@ def csv_rows(table_name, store, preset_name=None, seeds=None):
     field flattened, seed, metric, status, wall time, images/s, hardware, package versions and commit."""
     recs = {}
     for sec in gather(table_name, store, preset_name):
-        for r in sec.used:
+        for r in sec.used + sec.stale:
             if seeds and r["seed"] not in seeds:
                 continue
             recs[r["hash"]] = {**{k: v for k, v in r.items() if k not in ("traceback", "cells")}, "table": table_name,
-                               "preset_label": sec.label, "top1": (r.get("metrics") or {}).get("top1")}
+                               "preset_label": sec.label, "top1": (r.get("metrics") or {}).get("top1"),
+                               "stale": r in sec.stale}
     df = pd.json_normalize(list(recs.values()), sep=".")
     df = df.drop(columns=[c for c in df.columns if c.startswith("metrics.data")], errors="ignore")
     # a field of whole numbers that some records lack (a pretraining job has no mixing.parts) stays whole: 4, not
