@@ -258,6 +258,17 @@ def test_standalone_latex_compiles_with_pdflatex(tmp_path):
     assert "Overfull" not in out.stdout  # the tables fit the page
 
 
+def test_the_page_shows_the_precision_a_job_ran_in_beside_the_recipes(tmp_path):
+    """A CPU trains the recipe's bf16 in fp32 (its record says so): the page's recipe of that job says fp32."""
+    store = Store(tmp_path)
+    _fill(store, "comparison", "demo", {"deit_tiny/idmm": 0.4, "deit_tiny/random": 0.3})
+    for rec in store.records():
+        if rec["config"]["data"] == "digits" and rec["config"]["init"] == "random":
+            store.put({**rec, "metrics": {**rec["metrics"], "precision": "fp32"}})
+    page = report.document(["comparison"], store, "html")
+    assert page.count("fp32 (recipe: bf16)") == 1 and "<td>bf16</td>" in page  # the other job: no record of it
+
+
 def test_the_page_renders_in_a_browser_with_tables_and_plots(tmp_path):
     browser = _tool("chromium-headless-shell", "sudo .ci/setup installs Debian's chromium-headless-shell")
     from playwright.sync_api import sync_playwright

@@ -83,6 +83,14 @@ def for_table(model, store):
         ran = [j for j in jobs if records[j.hash]]
         jobs = ran or chains[0]  # a row with no record yet shows the recipe it would run
         stages = [{"job": j.short, "status": records[j.hash]["status"] if records[j.hash] else "not run",
-                   "seed": j.config["seed"], **planner.describe(j)} for j in jobs]
+                   "seed": j.config["seed"], **_as_ran(planner.describe(j), records[j.hash])} for j in jobs]
         rows[row_id] = {"stages": stages, "curves": curves(ran, store)}
     return {"cells": cells(model), "rows": rows}
+
+
+def _as_ran(recipe, record):
+    """The recipe with what its record says ran where that differs: a CPU trains `precision: bf16` in fp32."""
+    ran = ((record or {}).get("metrics") or {}).get("precision")
+    if ran and ran != recipe["precision"]:
+        recipe["precision"] = f"{ran} (recipe: {recipe['precision']})"
+    return recipe
