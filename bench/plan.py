@@ -570,6 +570,8 @@ def parse_init_weights(items, backbones, known):
         if name not in known and not digest:
             raise UserError(f"--init-weights {item}: no 'IN super.' row of this table has backbone '{name}' "
                             f"(choose from {', '.join(sorted(known))})")
+        if out.get(name, path) != path:
+            raise UserError(f"--init-weights: two files for {name}: {out[name]} and {path}; give one")
         out[name] = path
     return out
 
@@ -697,6 +699,28 @@ def check_models(jobs):
         except Exception as e:  # timm's own checks: TypeError, AssertionError, ZeroDivisionError, RuntimeError
             why = (str(e).strip().splitlines() or [""])[0]
             raise UserError(f"{where}: {type(e).__name__}: {why}") from None
+    _check_init_files(jobs)
+
+
+def _check_init_files(jobs):
+    """Each --init-weights file read and fitted to its backbone (built on the meta device) now, not when its job
+    starts: a file that is not a state dict, or of another width, is one line before any job runs."""
+    import torch
+
+    seen = set()
+    for job in jobs:
+        c = job.config
+        key = (job.init_path, c.get("backbone"), json.dumps(c.get("model_kwargs"), sort_keys=True))
+        if job.skip or not job.init_path or key in seen:
+            continue
+        seen.add(key)
+        saved = models.read_weights(job.init_path, c["backbone"])
+        try:
+            with torch.device("meta"):
+                model = models.create(c["backbone"], c["resolution"], 2, c["drop_path"], c["model_kwargs"])
+            models.fitted(model, saved, c["backbone"])
+        except UserError as e:
+            raise UserError(f"--init-weights {job.init_path}: {e}") from None
 
 
 def chain(job, by_hash):

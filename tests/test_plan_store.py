@@ -227,6 +227,34 @@ def test_init_weights_name_a_backbone_of_the_tables_in_supervised_rows(tmp_path)
     assert len(inits) == 1 and next(iter(inits)).startswith("file:")
 
 
+def test_init_weights_files_are_checked_against_their_backbone_before_any_job(tmp_path):
+    """A file that is no state dict, or one of another width, fails the plan's check in one line (not each job,
+    perhaps after hours in a queue); the same backbone given two files is refused rather than the last kept."""
+    import timm
+    import torch
+
+    demo = planner.load_preset("demo")
+    name = "deit_tiny_patch16_224"
+
+    def check(path):
+        planner.check_models(planner.plan("sota", demo, methods=["in_supervised"], backbones=[name],
+                                          init_weights=[f"{name}={path}"]))
+
+    for width in (64, 32):  # the demo's DeiT-Tiny is 64 wide
+        torch.save(timm.create_model(name, img_size=32, patch_size=4, embed_dim=width, depth=4, num_heads=4)
+                   .state_dict(), tmp_path / f"w{width}.pth")
+    check(tmp_path / "w64.pth")
+    with pytest.raises(UserError, match=rf"^--init-weights {tmp_path}/w32.pth: checkpoint of {name} has weights of "
+                                        r"other shapes than the model's: \S+ \[.*32.*\] where the model has \[.*64"):
+        check(tmp_path / "w32.pth")
+    (tmp_path / "junk.pth").write_bytes(b"weights")
+    with pytest.raises(UserError, match="^cannot read weights file .*junk.pth"):
+        check(tmp_path / "junk.pth")
+    with pytest.raises(UserError, match=f"^--init-weights: two files for {name}: "):
+        planner.plan("sota", demo, methods=["in_supervised"],
+                     init_weights=[f"{name}={tmp_path / 'w64.pth'}", f"{name}={tmp_path / 'w32.pth'}"])
+
+
 def test_numbers_written_without_a_dot_are_numbers_in_a_preset_file_and_a_set_map(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("base: demo\npretrain: {lr: 1e-3, weight_decay: 5E-2}\n")

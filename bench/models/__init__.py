@@ -113,13 +113,21 @@ def load_into(model, saved, name):
     resampled bicubically to the new token grid, the cls row kept: DeiT's learned ones, and T2T-ViT's fixed
     sinusoid table too, as the official main_t2t.py does with the checkpoint's table (7x7 -> 14x14 -> 28x28)
     rather than building a fresh one; PVTv2 has none."""
+    state, missing = fitted(model, saved, name)
+    model.load_state_dict(state, strict=False)
+    return missing
+
+
+def fitted(model, saved, name):
+    """(the state `load_into` loads, the model's keys it leaves alone: the head's); a UserError where the
+    weights cannot start `model`. On a meta-device model it checks a file without loading anything."""
     if saved["backbone"] != name:
         raise UserError(f"checkpoint is a {saved['backbone']}, cannot load it into a {name}")
     own = model.state_dict()
-    state = {}
+    state, other = {}, {}
     for k, v in saved["state_dict"].items():
         k = _strip(k)
-        if k not in own:
+        if k not in own or not isinstance(v, torch.Tensor):
             continue
         if k == "pos_embed" and v.shape != own[k].shape:
             prefix = getattr(model, "num_prefix_tokens", 1)
@@ -127,10 +135,17 @@ def load_into(model, saved, name):
             v = resample_abs_pos_embed(v, new_size=list(grid),
                                        num_prefix_tokens=prefix, interpolation="bicubic", antialias=False)
         if v.shape != own[k].shape:  # the pretraining head (N instances) vs the classifier
+            other[k] = v.shape
             continue
         state[k] = v
     missing = [k for k in own if k not in state]
-    if any(not k.startswith("head") for k in missing):
-        raise UserError(f"checkpoint of {name} lacks weights: {', '.join(missing[:5])}")
-    model.load_state_dict(state, strict=False)
-    return missing
+    body = [k for k in missing if not k.startswith("head")]
+    shaped = [k for k in body if k in other]
+    if shaped:  # another width or depth of the model, or another model under the same keys
+        k = shaped[0]
+        raise UserError(f"checkpoint of {name} has weights of other shapes than the model's: {k} "
+                        f"{list(other[k])} where the model has {list(own[k].shape)}"
+                        + (f" ({len(shaped)} such weights)" if len(shaped) > 1 else ""))
+    if body:
+        raise UserError(f"checkpoint of {name} lacks weights: {', '.join(body[:5])}")
+    return state, missing
