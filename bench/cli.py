@@ -503,12 +503,13 @@ def cmd_data_list(args):
         if d.reader is not None:
             where = "embedded"
         else:
-            try:
-                datasets.split_files(d.name, "train", args.data_root)
+            try:  # listed, not decoded: `bench data check NAME` opens every image
+                datasets.check_listing(d.name, args.data_root)
                 where = "found"
-            except UserError:  # present but unreadable (e.g. wrong checksums) is not the same as absent
+            except UserError:  # present but unusable (wrong checksums, classes) is not the same as absent
                 there = Path(mine[d.name]) if d.name in mine else root / d.layout.split("/")[0]
-                where = "invalid" if there.exists() else "missing"
+                # (an empty folder: what a failed download leaves)
+                where = "invalid" if there.exists() and (not there.is_dir() or any(there.iterdir())) else "missing"
         rows.append([d.name, d.classes or "-", d.train or "-", d.test or "-", where, d.layout or "-", d.note])
     print(f"data root: {root}  (--data-root DIR or $BENCH_DATA_ROOT)")
     print(tabulate(rows, ["dataset", "classes", "train", "test", "status", "expected layout", "split"],
@@ -567,7 +568,12 @@ def cmd_data_download(args):
 
 def cmd_data_make_sin10k(args):
     out = datasets.make_sin10k(args.imagenet, datasets.data_root(args.data_root), args.seed)
-    print(f"wrote {out} ({sum(1 for _ in open(out)) - 1} images, seed {args.seed})")
+    names = out.read_text().splitlines()[1:]
+    classes = len({n.split("/")[0] for n in names})
+    print(f"wrote {out} ({len(names)} images of {classes} classes, seed {args.seed})")
+    if classes != 1000:  # a subset, or another dataset: the transfer table's numbers are of SIN-10k
+        print(f"bench: warning: {args.imagenet} has {classes} classes under train/, ImageNet-1k 1000: this list is "
+              f"not the paper's SIN-10k (10 images of each of ImageNet's 1000 classes)", file=sys.stderr)
     return 0
 
 

@@ -96,6 +96,8 @@ def test_sin10k_is_made_reproducibly_and_pretrains_a_transfer_row(root, tmp_path
     assert made.returncode == 0, made.stderr
     listing = (root / "sin10k" / "files.txt").read_text()
     assert listing.startswith("# imagenet=") and "seed=0" in listing and len(listing.splitlines()) == 31
+    assert "30 images of 3 classes" in made.stdout  # the fixture's 3 classes, not ImageNet's 1000: said
+    assert "has 3 classes under train/, ImageNet-1k 1000" in made.stderr
     again = bench("data", "make-sin10k", "--imagenet", str(root / "imagenet"), "--seed", "0",
                   "--data-root", str(tmp_path))
     assert again.returncode == 0 and (tmp_path / "sin10k" / "files.txt").read_text().splitlines()[1:] == \
@@ -174,11 +176,18 @@ def test_a_folder_named_in_the_users_file_is_a_column(root, tmp_path, monkeypatc
     assert [c.strip() for c in header.strip("|").split("|")][-1] == "mine"  # the records add their column
     unknown = bench("run", "--datasets", "yours", env=env)
     assert unknown.returncode == 2 and "mine" in unknown.stderr and str(config) in unknown.stderr
-    config.write_text(f"mine: {root / 'mine'}\ngone: {tmp_path / 'gone'}\n")
+    import shutil
+
+    odd = tmp_path / "odd"  # a test class the train split lacks: found on disk, unusable
+    shutil.copytree(root / "mine", odd)
+    first = sorted((odd / "test").iterdir())[0]
+    first.rename(first.with_name("zebra"))
+    (tmp_path / "empty").mkdir()  # what a download that failed leaves
+    config.write_text(f"mine: {root / 'mine'}\ngone: {tmp_path / 'gone'}\nodd: {odd}\nempty: {tmp_path / 'empty'}\n")
     monkeypatch.setenv("BENCH_DATASETS", str(config))
     listed = in_process("data", "list")
-    assert [line.split()[4] for line in listed.stdout.splitlines() if line.startswith(("mine", "gone"))] == \
-        ["found", "missing"]
+    assert [line.split()[4] for line in listed.stdout.splitlines()
+            if line.startswith(("mine", "gone", "odd", "empty"))] == ["found", "missing", "invalid", "missing"]
     told = in_process("data", "download", "mine")
     assert told.returncode == 0 and "your own folder" in told.stdout
 

@@ -342,13 +342,11 @@ def _root_for(spec, root):
     return canonical(spec)[len("folder:"):] if spec.startswith("folder:") else str(data_root(root))
 
 
-def check_available(spec: str, root=None, skip_bad=False):
-    """Fail before any training when a dataset a plan needs cannot be found (its split files are read), or when
-    its train and test splits name different classes; a user's folder also when one of its images is unreadable
-    (unless skip_bad) or has pixels of no known scale."""
+def check_listing(spec: str, root=None):
+    """{split: the lister's (files, labels, classes, ...)} of a dataset of files, listed but no image opened; a
+    UserError when it cannot be listed, when its train and test splits name different classes, or when it has
+    fewer than two (a top-1 of 100% by construction)."""
     d = info(spec)
-    if d.lister is None:
-        return
     listed = {split: d.lister(_root_for(spec, root), split) for split in (("train", "test") if d.has_test
                                                                           else ("train",))}
     if d.has_test and listed["train"][2] != listed["test"][2]:
@@ -359,6 +357,17 @@ def check_available(spec: str, root=None, skip_bad=False):
                         f"only in test: {show(test - train)})")
     if len(listed["train"][2]) < 2:  # a top-1 of 100% by construction
         raise UserError(f"{spec}: {len(listed['train'][2])} class; a classification needs at least 2")
+    return listed
+
+
+def check_available(spec: str, root=None, skip_bad=False):
+    """Fail before any training when a dataset a plan needs cannot be found (its split files are read), or when
+    its train and test splits name different classes; a user's folder also when one of its images is unreadable
+    (unless skip_bad) or has pixels of no known scale."""
+    d = info(spec)
+    if d.lister is None:
+        return
+    listed = check_listing(spec, root)
     if not d.train:  # a user's folder, checked whole before any job: every file decodes, in a faithful mode
         from PIL import Image
 
