@@ -310,18 +310,25 @@ def update(model: Method, opt, params, loss, cfg: dict, epoch: int, progress: fl
     model.after_step(progress)
 
 
-def _readable_checkpoint(path: Path, model: Method, dev, main: bool):
+def _readable_checkpoint(path: Path, model: Method, opt, dev, main: bool):
     """The training checkpoint at `path`, or None: none there, or one that cannot be used (cut short, overwritten,
-    not a checkpoint, another model's entries), which is kept aside and the job starts over. Under several ranks,
-    all resume or all start over."""
+    not a checkpoint, another model's entries or shapes, another optimiser's parameter groups: loading would
+    fail the job on every run), which is kept aside and the job starts over. Under several ranks, all resume or
+    all start over."""
     ck = None
     if path.exists():
         try:
             ck = torch.load(path, map_location=dev, weights_only=False)
             if not isinstance(ck, dict) or not {"model", "optimizer", "epoch", "step"} <= set(ck):
                 raise ValueError("not a training checkpoint")
-            if set(ck["model"]) != set(model.state_dict()):  # written by a version whose model kept other state
+            own = model.state_dict()
+            if set(ck["model"]) != set(own):  # written by a version whose model kept other state
                 raise ValueError("its model's entries are not this model's")
+            if any(getattr(v, "shape", None) != getattr(own[k], "shape", None) for k, v in ck["model"].items()):
+                raise ValueError("its model's shapes are not this model's")
+            if [len(g["params"]) for g in ck["optimizer"]["param_groups"]] != [len(g["params"])
+                                                                               for g in opt.param_groups]:
+                raise ValueError("its optimiser's parameter groups are not this optimiser's")
         except Exception as e:
             if main:
                 why = str(e) if isinstance(e, ValueError) else type(e).__name__
@@ -397,7 +404,7 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
     epoch, step, perm, last = 0, 0, None, {}
     loss_sum = torch.zeros((), device=dev)  # this epoch's, so far: a resumed epoch still logs its whole mean
     epoch_s, epoch_seen, earlier_s, session_t0 = 0.0, 0, 0.0, time.time()
-    ck = _readable_checkpoint(ckpt_path, model, dev, main)
+    ck = _readable_checkpoint(ckpt_path, model, opt, dev, main)
     if ck is not None:
         if ck.get("world_size", 1) != world:  # --gpus-per-job is not in the hash: the user's to settle
             raise UserError(f"{ckpt_path} was written by {ck.get('world_size', 1)} processes, this run has "

@@ -226,10 +226,15 @@ def test_a_report_says_when_records_fill_a_table_it_does_not_know(tmp_path):
     assert report.returncode == 0 and "fill tables bench does not know here: mine" in report.stderr
 
 
-@pytest.mark.parametrize("damage", ["bytes", "entries"])
+WHY = {"entries": "entries are not this model's", "shapes": "shapes are not this model's",
+       "groups": "parameter groups are not this optimiser's"}
+
+
+@pytest.mark.parametrize("damage", ["bytes", *WHY])
 def test_a_damaged_checkpoint_is_set_aside_and_the_job_starts_over(tmp_path, tiny_vit, tiny_images, capfd, damage):
     """Damaged bytes, or a checkpoint whose model has other entries than this one (an earlier version's MoCo v2
-    kept no queue): set aside with the reason, and the job trains from epoch 0 to the weights of a fresh run."""
+    kept no queue), other shapes, or whose optimiser has other parameter groups (loading either failed the job
+    on every run): set aside with the reason, and the job trains from epoch 0 to the weights of a fresh run."""
     from bench.engine import fit
     from bench.finetune import Classifier
     from test_engine import FT
@@ -243,14 +248,20 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_job_starts_over(tmp_path, tin
     else:
         ck = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=False)
         ck.update(epoch=1, step=0)
-        ck["model"].pop(next(iter(ck["model"])))
+        first = next(iter(ck["model"]))
+        if damage == "entries":
+            ck["model"].pop(first)
+        elif damage == "shapes":
+            ck["model"][first] = torch.zeros(*ck["model"][first].shape[:-1], 1)
+        else:
+            ck["optimizer"]["param_groups"].append({**ck["optimizer"]["param_groups"][0], "params": []})
         torch.save(ck, run / "checkpoint.pt")
     capfd.readouterr()
     model = Classifier(tiny_vit(3), FT)
     fit(model, tiny_images, FT, run)
     assert len(list(run.glob("checkpoint.pt.damaged-*"))) == 1
     err = capfd.readouterr().err
-    assert "starts again from epoch 0" in err and ("entries are not this model's" in err) == (damage == "entries")
+    assert "starts again from epoch 0" in err and (damage == "bytes" or WHY[damage] in err)
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
 
 
