@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import hashlib
 import inspect
 import json
@@ -86,13 +87,21 @@ def user_tables_file() -> Path:
     return Path(os.environ.get("BENCH_TABLES", "~/.config/bench/tables.yaml")).expanduser()
 
 
+@functools.lru_cache(maxsize=1)
+def _paper_tables() -> dict:
+    """bench/tables.yaml, read and checked once a process (a plan, a report and the benchmark ask for it often)."""
+    tables = yaml.load((resources.files("bench") / "tables.yaml").read_text(),
+                       Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # libyaml's, where PyYAML has it
+    for name, spec in tables.items():
+        check_table(name, spec, "bench/tables.yaml")
+    return tables
+
+
 def load_tables() -> dict:
     """The paper's tables (bench/tables.yaml), with a user's own rows and tables from `user_tables_file()`:
     under a paper table's name, `rows:` that join it (a new method or backbone beside the paper's); under a new
     name, a whole table in the same form."""
-    tables = yaml.safe_load((resources.files("bench") / "tables.yaml").read_text())
-    for name, spec in tables.items():
-        check_table(name, spec, "bench/tables.yaml")
+    tables = copy.deepcopy(_paper_tables())
     path = user_tables_file()
     if path.is_dir():
         raise UserError(f"{path}: a folder, where the file of your own tables belongs ($BENCH_TABLES)")
