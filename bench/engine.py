@@ -467,6 +467,7 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
             model.start_epoch(epoch)
             t0, seen = time.time() - epoch_s, epoch_seen  # a resumed epoch counts its time before the stop
             epoch_s, epoch_seen = 0.0, 0
+            compiling_s, compiling_n = 0.0, 0  # a compiled backbone's first step: not the epoch's pace
             batches = source.epoch(perm, step, steps, bs)
             while step < steps:
                 # idx: the images' indices in the whole training set (IDMM's instance labels)
@@ -484,6 +485,8 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                 sched.step()
                 if first_step_s is None:
                     first_step_s = round(time.time() - step_t0, 3)
+                    if compiled:
+                        compiling_s, compiling_n = first_step_s, len(idx) * world
                 step += 1
                 seen += len(idx) * world
                 loss_sum += loss.detach()
@@ -498,6 +501,8 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
                 dist.all_reduce(loss_sum)
                 loss_sum /= world
             secs = time.time() - t0
+            if seen > compiling_n:  # (an epoch of that one step alone has no other pace to give)
+                secs, seen = secs - compiling_s, seen - compiling_n
             last = {"epoch": epoch, "loss": loss_sum.item() / max(1, steps), "lr": sched.get_last_lr()[0],
                     "seconds": round(secs, 3), "images_per_s": round(seen / max(secs, 1e-9), 1)}
             if main:

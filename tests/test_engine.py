@@ -225,6 +225,9 @@ def test_compiled_backbone_trains_like_eager_with_the_same_checkpoint_keys(tmp_p
     model = Classifier(tiny_vit(3), cfg)
     ran = fit(model, tiny_images, cfg, tmp_path / "compiled")
     assert ran["compiled"] is True and ran["first_step_s"] > 0
+    # the epoch's pace leaves the compiling step out (a job resumed in its last epoch reported the compilation)
+    assert ran["seconds"] < ran["first_step_s"]  # (the compilation takes seconds, the two other steps less)
+    assert ran["images_per_s"] == pytest.approx((len(tiny_images) - cfg["batch_size"]) / ran["seconds"], rel=0.1)
     assert counters["stats"]["unique_graphs"] >= 1  # dynamo did trace the backbone
     assert ran["loss"] == pytest.approx(ran_eager["loss"], rel=1e-3)
     keys = lambda run: list(torch.load(tmp_path / run / "checkpoint.pt", weights_only=False)["model"])  # noqa: E731
