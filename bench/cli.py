@@ -214,6 +214,8 @@ def cmd_run(args):
     why = sorted({j.skip for j in jobs if j.skip})
     if todo:
         store.check_writable()
+    if args.launcher != "slurm":
+        _refuse_what_slurm_has(store, todo)
     for h in sorted(rerun):  # its files would move from under the process that writes them
         holder = Lock(store.run_dir(h)).holder()
         if holder:
@@ -239,6 +241,24 @@ def cmd_run(args):
     print(f"finished {ran - failed} of {n_jobs(ran)}" + (f", {failed} failed or not run (see bench status)" if failed else "")
           + f"; results in {args.results}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _refuse_what_slurm_has(store, todo):
+    """A local run of jobs that SLURM has queued or running would train them twice (one after the other: the
+    job's lock keeps them apart) and write over the notes bench status and cancel find them by. Where SLURM
+    cannot be asked (no sacct here: a store copied off the cluster), nothing is refused."""
+    from bench.launch import slurm
+
+    try:
+        active = {h: info["job_id"] for h, (info, st) in slurm.slurm_states(store, [j.hash for j in todo]).items()
+                  if st in slurm.ACTIVE}
+    except UserError:
+        return
+    if active:
+        h, job_id = next(iter(sorted(active.items())))
+        raise UserError(f"{n_jobs(len(active))} of this run {'is' if len(active) == 1 else 'are'} queued or running "
+                        f"on SLURM (e.g. {h[:10]}, SLURM job {job_id}): let SLURM train them (bench status), or "
+                        f"bench cancel them before running here")
 
 
 def _run_slurm(args, preset, jobs, store, data_opts, settings, gpus):
@@ -478,7 +498,7 @@ def cmd_cancel(args):
         hashes = _whole_store(args, "cancel")
     ids = slurm.cancel(store, hashes)
     if ids:
-        print(f"cancelled {len(ids)} SLURM job{'' if len(ids) == 1 else 's'}: {' '.join(ids)}")
+        print(f"cancelled {n_jobs(len(ids), 'SLURM job')}: {' '.join(ids)}")
     elif args.table:  # the plan names the jobs: one run with other --set values or seeds is not this plan
         print(f"no queued or running SLURM job of this plan ({args.table}, preset {args.preset}, these --set "
               f"values and seeds); without --table, bench cancel stops every job of {args.results}")

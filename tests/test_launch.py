@@ -259,6 +259,28 @@ def test_slurm_failed_job_shows_in_status_with_its_error(tmp_path, slurm_env):
     assert "| " in status.stdout and "RuntimeError" in status.stdout
 
 
+@slurm
+def test_a_local_run_leaves_alone_the_jobs_slurm_has_queued(tmp_path, slurm_env):
+    """A job queued on SLURM (held here, so that it stays queued) is not trained by a local run of the same
+    table, which would train it twice and write over the note bench status and cancel find it by."""
+    from bench.launch import launch_info
+
+    pre = next(j for j in _plan(["idmm"], FAST[1::2]) if j.config["stage"] == "pretrain")
+    out = subprocess.run(["sbatch", "--parsable", "--hold", "-J", "bench-held", "--wrap", "true"],
+                         capture_output=True, text=True, check=True)
+    job_id = out.stdout.strip().split(";")[0]
+    store = Store(tmp_path / "results")
+    store.put_launch(pre.hash, launch_info(pre, launcher="slurm", job_id=job_id))
+    try:
+        local_run = bench("run", "--table", "comparison", "--preset", "demo", "--methods", "idmm", *FAST,
+                          "--results", str(tmp_path / "results"))
+        assert local_run.returncode == 2 and len(local_run.stderr.strip().splitlines()) == 1, local_run.stderr
+        assert f"queued or running on SLURM (e.g. {pre.hash[:10]}, SLURM job {job_id})" in local_run.stderr
+        assert store.launch(pre.hash)["job_id"] == job_id and not list((tmp_path / "results").glob("*.json"))
+    finally:
+        subprocess.run(["scancel", job_id], check=True)
+
+
 def test_launch_flags_that_cannot_work_are_one_line_and_exit_2(tmp_path):
     res = ["--results", str(tmp_path / "r"), "--preset", "demo", "--methods", "idmm"]
     env_missing = tmp_path / "nope.yaml"
