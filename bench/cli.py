@@ -181,6 +181,9 @@ def cmd_run(args):
             raise UserError(f"--{given[0].replace('_', '-')} is for --launcher slurm (this run is local)")
     settings = _slurm_settings(args) if args.launcher == "slurm" else None  # checked in a dry run too
     preset, jobs = _jobs(args)
+    if args.init_weights and not any(j.init_path for j in jobs):  # a file given for nothing may be a mistake
+        print("bench: note: --init-weights is unused: no 'IN super.' job of this run starts from a file (--methods "
+              "in_supervised and --backbones choose them)", file=sys.stderr)
     planner.check_models(jobs)
     store = Store(args.results)
     rerun = _rerun_set(args.rerun, jobs) if args.rerun else set()

@@ -99,6 +99,9 @@ def test_imagenet_init_row_is_skipped_without_weights_and_runs_from_a_file(tmp_p
 
     wrong = in_process("run", *args, "--init-weights", str(tmp_path / "nope.pth"))
     assert wrong.returncode == 2 and "is not a file" in wrong.stderr
+    unused = in_process("run", *args[:4], "--methods", "random", *args[6:], "--dry-run",
+                        "--init-weights", f"deit_tiny_patch16_224={tmp_path / 'in1k.pth'}")
+    assert unused.returncode == 0 and "--init-weights is unused" in unused.stderr
 
 
 def test_transfer_demo_pretrains_on_the_stand_in_and_fine_tunes_on_digits(tmp_path):
