@@ -288,7 +288,8 @@ def streamed(configs, measured, resident, data, dev, epochs, only, say, profile_
                  decoder=split.meta["decoder"], imagenet_epoch_min=round(IMAGENET_TRAIN / r["end_to_end"] / 60, 1))
         if profile_dir is not None:
             r["profile"] = profile_steps(dev, lambda: end_to_end(copy.deepcopy(cfg), split, dev, 1), 1,
-                                         profile_dir / f"{row.replace(' ', '-')}.txt", "epoch")
+                                         profile_dir / f"{row.replace(' ', '-')}.txt",
+                                         "epoch (the job's start included: its model built, and compiled where it is)")
         say(f"  {row:40s} (b) {r['end_to_end']:>8} images/s, {r['of_resident']} of resident ({base}),"
             f" {r['decoder']}; an ImageNet epoch {r['imagenet_epoch_min']} min")
         yield row, r
@@ -338,7 +339,10 @@ def implied_hours(preset, rates, streamed=None):
         seconds, guessed, missing, estimated, slowed = 0.0, 0.0, set(), set(), False
         for job in planner.plan(name, preset):
             c = job.config
-            if c["stage"] == "skipped" or c["data"] not in datasets.DATASETS:
+            if c["stage"] == "skipped":
+                continue
+            if c["data"] not in datasets.DATASETS:  # a folder of one's own: how many images is not known here
+                missing.add(f"{c['stage']} on {c['data']} (of unknown size)")
                 continue
             rate, how = _rate(c, rates, base)
             if not rate:
@@ -443,6 +447,9 @@ def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out
             else:
                 os.environ["BENCH_DEVICE"] = prev
     rates = {k: v["end_to_end"] for k, v in results["runs"].items()}
+    for k, v in results["runs"].items():  # the resident fine-tuning a streamed row measured beside itself
+        if k in STREAMED:
+            rates.setdefault(f"finetune {BACKBONES[0]} 224", v["resident"])
     # the faster of the two streamed paths: the one a user would pick (data.decode) for a streamed split
     kept = max((v["of_resident"] for k, v in results["runs"].items() if k.startswith("streamed")), default=None)
     results["implied_hours"] = implied_hours(preset, rates, kept)

@@ -300,24 +300,29 @@ def _run_slurm(args, preset, jobs, store, data_opts, settings, gpus):
     return 1 if bad else 0
 
 
-def _check_selection(report, stores, tables, args):
-    """A --preset or --seeds that selects no record: the CSV and a comparison would be empty, so it is refused;
-    a table shows the paper's numbers alone, and says so."""
-    if not (args.preset or args.seeds) or not any(s.records() for s in stores):
-        return
-    recs = [r for s in stores for r in s.records() if any(c[0] in tables for c in r.get("cells", []))]
+def _check_selection(stores, tables, args):
+    """Records the report would show none of: the CSV and a comparison would be empty, so they are refused; a
+    table shows the paper's numbers alone, and says so (an empty store is said apart, in cmd_report)."""
+    for name in tables:  # a misspelt table is what to say first
+        planner.table(name)
+    everything = [r for s in stores for r in s.records()]
+    recs = [r for r in everything if any(c[0] in tables for c in r.get("cells", []))]
     preset = planner.preset_id(args.preset) if args.preset else None
     if any((preset is None or r["preset"] == preset) and (not args.seeds or r["seed"] in args.seeds) for r in recs):
         return
     asked = " and ".join(x for x in (preset and f"preset {args.preset}",
                                       args.seeds and f"seed {', '.join(map(str, args.seeds))}") if x)
+    other = sorted({c[0] for r in everything for c in r.get("cells", [])} - set(tables))
     held = (f"; they hold presets {', '.join(sorted({r['preset'] for r in recs}))}, seeds "
-            f"{', '.join(map(str, sorted({r['seed'] for r in recs})))}" if recs else "")
-    what = (f"no records of {asked} for the {', '.join(tables)} table{'s' if len(tables) > 1 else ''} in "
-            + (" or ".join(args.compare) if args.compare else str(args.results)) + held)
+            f"{', '.join(map(str, sorted({r['seed'] for r in recs})))}" if recs
+            else f"; they hold records of the {', '.join(other)} table{'s' if len(other) > 1 else ''}" if other
+            else "")
+    what = (f"no records{f' of {asked}' if asked else ''} for the {', '.join(tables)} "
+            f"table{'s' if len(tables) > 1 else ''} in {' or '.join(args.compare or [str(args.results)])}{held}")
     if args.compare or args.format == "csv":
         raise UserError(what)
-    print(f"bench: {what}: the paper's numbers alone", file=sys.stderr)
+    if everything:
+        print(f"bench: {what}: the paper's numbers alone", file=sys.stderr)
 
 
 def cmd_report(args):
@@ -337,9 +342,15 @@ def cmd_report(args):
             if not s.records():
                 raise UserError(f"--compare {d}: no records there (is it a --results directory?)")
     stores = [s for _, s in compare] if compare else [store]
+    known = list(planner.load_tables())
+    if args.table == "all" or not args.table:
+        tables = sorted({t for s in stores for t in report.tables_with_results(s)},
+                        key=known.index) or ["comparison"]
+    else:
+        tables = [args.table]
+    _check_selection(stores, tables, args)
     if not compare and not store.records():  # a mistyped --results looks like a table not run yet: say which
         print(f"bench: no records in {args.results}: the paper's numbers alone", file=sys.stderr)
-    known = list(planner.load_tables())
     for s in stores:  # what the tables below leave out, said rather than shown as empty cells
         damaged = s.damaged()
         if damaged:
@@ -349,12 +360,6 @@ def cmd_report(args):
         if unknown:
             print(f"bench: warning: records in {s.root} fill tables bench does not know here: {', '.join(unknown)} "
                   f"(tables of your own are read from {planner.user_tables_file()})", file=sys.stderr)
-    if args.table == "all" or not args.table:
-        tables = sorted({t for s in stores for t in report.tables_with_results(s)},
-                        key=known.index) or ["comparison"]
-    else:
-        tables = [args.table]
-    _check_selection(report, stores, tables, args)
     text = report.document(tables, store, args.format, args.preset, args.seeds, args.standalone, compare)
     if args.out:
         out = check_output(args.out)

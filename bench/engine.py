@@ -439,8 +439,9 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
         if main:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "epoch": e, "step": s, "metrics": last, "ranks": ranks, "world_size": world,
-                     "elapsed_s": earlier_s + saved_at - session_t0, "epoch_s": saved_at - t0 if s else 0.0,
-                     "epoch_seen": seen if s else 0}
+                     "elapsed_s": earlier_s + saved_at - session_t0,
+                     # the epoch so far, without a compilation: a session resuming it must not count that one
+                     "epoch_s": saved_at - t0 - compiling_s if s else 0.0, "epoch_seen": seen - compiling_n if s else 0}
             write_durably(ckpt_path, lambda f: torch.save(state, f))
         if world > 1:  # no rank leaves (and perhaps takes the job down) before the checkpoint is on disk
             dist.barrier()

@@ -579,9 +579,10 @@ def parse_init_weights(items, backbones, known):
         if name not in known and not digest:
             raise UserError(f"--init-weights {item}: no 'IN super.' row of this table has backbone '{name}' "
                             f"(choose from {', '.join(sorted(known))})")
-        if out.get(name, path) != path:
+        same = lambda a, b: Path(a).expanduser().resolve() == Path(b).expanduser().resolve()  # noqa: E731
+        if not digest and name in out and not same(out[name], path):
             raise UserError(f"--init-weights: two files for {name}: {out[name]} and {path}; give one")
-        out[name] = path
+        out[name] = path  # (records of two files for one backbone: the report plans the last one's jobs)
     return out
 
 
@@ -728,8 +729,9 @@ def _check_init_files(jobs):
             with torch.device("meta"):
                 model = models.create(c["backbone"], c["resolution"], 2, c["drop_path"], c["model_kwargs"])
             models.fitted(model, saved, c["backbone"])
-        except UserError as e:
-            raise UserError(f"--init-weights {job.init_path}: {e}") from None
+        except Exception as e:  # a UserError of fitted's, or whatever else the file's tensors make torch raise
+            why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            raise UserError(f"--init-weights {job.init_path}: {why}") from None
 
 
 def chain(job, by_hash):

@@ -355,3 +355,11 @@ def test_make_sin10k_into_a_root_it_cannot_write_is_one_line(tmp_path, where):
         datasets.make_sin10k(tmp_path / "imagenet", root, seed=0)
     assert str(e.value).startswith(f"cannot write {root}/sin10k/files.txt: ") and len(str(e.value).splitlines()) == 1
     assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def test_make_sin10k_from_a_train_folder_without_classes_is_one_line(tmp_path):
+    """It wrote a list of no images, counted as one image of one class, and exited 0."""
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"train holds no class folders: --imagenet should hold train/<wnid>/\*\.JPEG$"):
+        datasets.make_sin10k(tmp_path / "imagenet", tmp_path / "root", seed=0)
+    assert not (tmp_path / "root").exists()

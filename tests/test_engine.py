@@ -228,6 +228,24 @@ def test_compiled_backbone_trains_like_eager_with_the_same_checkpoint_keys(tmp_p
     # the epoch's pace leaves the compiling step out (a job resumed in its last epoch reported the compilation)
     assert ran["seconds"] < ran["first_step_s"]  # (the compilation takes seconds, the two other steps less)
     assert ran["images_per_s"] == pytest.approx((len(tiny_images) - cfg["batch_size"]) / ran["seconds"], rel=0.1)
+    # stopped after two steps: the checkpoint's epoch so far leaves the compiling step out too, or a session
+    # resuming the epoch would count the first session's compilation in its pace
+    import bench.engine as engine
+
+    real, calls = engine.make_views, []
+
+    def stop_in_step_two(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            engine.request_stop()
+        return real(*args)
+
+    monkeypatch.setattr(engine, "make_views", stop_in_step_two)
+    with pytest.raises(engine.Interrupted), stop_on_signals():  # (which clears the request when it ends)
+        fit(Classifier(tiny_vit(3), cfg), tiny_images, cfg, tmp_path / "stopped")
+    monkeypatch.setattr(engine, "make_views", real)
+    ck = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
+    assert (ck["step"], ck["epoch_seen"]) == (2, cfg["batch_size"]) and ck["epoch_s"] < ran["first_step_s"] / 2
     assert counters["stats"]["unique_graphs"] >= 1  # dynamo did trace the backbone
     assert ran["loss"] == pytest.approx(ran_eager["loss"], rel=1e-3)
     keys = lambda run: list(torch.load(tmp_path / run / "checkpoint.pt", weights_only=False)["model"])  # noqa: E731

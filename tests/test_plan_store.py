@@ -247,12 +247,20 @@ def test_init_weights_files_are_checked_against_their_backbone_before_any_job(tm
     with pytest.raises(UserError, match=rf"^--init-weights {tmp_path}/w32.pth: checkpoint of {name} has weights of "
                                         r"other shapes than the model's: \S+ \[.*32.*\] where the model has \[.*64"):
         check(tmp_path / "w32.pth")
+    state = torch.load(tmp_path / "w64.pth")  # a distilled DeiT's: two tokens before the grid, no square past one
+    state["pos_embed"] = torch.cat([state["pos_embed"], state["pos_embed"][:, :1]], 1)
+    torch.save(state, tmp_path / "distilled.pth")
+    tokens = state["pos_embed"].shape[1]
+    with pytest.raises(UserError, match=rf"^--init-weights {tmp_path}/distilled.pth: .* pos_embed \[1, {tokens}, 64\] where"):
+        check(tmp_path / "distilled.pth")
     (tmp_path / "junk.pth").write_bytes(b"weights")
     with pytest.raises(UserError, match="^cannot read weights file .*junk.pth"):
         check(tmp_path / "junk.pth")
     with pytest.raises(UserError, match=f"^--init-weights: two files for {name}: "):
         planner.plan("sota", demo, methods=["in_supervised"],
                      init_weights=[f"{name}={tmp_path / 'w64.pth'}", f"{name}={tmp_path / 'w32.pth'}"])
+    planner.plan("sota", demo, methods=["in_supervised"],  # one file, two spellings
+                 init_weights=[f"{name}={tmp_path / 'w64.pth'}", f"{name}={tmp_path}/./w64.pth"])
 
 
 def test_numbers_written_without_a_dot_are_numbers_in_a_preset_file_and_a_set_map(tmp_path):

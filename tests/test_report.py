@@ -92,7 +92,8 @@ def test_records_of_a_recipe_the_preset_no_longer_gives_are_said_and_kept_in_the
     md = report.render("comparison", store, "markdown")
     assert "42.0" not in md
     err = capsys.readouterr().err
-    assert f"warning: 2 records of preset {mine} left out of the comparison table" in err and "stale" in err
+    assert f"warning: 2 records of preset {mine} in {tmp_path / 'r'} left out of the comparison table" in err
+    assert "stale" in err
     df = pd.read_csv(io.StringIO(report.render("comparison", store, "csv")))
     assert len(df) == 2 and df["stale"].all() and sorted(df["top1"]) == [0.3, 0.42]
 
@@ -353,6 +354,49 @@ def test_report_refuses_a_compare_store_without_records_and_standalone_outside_l
     assert f"no records in {tmp_path / 'empty'}" in capsys.readouterr().err
 
 
+def test_no_stale_warning_for_a_record_another_preset_shows_or_whose_cell_is_skipped_here(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """Not stale: a record made under an edited preset file whose job the demo preset also plans (random init,
+    shown in demo's section); one of timm's ImageNet weights on a machine that cannot get them (the cell says
+    why it is skipped). In a comparison, each store's stale records are counted once, under its own name."""
+    from bench import models
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: demo\npretrain: {epochs: 3}\n")
+    store = Store(tmp_path / "a")
+    _fill(store, "comparison", planner.preset_id(str(mine)), {"deit_tiny/random": 0.3, "deit_tiny/idmm": 0.5})
+    _fill(store, "comparison", "demo", {"deit_tiny/idmm": 0.42})
+    mine.write_text("base: demo\npretrain: {epochs: 3}\nfinetune: {weight_decay: 0.01}\n")
+    capsys.readouterr()
+    md = report.render("comparison", store, "markdown")
+    assert "30.0" in md and "42.0" in md and "50.0" not in md
+    (warning,) = capsys.readouterr().err.splitlines()  # the IDMM record alone: random init's fills demo's cell
+    assert f"1 record of preset {mine} in {tmp_path / 'a'} left out" in warning
+    with monkeypatch.context() as m:  # written as where timm's weights can be had
+        m.setattr(models, "imagenet_weights_missing", lambda backbone: None)
+        _fill(store, "sota", "paper", {"deit_tiny/in_supervised": 0.9}, datasets=["flowers102"])
+    assert "offline" in report.render("sota", store, "markdown") and not capsys.readouterr().err
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    report.document(["comparison"], None, "markdown", compare=(("A", Store(tmp_path / "a")), ("B", Store(tmp_path / "b"))))
+    err = capsys.readouterr().err.splitlines()
+    assert sorted(err) == sorted(warning.replace(str(tmp_path / "a"), str(tmp_path / d)) for d in "ab")
+
+
+def test_records_of_two_weights_files_for_one_backbone_still_make_a_report(tmp_path):
+    """The 'IN super.' row run from one file, then from another: the report re-plans with both files' digests,
+    which a check for two files given at once on the command line refused, stopping every report of the store."""
+    demo, name, store = planner.load_preset("demo"), "deit_tiny_patch16_224", Store(tmp_path / "r")
+    for i, value in enumerate((0.6, 0.7)):
+        (tmp_path / f"w{i}.pth").write_bytes(b"weights %d" % i)
+        for job in planner.plan("sota", demo, methods=["in_supervised"], backbones=[name],
+                                init_weights=[f"{name}={tmp_path / f'w{i}.pth'}"]):
+            store.put({"hash": job.hash, "status": "done", "stage": "finetune", "config": job.config, "seed": 0,
+                       "cells": [list(c) for c in job.cells], "preset": "demo", "overrides": [],
+                       "metrics": {"top1": value}, "hardware": {"cpus": 2, "machine": "x86_64"}, "wall_time_s": 60})
+    md = report.render("sota", store, "markdown")
+    assert "IN super." in md and ("70.0" in md or "60.0" in md)
+
+
 def test_a_filter_that_selects_no_record_is_refused_where_the_output_would_be_empty(tmp_path, capsys, monkeypatch):
     """--preset or --seeds naming nothing the stores hold: the CSV and a comparison would print nothing and exit
     0; they refuse in one line naming what the stores hold. A table still shows the paper's numbers, and says so.
@@ -375,6 +419,17 @@ def test_a_filter_that_selects_no_record_is_refused_where_the_output_would_be_em
     assert "drop --results" in capsys.readouterr().err
     assert main(["report", "--compare", a, b, "--preset", "demo", "--format", "csv"]) == 0
     assert "a_mean" in capsys.readouterr().out
+    # no filter, yet nothing to show: a table the stores have no records of; an empty store's CSV
+    for args, where in ((["--compare", a, b, "--table", "sota"], f"{a} or {b}"),
+                        (["--results", a, "--format", "csv", "--table", "sota"], a)):
+        assert main(["report", *args]) == 2, args
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"bench: error: no records for the sota table in {where}; they hold records of the comparison table"]
+    (tmp_path / "empty").mkdir()
+    assert main(["report", "--results", str(tmp_path / "empty"), "--format", "csv"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert main(["report", "--results", a, "--table", "comparisn", "--preset", "demo", "--format", "csv"]) == 2
+    assert "unknown table 'comparisn'" in capsys.readouterr().err  # the misspelt table, not 'no records'
 
 
 def test_a_preset_file_of_ones_own_is_found_by_the_relative_path_given_to_run(tmp_path, monkeypatch):

@@ -225,6 +225,8 @@ def make_sin10k(imagenet: Path, root: Path, seed: int, per_class: int = 10) -> P
             lines += [f"{wnid}/{name}" for name in rng.sample(files, per_class)]
     except OSError as e:
         raise UserError(f"cannot read {e.filename}: {e.strerror}") from None
+    if not lines:
+        raise UserError(f"{train} holds no class folders: --imagenet should hold train/<wnid>/*.JPEG")
     out = Path(root).expanduser() / SIN10K_LIST
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -129,13 +129,17 @@ def fitted(model, saved, name):
         k = _strip(k)
         if k not in own or not isinstance(v, torch.Tensor):
             continue
-        if k == "pos_embed" and v.shape != own[k].shape:
+        found = v.shape
+        if k == "pos_embed" and v.shape != own[k].shape and v.shape[-1] == own[k].shape[-1]:
             prefix = getattr(model, "num_prefix_tokens", 1)
             grid = getattr(model, "grid_size", None) or model.patch_embed.grid_size
-            v = resample_abs_pos_embed(v, new_size=list(grid),
-                                       num_prefix_tokens=prefix, interpolation="bicubic", antialias=False)
+            try:
+                v = resample_abs_pos_embed(v, new_size=list(grid),
+                                           num_prefix_tokens=prefix, interpolation="bicubic", antialias=False)
+            except RuntimeError:  # tokens that are no square grid past the model's prefix (a distilled DeiT's two)
+                pass
         if v.shape != own[k].shape:  # the pretraining head (N instances) vs the classifier
-            other[k] = v.shape
+            other[k] = found
             continue
         state[k] = v
     missing = [k for k in own if k not in state]

@@ -112,14 +112,13 @@ def gather(table_name, store, preset_name=None, variants=None):
         by_hash = {j.hash: j for j in jobs}
         sec = Section(table_name, " ".join([name] + [f"--set {o}" for o in overrides]), None, cols, {}, [], {})
         # made by a recipe the preset no longer gives (its file, bench's defaults or the table edited since):
-        # said, and kept in the CSV, rather than silently shown as empty cells (`recs` of `store`'s own only:
-        # a comparison gathers both stores' variants from each)
-        sec.stale = [r for r in recs if r["hash"] not in by_hash and store.get(r["hash"]) is not None]
-        if sec.stale:
-            print(f"bench: warning: {n_jobs(len(sec.stale), 'record')} of preset {sec.label} left out of the "
-                  f"{table_name} table: made by a recipe the preset no longer gives (its file, bench's defaults or "
-                  f"the table changed since); --format csv lists them, marked stale",
-                  file=sys.stderr)
+        # said below, and kept in the CSV, rather than silently shown as empty cells. Not stale: a record of a
+        # cell the plan skips here (timm's weights out of reach: the skip says why), and one of the other
+        # store's (a comparison gathers both stores' variants from each)
+        skipped = {(row, col, j.config["seed"]) for j in jobs if j.skip for t, row, col in j.cells if t == table_name}
+        sec.stale = [r for r in {r["hash"]: r for r in recs}.values()
+                     if r["hash"] not in by_hash and store.get(r["hash"]) is not None
+                     and not any((row, col, r["seed"]) in skipped for t, row, col in r["cells"] if t == table_name)]
         rows = []
         for job in jobs:
             if not any(t == table_name for t, _, _ in job.cells):
@@ -147,6 +146,14 @@ def gather(table_name, store, preset_name=None, variants=None):
                              "top1": None if top1 is None else 100 * top1, "status": status, "error": error})
         sec.df = pd.DataFrame(rows, columns=["row", "column", "seed", "top1", "status", "error"])
         out.append(sec)
+    used = {r["hash"] for sec in out for r in sec.used}  # a job two presets share fills the other's cells
+    for sec in out:
+        sec.stale = [r for r in sec.stale if r["hash"] not in used]
+        if sec.stale:
+            print(f"bench: warning: {n_jobs(len(sec.stale), 'record')} of preset {sec.label} in {store.root} left "
+                  f"out of the {table_name} table: made by a recipe the preset no longer gives (its file, bench's "
+                  f"defaults or the table changed since); bench report --results {store.root} --format csv lists "
+                  f"them, marked stale", file=sys.stderr)
     return out
 
 
@@ -339,12 +346,13 @@ def csv_rows(table_name, store, preset_name=None, seeds=None):
     field flattened, seed, metric, status, wall time, images/s, hardware, package versions and commit."""
     recs = {}
     for sec in gather(table_name, store, preset_name):
+        stale = {r["hash"] for r in sec.stale}
         for r in sec.used + sec.stale:
             if seeds and r["seed"] not in seeds:
                 continue
             recs[r["hash"]] = {**{k: v for k, v in r.items() if k not in ("traceback", "cells")}, "table": table_name,
                                "preset_label": sec.label, "top1": (r.get("metrics") or {}).get("top1"),
-                               "stale": r in sec.stale}
+                               "stale": r["hash"] in stale}
     df = pd.json_normalize(list(recs.values()), sep=".")
     df = df.drop(columns=[c for c in df.columns if c.startswith("metrics.data")], errors="ignore")
     # a field of whole numbers that some records lack (a pretraining job has no mixing.parts) stays whole: 4, not
