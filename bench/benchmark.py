@@ -339,7 +339,7 @@ def implied_hours(preset, rates, streamed=None):
         seconds, guessed, missing, estimated, slowed = 0.0, 0.0, set(), set(), False
         for job in planner.plan(name, preset):
             c = job.config
-            if c["stage"] == "skipped":
+            if job.skip:  # a job that will not run (a pretraining set nobody defined): no hours
                 continue
             if c["data"] not in datasets.DATASETS:  # a folder of one's own: how many images is not known here
                 missing.add(f"{c['stage']} on {c['data']} (of unknown size)")

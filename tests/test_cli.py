@@ -216,6 +216,9 @@ def test_implied_hours_name_what_they_estimate_and_what_they_leave_out():
               + seconds("sota", lambda c: c["resolution"] == 448 and c["backbone"] == b0, 800 / 4))
     assert abs(sota["estimated_hours"] - at_448 / 3600) < 0.01
     assert all(v == {"hours": None, "not_counted": v["not_counted"]} for v in implied_hours(preset, {}).values())
+    from bench.benchmark import ROWS  # every row measured: a job that will not run (SIN-total 10k) is no hours
+    assert all(set(v) <= {"hours", "estimated", "estimated_hours"}
+               for v in implied_hours(preset, {label: 1000.0 for label, _ in ROWS}).values())
     mine = planner.load_preset("paper", ["datasets={comparison: [folder:/nowhere]}"])  # a size bench cannot know
     assert implied_hours(mine, rates)["comparison"] == {
         "hours": None, "not_counted": ["finetune on folder:/nowhere (of unknown size)",
