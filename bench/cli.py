@@ -303,8 +303,10 @@ def _run_slurm(args, preset, jobs, store, data_opts, settings, gpus):
 def _check_selection(stores, tables, args):
     """Records the report would show none of: the CSV and a comparison would be empty, so they are refused; a
     table shows the paper's numbers alone, and says so (an empty store is said apart, in cmd_report)."""
-    for name in tables:  # a misspelt table is what to say first
+    for name in tables:  # a misspelt table or preset is what to say first
         planner.table(name)
+    if args.preset:
+        planner.load_preset(args.preset)
     everything = [r for s in stores for r in s.records()]
     recs = [r for r in everything if any(c[0] in tables for c in r.get("cells", []))]
     preset = planner.preset_id(args.preset) if args.preset else None

@@ -430,6 +430,10 @@ def test_a_filter_that_selects_no_record_is_refused_where_the_output_would_be_em
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert main(["report", "--results", a, "--table", "comparisn", "--preset", "demo", "--format", "csv"]) == 2
     assert "unknown table 'comparisn'" in capsys.readouterr().err  # the misspelt table, not 'no records'
+    for fmt in ("csv", "markdown"):
+        assert main(["report", "--results", a, "--preset", "papr", "--format", fmt]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            "bench: error: --preset papr: no such preset: choose from demo, paper or a .yaml path"]
 
 
 def test_a_preset_file_of_ones_own_is_found_by_the_relative_path_given_to_run(tmp_path, monkeypatch):
