@@ -352,9 +352,10 @@ def implied_hours(preset, rates, streamed=None):
             (_, size, max_side), *_ = datasets.splits_of(c)  # the training split's
             if streamed and datasets.data_path(n, size, max_side) == "streamed":
                 rate, slowed = rate * streamed, True
-            seconds += n * c["epochs"] / rate
+            took = n * c["epochs"] / rate
+            seconds += took
             if how:
-                guessed += n * c["epochs"] / rate
+                guessed += took
                 estimated.add(how)
         out[name] = {"hours": round(seconds / 3600, 2) if seconds else None,
                      **({"estimated": sorted(estimated), "estimated_hours": round(guessed / 3600, 2)}
@@ -447,11 +448,11 @@ def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out
             else:
                 os.environ["BENCH_DEVICE"] = prev
     rates = {k: v["end_to_end"] for k, v in results["runs"].items()}
-    for k, v in results["runs"].items():  # the resident fine-tuning a streamed row measured beside itself
-        if k in STREAMED:
-            rates.setdefault(f"finetune {BACKBONES[0]} 224", v["resident"])
+    streams = [v for k, v in results["runs"].items() if k in STREAMED]
+    for v in streams:  # the resident fine-tuning a streamed row measured beside itself
+        rates.setdefault(f"finetune {BACKBONES[0]} 224", v["resident"])
     # the faster of the two streamed paths: the one a user would pick (data.decode) for a streamed split
-    kept = max((v["of_resident"] for k, v in results["runs"].items() if k.startswith("streamed")), default=None)
+    kept = max((v["of_resident"] for v in streams), default=None)
     results["implied_hours"] = implied_hours(preset, rates, kept)
     for name, v in results["implied_hours"].items():
         if v["hours"] is None:

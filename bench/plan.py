@@ -707,9 +707,13 @@ def check_models(jobs):
         except UserError:
             raise
         except Exception as e:  # timm's own checks: TypeError, AssertionError, ZeroDivisionError, RuntimeError
-            why = (str(e).strip().splitlines() or [""])[0]
-            raise UserError(f"{where}: {type(e).__name__}: {why}") from None
+            raise UserError(f"{where}: {_said(e)}") from None
     _check_init_files(jobs)
+
+
+def _said(e):
+    """An exception of torch's or timm's in one line: its type and its message's first line."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
 
 def _check_init_files(jobs):
@@ -730,8 +734,7 @@ def _check_init_files(jobs):
                 model = models.create(c["backbone"], c["resolution"], 2, c["drop_path"], c["model_kwargs"])
             models.fitted(model, saved, c["backbone"])
         except Exception as e:  # a UserError of fitted's, or whatever else the file's tensors make torch raise
-            why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-            raise UserError(f"--init-weights {job.init_path}: {why}") from None
+            raise UserError(f"--init-weights {job.init_path}: {e if isinstance(e, UserError) else _said(e)}") from None
 
 
 def chain(job, by_hash):
