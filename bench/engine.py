@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import math
 import os
@@ -313,12 +314,14 @@ def update(model: Method, opt, params, loss, cfg: dict, epoch: int, progress: fl
 def _readable_checkpoint(path: Path, model: Method, opt, dev, main: bool):
     """The training checkpoint at `path`, or None: none there, or one that cannot be used (cut short, overwritten,
     not a checkpoint, another model's entries or shapes, another optimiser's parameter groups: loading would
-    fail the job on every run), which is kept aside and the job starts over. Under several ranks, all resume or
-    all start over."""
+    fail the job on every run), which is kept aside and the job starts over. A file that cannot be read now (the
+    file system's error, not its content's: a flaky network mount, no memory) fails the job and stays, so that a
+    long job's progress is not thrown away on a passing fault. Read to the host: a checkpoint loaded straight
+    onto the device would need the device's memory twice. Under several ranks, all resume or all start over."""
     ck = None
     if path.exists():
         try:
-            ck = torch.load(path, map_location=dev, weights_only=False)
+            ck = torch.load(path, map_location="cpu", weights_only=False)
             if not isinstance(ck, dict) or not {"model", "optimizer", "epoch", "step"} <= set(ck):
                 raise ValueError("not a training checkpoint")
             own = model.state_dict()
@@ -330,6 +333,11 @@ def _readable_checkpoint(path: Path, model: Method, opt, dev, main: bool):
                                                                                for g in opt.param_groups]:
                 raise ValueError("its optimiser's parameter groups are not this optimiser's")
         except Exception as e:
+            # EINVAL is torch's reader on a file cut short; the file system's other errors are passing faults
+            if isinstance(e, MemoryError) or isinstance(e, OSError) and e.errno != errno.EINVAL:
+                why = e.strerror if isinstance(e, OSError) else "out of memory"
+                raise OSError(f"{path} cannot be read now ({why}); it is kept: run the job again to resume "
+                              f"from it") from e
             if main:
                 why = str(e) if isinstance(e, ValueError) else type(e).__name__
                 aside(path, f"cannot be used ({why}); the job starts again from epoch 0")

@@ -265,6 +265,20 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_job_starts_over(tmp_path, tin
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
 
 
+def test_a_checkpoint_the_file_system_cannot_read_now_fails_the_job_and_is_kept(tmp_path, tiny_vit, tiny_images):
+    """An error of the file system (here: a folder where the checkpoint is; on a cluster, a network mount's
+    passing fault) says nothing of the checkpoint's content: setting it aside would throw away the job's progress.
+    The job fails, naming the path, and the checkpoint stays where a run again finds it."""
+    from bench.engine import fit
+    from bench.finetune import Classifier
+    from test_engine import FT
+
+    (tmp_path / "checkpoint.pt").mkdir()
+    with pytest.raises(OSError, match="checkpoint.pt cannot be read now .*it is kept: run the job again"):
+        fit(Classifier(tiny_vit(3), FT), tiny_images, FT, tmp_path)
+    assert (tmp_path / "checkpoint.pt").is_dir() and not list(tmp_path.glob("checkpoint.pt.*"))
+
+
 def test_a_damaged_cache_is_rebuilt_and_a_file_named_cache_is_refused(tmp_path):
     for i in range(3):
         fixtures.jpeg(tmp_path / "d" / "train" / "a" / f"{i}.jpg", i)
