@@ -382,19 +382,31 @@ def test_no_stale_warning_for_a_record_another_preset_shows_or_whose_cell_is_ski
     assert sorted(err) == sorted(warning.replace(str(tmp_path / "a"), str(tmp_path / d)) for d in "ab")
 
 
-def test_records_of_two_weights_files_for_one_backbone_still_make_a_report(tmp_path):
+def test_records_of_two_weights_files_for_one_backbone_still_make_a_report(tmp_path, capsys):
     """The 'IN super.' row run from one file, then from another: the report re-plans with both files' digests,
-    which a check for two files given at once on the command line refused, stopping every report of the store."""
+    which a check for two files given at once on the command line refused, stopping every report of the store.
+    It shows the newest file's records (it showed whichever digest sorted last) and says so, in place of calling
+    the other's stale; the CSV lists both."""
     demo, name, store = planner.load_preset("demo"), "deit_tiny_patch16_224", Store(tmp_path / "r")
-    for i, value in enumerate((0.6, 0.7)):
+    for i in range(2):
         (tmp_path / f"w{i}.pth").write_bytes(b"weights %d" % i)
+    digests = {i: planner.file_digest(tmp_path / f"w{i}.pth") for i in range(2)}
+    newest = min(digests, key=digests.get)  # the one that sorts first: not the last one planned by chance
+    for i, value in enumerate((0.6, 0.7)):
         for job in planner.plan("sota", demo, methods=["in_supervised"], backbones=[name],
                                 init_weights=[f"{name}={tmp_path / f'w{i}.pth'}"]):
             store.put({"hash": job.hash, "status": "done", "stage": "finetune", "config": job.config, "seed": 0,
                        "cells": [list(c) for c in job.cells], "preset": "demo", "overrides": [],
-                       "metrics": {"top1": value}, "hardware": {"cpus": 2, "machine": "x86_64"}, "wall_time_s": 60})
+                       "metrics": {"top1": value}, "hardware": {"cpus": 2, "machine": "x86_64"}, "wall_time_s": 60,
+                       "finished_at": "2026-02-01T00:00:00+00:00" if i == newest else "2026-01-01T00:00:00+00:00"})
+    capsys.readouterr()
     md = report.render("sota", store, "markdown")
-    assert "IN super." in md and ("70.0" in md or "60.0" in md)
+    assert "IN super." in md and f"{(60.0, 70.0)[newest]}" in md and f"{(60.0, 70.0)[1 - newest]}" not in md
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert f"records of 2 --init-weights files for {name}; the sota table shows those of the newest " \
+           f"(file:{digests[newest]})" in warning
+    csv = report.csv_rows("sota", store)
+    assert sorted(csv["stale"]) == [False, True] and not capsys.readouterr().err.count("made by a recipe")
 
 
 def test_a_filter_that_selects_no_record_is_refused_where_the_output_would_be_empty(tmp_path, capsys, monkeypatch):

@@ -82,6 +82,7 @@ class Section:
     recipes: dict                                  # row id -> the derived row fields of its first chain
     chains: dict = field(default_factory=dict)     # row id -> [[job, ...] one chain per cell and seed]
     stale: list = field(default_factory=list)      # records of this variant that no job of its plan has now
+    init_files: dict = field(default_factory=dict)  # backbone -> the --init-weights file whose records it shows
 
 
 def gather(table_name, store, preset_name=None, variants=None):
@@ -106,11 +107,23 @@ def gather(table_name, store, preset_name=None, variants=None):
         seeds = sorted({r["seed"] for r in recs}) or [0]
         cols = planner.columns(planner.table(table_name), preset)
         cols += sorted({r["config"]["data"] for r in recs if r["stage"] == "finetune"} - set(cols))
-        files = sorted({f"{r['config']['backbone']}={r['config']['init']}" for r in recs
-                        if r["stage"] == "finetune" and r["config"]["init"].startswith("file:")})
-        jobs = planner.plan(table_name, preset, datasets_=cols, seeds=seeds, init_weights=files)
+        # records of two --init-weights files for one backbone are two recipes of its "IN super." row: the table
+        # shows the newest file's, says so, and the CSV lists the other's (marked stale) as it lists stale ones
+        files, label = {}, " ".join([name] + [f"--set {o}" for o in overrides])
+        for r in recs:
+            if r["stage"] == "finetune" and r["config"]["init"].startswith("file:"):
+                newest = files.setdefault(r["config"]["backbone"], {})
+                newest[r["config"]["init"]] = max(newest.get(r["config"]["init"], ""), r.get("finished_at", ""))
+        shown = {b: max(d, key=d.get) for b, d in files.items()}
+        for b, d in files.items():
+            if len(d) > 1:
+                print(f"bench: warning: preset {label}: records of {len(d)} --init-weights files for {b}; the "
+                      f"{table_name} table shows those of the newest ({shown[b]}), --format csv lists all",
+                      file=sys.stderr)
+        jobs = planner.plan(table_name, preset, datasets_=cols, seeds=seeds,
+                            init_weights=[f"{b}={f}" for b, f in sorted(shown.items())])
         by_hash = {j.hash: j for j in jobs}
-        sec = Section(table_name, " ".join([name] + [f"--set {o}" for o in overrides]), None, cols, {}, [], {})
+        sec = Section(table_name, label, None, cols, {}, [], {})
         # made by a recipe the preset no longer gives (its file, bench's defaults or the table edited since):
         # said below, and kept in the CSV, rather than silently shown as empty cells. Not stale: a record of a
         # cell the plan skips here (timm's weights out of reach: the skip says why), and one of the other
@@ -119,6 +132,7 @@ def gather(table_name, store, preset_name=None, variants=None):
         sec.stale = [r for r in {r["hash"]: r for r in recs}.values()
                      if r["hash"] not in by_hash and store.get(r["hash"]) is not None
                      and not any((row, col, r["seed"]) in skipped for t, row, col in r["cells"] if t == table_name)]
+        sec.init_files = shown
         rows = []
         for job in jobs:
             if not any(t == table_name for t, _, _ in job.cells):
@@ -149,8 +163,10 @@ def gather(table_name, store, preset_name=None, variants=None):
     used = {r["hash"] for sec in out for r in sec.used}  # a job two presets share fills the other's cells
     for sec in out:
         sec.stale = [r for r in sec.stale if r["hash"] not in used]
-        if sec.stale:
-            print(f"bench: warning: {n_jobs(len(sec.stale), 'record')} of preset {sec.label} in {store.root} left "
+        other_file = [r for r in sec.stale if str(r["config"].get("init")).startswith("file:")
+                      and r["config"]["init"] != sec.init_files.get(r["config"]["backbone"])]  # said above
+        if len(sec.stale) > len(other_file):
+            print(f"bench: warning: {n_jobs(len(sec.stale) - len(other_file), 'record')} of preset {sec.label} in {store.root} left "
                   f"out of the {table_name} table: made by a recipe the preset no longer gives (its file, bench's "
                   f"defaults or the table changed since); bench report --results {store.root} --format csv lists "
                   f"them, marked stale", file=sys.stderr)
