@@ -96,6 +96,9 @@ def test_records_of_a_recipe_the_preset_no_longer_gives_are_said_and_kept_in_the
     assert "stale" in err
     df = pd.read_csv(io.StringIO(report.render("comparison", store, "csv")))
     assert len(df) == 2 and df["stale"].all() and sorted(df["top1"]) == [0.3, 0.42]
+    capsys.readouterr()
+    report.render("comparison", store, "markdown", seeds=[1])  # the seeds shown: none of them is stale
+    assert "stale" not in capsys.readouterr().err
 
 
 def test_two_seeds_give_mean_std_and_n_and_seeds_select(tmp_path):

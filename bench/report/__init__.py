@@ -85,10 +85,11 @@ class Section:
     init_files: dict = field(default_factory=dict)  # backbone -> the --init-weights file whose records it shows
 
 
-def gather(table_name, store, preset_name=None, variants=None):
+def gather(table_name, store, preset_name=None, variants=None, seeds=None):
     """One Section per (preset, --set overrides) that has results for the table (or the paper preset when none).
     `variants` ({(preset, overrides): records}, default the store's own) says which, and shapes their plans
-    (seeds, columns, weights files); the cells are filled from `store`'s records, by hash."""
+    (seeds, columns, weights files); the cells are filled from `store`'s records, by hash. `seeds`: those the
+    report shows, the only ones whose stale records it speaks of."""
     variants = _variants(store, table_name) if variants is None else dict(variants)
     if preset_name:  # as the records name it (a file of one's own: its absolute path)
         preset_name = planner.preset_id(preset_name)
@@ -104,7 +105,7 @@ def gather(table_name, store, preset_name=None, variants=None):
             print(f"bench: warning: {n_jobs(len(recs), 'record')} of preset {name} left out of the {table_name} "
                   f"table: {e}", file=sys.stderr)
             continue
-        seeds = sorted({r["seed"] for r in recs}) or [0]
+        ran = sorted({r["seed"] for r in recs}) or [0]
         cols = planner.columns(planner.table(table_name), preset)
         cols += sorted({r["config"]["data"] for r in recs if r["stage"] == "finetune"} - set(cols))
         # records of two --init-weights files for one backbone are two recipes of its "IN super." row: the table
@@ -120,7 +121,7 @@ def gather(table_name, store, preset_name=None, variants=None):
                 print(f"bench: warning: preset {label}: records of {len(d)} --init-weights files for {b}; the "
                       f"{table_name} table shows those of the newest ({shown[b]}), --format csv lists all",
                       file=sys.stderr)
-        jobs = planner.plan(table_name, preset, datasets_=cols, seeds=seeds,
+        jobs = planner.plan(table_name, preset, datasets_=cols, seeds=ran,
                             init_weights=[f"{b}={f}" for b, f in sorted(shown.items())])
         by_hash = {j.hash: j for j in jobs}
         sec = Section(table_name, label, None, cols, {}, [], {})
@@ -162,7 +163,7 @@ def gather(table_name, store, preset_name=None, variants=None):
         out.append(sec)
     used = {r["hash"] for sec in out for r in sec.used}  # a job two presets share fills the other's cells
     for sec in out:
-        sec.stale = [r for r in sec.stale if r["hash"] not in used]
+        sec.stale = [r for r in sec.stale if r["hash"] not in used and (not seeds or r["seed"] in seeds)]
         other_file = [r for r in sec.stale if str(r["config"].get("init")).startswith("file:")
                       and r["config"]["init"] != sec.init_files.get(r["config"]["backbone"])]  # said above
         if len(sec.stale) > len(other_file):
@@ -361,7 +362,7 @@ def csv_rows(table_name, store, preset_name=None, seeds=None):
     """One row per job record the table uses (of `seeds` where given, as the other formats' cells): every config
     field flattened, seed, metric, status, wall time, images/s, hardware, package versions and commit."""
     recs = {}
-    for sec in gather(table_name, store, preset_name):
+    for sec in gather(table_name, store, preset_name, seeds=seeds):
         stale = {r["hash"] for r in sec.stale}
         for r in sec.used + sec.stale:
             if seeds and r["seed"] not in seeds:
@@ -386,7 +387,7 @@ def compare_rows(table_name, a, b, names, preset_name=None, seeds=None):
     """The compared cells as a long frame: one row per (preset, row, column) with both sides (a_*, b_*; the
     stores' paths in columns a and b) and the difference b - a."""
     out = []
-    for label, x, y in _paired(table_name, a, b, preset_name):
+    for label, x, y in _paired(table_name, a, b, preset_name, seeds):
         stats = [_cells(sec.df, seeds) if sec else {} for sec in (x, y)]
         for key in sorted(k for k in set(stats[0]) | set(stats[1])
                           if any(st.get(k, (0, 0, 0, 0))[2] or st.get(k, (0, 0, 0, 0))[3] for st in stats)):
@@ -408,14 +409,14 @@ def models(tables, store, preset_name=None, seeds=None, compare=None):
     for name in tables:
         spec = planner.table(name)
         if compare is None:
-            out += [build(spec, sec, seeds) for sec in gather(name, store, preset_name)]
+            out += [build(spec, sec, seeds) for sec in gather(name, store, preset_name, seeds=seeds)]
             continue
         (na, sa), (nb, sb) = compare
-        out += [build_compare(spec, x, y, (na, nb), seeds) for _, x, y in _paired(name, sa, sb, preset_name)]
+        out += [build_compare(spec, x, y, (na, nb), seeds) for _, x, y in _paired(name, sa, sb, preset_name, seeds)]
     return out
 
 
-def _paired(table_name, a, b, preset_name=None):
+def _paired(table_name, a, b, preset_name=None, seeds=None):
     """[(label, store A's Section or None, store B's)] for every preset variant with records in either store."""
     # both stores' variants for each: a job two recipes share (random init, under another pretraining's
     # epochs) has its record in A, though A never ran B's recipe
@@ -423,7 +424,8 @@ def _paired(table_name, a, b, preset_name=None):
     for store in (a, b):
         for k, recs in _variants(store, table_name).items():
             variants.setdefault(k, []).extend(recs)
-    sides = [{s.label: s for s in gather(table_name, store, preset_name, variants) if s.used} for store in (a, b)]
+    sides = [{s.label: s for s in gather(table_name, store, preset_name, variants, seeds) if s.used}
+             for store in (a, b)]
     return [(k, sides[0].get(k), sides[1].get(k)) for k in sorted(set(sides[0]) | set(sides[1]))]
 
 
