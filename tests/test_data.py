@@ -222,6 +222,10 @@ def test_a_folder_is_read_as_imagefolder_reads_it(root, tmp_path):
     assert len(files) == len(before) + 1 and deep / "deep.ppm" in files and classes == ["cat", "dog"]
     assert labels[files.index(deep / "deep.ppm")] == 0 and not any(f.name.startswith(".") for f in files)
     datasets.check_available(f"folder:{mine}")  # the hidden file is not read as an image
+    # links back up (os.walk follows them for ever: two such links hung bench) or to a folder already read
+    for link, to in (("self", "."), ("self2", "."), ("up", ".."), ("again", "a")):
+        (mine / "train" / "cat" / "a" / link).symlink_to(to if to != "a" else mine / "train" / "cat" / "a")
+    assert datasets.split_files(f"folder:{mine}", "train")[0] == files  # each image once
     (mine / "train" / "bird").symlink_to(tmp_path / "unmounted")
     with pytest.raises(UserError, match=r"train/bird links to .*unmounted, which is not there$"):
         datasets.split_files(f"folder:{mine}", "train")
@@ -363,3 +367,16 @@ def test_make_sin10k_from_a_train_folder_without_classes_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"train holds no class folders: --imagenet should hold train/<wnid>/\*\.JPEG$"):
         datasets.make_sin10k(tmp_path / "imagenet", tmp_path / "root", seed=0)
     assert not (tmp_path / "root").exists()
+
+
+def test_make_sin10k_lists_no_hidden_file_or_folder(tmp_path):
+    """macOS's ._name twins were picked as images (a sin10k job then failed on them, or dropped them and N was
+    wrong), and a hidden folder (.ipynb_checkpoints) counted as a class with too few images."""
+    train = tmp_path / "imagenet" / "train"
+    for i in range(10):
+        (train / "n01").mkdir(parents=True, exist_ok=True)
+        (train / "n01" / f"{i}.JPEG").touch()
+        (train / "n01" / f"._{i}.JPEG").touch()
+    (train / ".ipynb_checkpoints").mkdir()
+    listed = datasets.make_sin10k(tmp_path / "imagenet", tmp_path / "root", seed=0).read_text().splitlines()[1:]
+    assert sorted(listed) == [f"n01/{i}.JPEG" for i in range(10)]

@@ -163,8 +163,10 @@ def _image_folder(split_dir: Path):
     classes = [p.name for p in entries if p.is_dir()]
     files = []
     for c, name in enumerate(classes):
+        seen = {os.path.realpath(split_dir / name)}  # a link back up (or twice to one folder): walked once, not forever
         for top, dirs, names in os.walk(split_dir / name, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            dirs[:] = [d for d in sorted(dirs) if not d.startswith(".") and os.path.realpath(Path(top) / d) not in seen]
+            seen.update(os.path.realpath(Path(top) / d) for d in dirs)
             files += [(Path(top) / f, c) for f in sorted(names)
                       if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
     empty = sorted(set(classes) - {classes[c] for _, c in files})
@@ -218,8 +220,10 @@ def make_sin10k(imagenet: Path, root: Path, seed: int, per_class: int = 10) -> P
     rng = random.Random(seed)
     lines = []
     try:
-        for wnid in sorted(p.name for p in train.iterdir() if p.is_dir()):
-            files = sorted(f.name for f in (train / wnid).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        # hidden ones are not classes or images, as when the imagenet table reads the folder (macOS's ._name twins)
+        for wnid in sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            files = sorted(f.name for f in (train / wnid).iterdir()
+                           if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
             if len(files) < per_class:
                 raise UserError(f"{train / wnid} has {len(files)} images, fewer than {per_class}")
             lines += [f"{wnid}/{name}" for name in rng.sample(files, per_class)]
