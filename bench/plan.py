@@ -357,7 +357,7 @@ _RULES = {  # setting name -> (test, what it must be); checked wherever the name
                  "a list of dataset names, or a map of table -> list of dataset names"),
     "pretrain_data": (lambda v: isinstance(v, dict) and all(x is None or isinstance(x, str) for x in v.values()),
                       "a map of a row's pretraining set -> dataset name"),
-    "stream": (lambda v: v in (True, False, "auto"), "true, false or auto"),
+    "stream": (lambda v: isinstance(v, bool) or v == "auto", "true, false or auto"),  # not 1: 1 == True
     "memory_gb": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
     "workers": (lambda v: v is None or _is_int(v) and v >= 0, "a whole number >= 0"),
     "decode": (lambda v: v in ("auto", "pil", "device"), "auto, pil or device"),

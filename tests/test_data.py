@@ -305,6 +305,25 @@ def test_a_folder_whose_path_is_long_keeps_its_decoded_cache(root, tmp_path):
     assert torch.equal(first.images, again.images)
 
 
+def test_the_decoded_cache_is_one_per_split_and_follows_its_labels(root, tmp_path):
+    """Whole images (max_side) were decoded and kept once per stage size (Flowers three times at the paper's
+    224/256/512), a label file edited since (CUB's image_class_labels.txt) still gave the old labels, and a
+    folder named in 4-byte characters made a cache name over the 255-byte limit."""
+    import shutil
+
+    cache, mine = tmp_path / "cache", tmp_path / ("😀" * 60)
+    shutil.copytree(root / "mine", mine)
+    opts = dict(cache_dir=str(cache), max_side=64)
+    first = datasets.load(f"folder:{mine}", "train", 24, **opts)
+    assert datasets.load(f"folder:{mine}", "train", 32, **opts) is first and len(list(cache.iterdir())) == 1
+    (cached,) = cache.iterdir()
+    assert len(cached.name.encode()) < 255
+    files, labels, classes, meta = datasets.split_files(f"folder:{mine}", "train")
+    swapped = datasets.resident.load(f"folder:{mine}", "train", (files, [1 - v for v in labels], classes, meta),
+                                     0, False, str(cache), 64, {})
+    assert torch.equal(swapped.labels, 1 - first.labels) and torch.equal(swapped.images, first.images)
+
+
 @pytest.mark.parametrize("content", [b"# garbage header\nn01/a.JPEG\n", b"", b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary",
                                      b"# imagenet=/x seed=0 per_class=10\n"],
                          ids=["bad-header", "empty", "binary", "no-images"])

@@ -67,6 +67,7 @@ def test_a_bad_preset_file_is_named_with_its_key(tmp_path, content, words):
     ("finetune.stages.224.batch_size=0", ["finetune.stages.224.batch_size"]),
     ("finetune.mixing.parts=0", ["finetune.mixing.parts"]), ("pretrain.max_side=0", ["pretrain.max_side"]),
     ("finetune.drop_path=1.5", ["finetune.drop_path"]), ("data.decode=gpu", ["data.decode", "auto, pil or device"]),
+    ("data.stream=1", ["data.stream", "true, false or auto"]),  # 1 == True: accepted, then not streamed
     ("backbones.deit_tiny_patch16_224.kwargs.drop_path_rate=0.5", ["set by bench", "finetune.drop_path"]),
     ("backbones.deit_tiny_patch16_224.kwargs.img_size=32", ["set by bench", "finetune.resolution"]),
 ])

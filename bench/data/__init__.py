@@ -443,7 +443,6 @@ def _workers(workers):
     return workers if workers is not None else min(8, max(1, cpus // 2))
 
 
-@functools.lru_cache(maxsize=8)
 def load(spec: str, split: str, size: int, root: str | None = None, skip_bad: bool = False,
          cache_dir: str | None = None, max_side: int | None = None, stream="auto", memory_gb: float = 32.0,
          workers: int | None = None, decode: str = "auto"):
@@ -454,6 +453,13 @@ def load(spec: str, split: str, size: int, root: str | None = None, skip_bad: bo
     With max_side (training splits): every image whole, aspect ratio kept, longer side at most max_side, on a
     canvas with their sizes. Without (test splits): uint8 [N, 3, size, size] centre squares. Data that is not
     files (digits) is resident and square at `size` either way."""
+    if max_side and info(spec).reader is None:  # whole images: the stage's size plays no part (one split, not three)
+        size = 0
+    return _load(spec, split, size, root, skip_bad, cache_dir, max_side, stream, memory_gb, workers, decode)
+
+
+@functools.lru_cache(maxsize=8)
+def _load(spec, split, size, root, skip_bad, cache_dir, max_side, stream, memory_gb, workers, decode):
     d = info(spec)
     if d.reader is not None:
         return d.reader(root, split, size)

@@ -190,12 +190,13 @@ def load(spec, split, listing, size, skip_bad, cache_dir, max_side, how) -> Imag
     if cache_dir and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise UserError(f"{cache_dir} is not a directory: remove it, or run with --no-cache")
     if cache_dir:
-        key = [(str(f), *_stat(f)) for f in files] + [size, skip_bad, max_side]
+        # every file as it is now and the label it takes (a label file edited since: decoded again)
+        key = [(str(f), lab, *_stat(f)) for f, lab in zip(files, labels)] + [classes, size, skip_bad, max_side]
         stamp = hashlib.sha256(repr(key).encode()).hexdigest()
         shape = f"max{max_side}" if max_side else str(size)
-        # the spec's end names the file for people (a folder's whole path could pass the 255-byte limit); the
-        # stamp, of every file, tells the splits apart
-        readable = spec.replace('/', '_').replace(':', '_')[-60:]
+        # the spec's end names the file for people (a folder's whole path could pass the 255-byte limit: cut in
+        # bytes, not characters); the stamp, of every file, tells the splits apart
+        readable = spec.replace('/', '_').replace(':', '_').encode()[-60:].decode(errors="ignore")
         cache = Path(cache_dir) / f"{readable}-{split}-{shape}-{stamp[:16]}.pt"
         if cache.is_file():
             try:
