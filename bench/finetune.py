@@ -58,5 +58,6 @@ def run(cfg: dict, run_dir: Path, init: dict | None, data_opts: dict):
         return {}
     weights = models.export(model, cfg["backbone"], res)
     write_durably(run_dir / "weights.pt", lambda f: torch.save(weights, f))
-    return {"top1": top1(model, test, res, cfg["eval_resize"], cfg["precision"]), **training_metrics(last),
-            "train_size": len(train), "test_size": len(test), "data": {"train": train.meta, "test": test.meta}}
+    accuracy = top1(model, test, res, cfg["eval_resize"], cfg["precision"])
+    return {"top1": accuracy, **training_metrics(last), "train_size": train.kept("train"),
+            "test_size": test.kept("test"), "data": {"train": train.meta, "test": test.meta}}

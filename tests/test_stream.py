@@ -323,6 +323,16 @@ def test_a_streamed_split_names_an_unreadable_file_or_leaves_it_out_with_skip_ba
     assert len(lenient) == 13 and len(idx) == len(images) == 12
     assert str(lenient.files[4]).endswith("broken.JPEG") and 4 not in idx.tolist()
     assert "skipped: cannot read image" in capsys.readouterr().err
+    assert lenient.kept("test") == 12  # the record's test_size: the images read (it counted the file skipped)
+    # every image of a class unreadable: refused as the resident path refuses it (a top-1 over the other
+    # classes was recorded, without a word but the files' names)
+    for f in (root / "imagenet" / "val" / WNIDS[1]).iterdir():
+        f.write_bytes(b"junk")
+    emptied = datasets.load("imagenet", "test", 28, root=str(root), stream=True, skip_bad=True, workers=0,
+                            memory_gb=1.0)  # (another cache entry of load: not the split read above)
+    list(datasets.feed(emptied, torch.arange(len(emptied)), cpu).in_order(16))
+    with pytest.raises(UserError, match=f"imagenet test: no readable image of class '{WNIDS[1]}' is left once "):
+        emptied.kept("test")
 
 
 def _streamed_rank(rank, world, port, root, out):

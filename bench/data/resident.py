@@ -37,6 +37,18 @@ class ImageSet:
     def __len__(self):
         return len(self.labels)
 
+    def kept(self, split: str) -> int:
+        """How many images were read (a resident split leaves an unreadable file out as it decodes)."""
+        return len(self)
+
+
+def refuse_a_lost_class(spec, split, classes, labels, kept_labels, skipped):
+    """--skip-bad leaves every class at least one image: a class without one would still have its output and
+    count in the test, a number not earned."""
+    lost = sorted(set(labels) - set(kept_labels))
+    if lost:
+        raise UserError(f"{spec} {split}: no readable image of class {classes[lost[0]]!r} is left once unreadable "
+                        f"files are skipped ({skipped} skipped)")
 
 
 class ResidentFeed:
@@ -210,10 +222,7 @@ def load(spec, split, listing, size, skip_bad, cache_dir, max_side, how) -> Imag
     if not keep:
         raise UserError(f"{spec} {split}: no readable images")
     bad = [str(files[i]) for i, x in enumerate(decoded) if x is None]
-    lost = sorted(set(labels) - {labels[i] for i in keep})
-    if lost:  # a class without an image would still have its output and count in the test: a number not earned
-        raise UserError(f"{spec} {split}: no readable image of class {classes[lost[0]]!r} is left once unreadable "
-                        f"files are skipped ({len(bad)} skipped)")
+    refuse_a_lost_class(spec, split, classes, labels, [labels[i] for i in keep], len(bad))
     meta = {**meta, "files": len(files), "path": "resident", **({"skipped_bad_images": bad} if bad else {})}
     if max_side:
         images, sizes = canvas([decoded[i] for i in keep])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bench.data.resident import ResidentFeed, canvas, decode_file, shape_tensor
+from bench.data.resident import ResidentFeed, canvas, decode_file, refuse_a_lost_class, shape_tensor
 from bench.data.views import to_device
 from bench.errors import UserError
 
@@ -35,6 +35,15 @@ class StreamedSet:
 
     def __len__(self):
         return len(self.labels)
+
+    def kept(self, split: str) -> int:
+        """How many images were read, once a pass over the split has found its unreadable files (--skip-bad);
+        a class left with none is refused, as the resident path refuses it."""
+        skipped = set(self.meta.get("skipped_bad_images", []))
+        labels = self.labels.tolist()
+        kept = [lab for f, lab in zip(self.files, labels) if str(f) not in skipped]
+        refuse_a_lost_class(self.name, split, self.classes, labels, kept, len(skipped))
+        return len(kept)
 
     def on_device(self, dev) -> bool:
         return self.decoder == "device" or self.decoder == "auto" and dev.type == "cuda"

@@ -40,7 +40,7 @@ def pretrain(cfg, run_dir, data_opts):
         return {}
     weights = models.export(method.backbone(), cfg["backbone"], res)
     write_durably(run_dir / "weights.pt", lambda f: torch.save(weights, f))  # before the record says done
-    return {**engine.training_metrics(last), "train_size": len(train), "data": train.meta}
+    return {**engine.training_metrics(last), "train_size": train.kept("train"), "data": train.meta}
 
 
 def _init_weights(job, store):
