@@ -165,6 +165,21 @@ def _compile_choice(args):
     compiles(torch.device("cpu"))  # a bad $BENCH_COMPILE fails here, before any job
 
 
+def _say_remade_lists(jobs, todo, store, root):
+    """A list of files made again since a job read it (SIN-10k's, with another seed) is not in the job's hash,
+    which is planned without reading any data: its done jobs are named, so that numbers of the old list do not
+    pass for the new one's."""
+    pending, remade = {j.hash for j in todo}, {}
+    for j in jobs:
+        rec = None if j.hash in pending else store.get(j.hash)
+        read = (((rec or {}).get("metrics") or {}).get("data") or {}).get("list_sha256")
+        if read and read != datasets.list_digest(j.config["data"], root):
+            remade.setdefault(j.config["data"], []).append(j.short)
+    for spec, shorts in sorted(remade.items()):
+        print(f"bench: warning: {spec}'s list of files was made again since {n_jobs(len(shorts))} read it (done, "
+              f"kept): --rerun {' '.join(shorts)} trains on the new list", file=sys.stderr)
+
+
 def cmd_run(args):
     _compile_choice(args)
     if args.checkpoint_every is not None:  # job processes and SLURM tasks inherit the environment
@@ -213,6 +228,7 @@ def cmd_run(args):
         if not datasets.info(spec).has_test:
             raise UserError(f"--datasets {spec}: a pretraining set, with no test split to fine-tune and test on")
     done = len(runnable) - len(todo)
+    _say_remade_lists(runnable, todo, store, args.data_root)
     skipped = len(jobs) - len(runnable)
     why = sorted({j.skip for j in jobs if j.skip})
     if todo:

@@ -308,6 +308,14 @@ def test_the_imagenet_table_runs_streamed_end_to_end_and_fills_its_cells(tmp_pat
         method = "random init." if rec["config"]["init"] == "random" else "IDMM (SIN-10k)"
         row = next(line for line in rows if f"| {method} " in line)
         assert f"{100 * rec['metrics']['top1']:.1f} (" in row
+    # the list made again with another seed: not in the jobs' hashes (planned without reading data), so the
+    # run finds them done; it names the pretraining that read the old list (it said nothing)
+    assert main(["data", "make-sin10k", "--imagenet", str(data / "imagenet"), "--data-root", str(data),
+                 "--seed", "7"]) == 0
+    capsys.readouterr()
+    assert main(["run", *common]) == 0
+    err = capsys.readouterr().err
+    assert f"sin10k's list of files was made again since 1 job read it (done, kept): --rerun {pre['hash'][:10]}" in err
 
 
 def test_a_streamed_split_names_an_unreadable_file_or_leaves_it_out_with_skip_bad(tmp_path, capsys):

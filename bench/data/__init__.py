@@ -208,8 +208,18 @@ def _sin10k(root, split):
     classes = sorted({line.split("/")[0] for line in lines})
     index = {c: i for i, c in enumerate(classes)}
     files = [Path(meta["imagenet"]) / "train" / line for line in lines]
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return files, [index[line.split("/")[0]] for line in lines], classes, {**meta, "list_sha256": digest}
+    return files, [index[line.split("/")[0]] for line in lines], classes, {**meta, "list_sha256": _digest(path)}
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def list_digest(spec: str, root=None) -> str | None:
+    """The digest of the list of files a dataset reads, where one list names them (SIN-10k's), as its records
+    keep it (`list_sha256`); None where there is none, or it is not there."""
+    path = Path(_root_for(spec, root)) / SIN10K_LIST
+    return _digest(path) if info(spec).lister is _sin10k and path.is_file() else None
 
 
 def make_sin10k(imagenet: Path, root: Path, seed: int, per_class: int = 10) -> Path:
