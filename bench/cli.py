@@ -222,8 +222,9 @@ def cmd_run(args):
         return 0
     runnable = [j for j in jobs if not j.skip]
     todo = [j for j in runnable if j.hash in rerun or store.state(j.hash) != "done"]
+    cache_dir = _data_opts(args, preset)["cache_dir"]
     for spec in sorted({j.config["data"] for j in todo}):  # missing data fails here, before any training
-        datasets.check_available(spec, args.data_root, args.skip_bad)
+        datasets.check_available(spec, args.data_root, args.skip_bad, cache_dir)
     for spec in sorted({j.config["data"] for j in todo if j.config["stage"] == "finetune"}):
         if not datasets.info(spec).has_test:
             raise UserError(f"--datasets {spec}: a pretraining set, with no test split to fine-tune and test on")
@@ -575,7 +576,7 @@ def cmd_data_check(args):
         if missing:
             raise UserError(f"{d.name} {split}: {len(missing)} listed images are missing, e.g. {missing[0]}")
         found[split] = (len(files), len(set(labels)))
-    datasets.check_available(args.name, args.data_root)  # the same classes in train and test; a folder's images
+    datasets.check_available(args.name, args.data_root, open_all=True)  # the same classes in train and test
     if not d.train:  # the user's own folder: no paper split to compare with
         print(f"{d.name}: " + ", ".join(f"{s} {n} images / {c} classes" for s, (n, c) in found.items()))
         return 0

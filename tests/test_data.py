@@ -274,6 +274,40 @@ def test_unreadable_images_by_any_cause_are_one_line_and_skip_bad_never_empties_
         datasets.check_available(f"folder:{mine}", skip_bad=True)
 
 
+def test_a_folder_whose_every_image_opened_is_not_opened_again_until_a_file_changes(root, tmp_path):
+    """Every `bench run` opened every image of a folder again (ImageNet-sized: half an hour on one core): a
+    split whose images all opened is remembered under the cache by its files' names, sizes and times."""
+    import os
+    import shutil
+
+    mine, cache = tmp_path / "mine", tmp_path / "cache"
+    shutil.copytree(root / "mine", mine)
+    datasets.check_available(f"folder:{mine}", cache_dir=str(cache))
+    assert len(list(cache.glob("opened-*"))) == 2  # train and test
+    victim = next((mine / "train" / "cat").iterdir())
+    st = victim.stat()
+    victim.write_bytes(b"\0" * st.st_size)  # damaged, its size and time as before: the memo vouches for it
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    datasets.check_available(f"folder:{mine}", cache_dir=str(cache))
+    victim.write_bytes(b"\0")  # a file changed: opened again
+    with pytest.raises(UserError, match=f"^cannot read image {victim}: "):
+        datasets.check_available(f"folder:{mine}", cache_dir=str(cache))
+
+
+def test_data_check_opens_the_images_of_a_registered_dataset(root, tmp_path, monkeypatch, capsys):
+    """`bench data check cub200` compared split sizes and never opened an image (the README said it did): a
+    broken file was found mid-job, hours later."""
+    import shutil
+
+    from bench.cli import main
+
+    shutil.copytree(root / "CUB_200_2011", tmp_path / "CUB_200_2011")
+    broken = sorted((tmp_path / "CUB_200_2011" / "images").rglob("*.jpg"))[0]
+    broken.write_bytes(b"garbage")
+    assert main(["data", "check", "cub200", "--data-root", str(tmp_path)]) == 2
+    assert f"cannot read image {broken}" in capsys.readouterr().err
+
+
 def test_a_very_elongated_test_image_is_resized_from_the_region_it_shows(tmp_path):
     """Not whole (an 8000 x 1 image took 8 GB so): the same centre square, but for its edges, on both decoders."""
     import numpy as np

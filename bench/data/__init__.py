@@ -8,6 +8,7 @@ either way. `load` picks the path, `feed` is the engine's one way to get batches
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -15,6 +16,7 @@ import os
 import random
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -376,35 +378,54 @@ def check_listing(spec: str, root=None):
     return listed
 
 
-def check_available(spec: str, root=None, skip_bad=False):
+def check_available(spec: str, root=None, skip_bad=False, cache_dir=None, open_all=None):
     """Fail before any training when a dataset a plan needs cannot be found (its split files are read), or when
-    its train and test splits name different classes; a user's folder also when one of its images is unreadable
-    (unless skip_bad) or has pixels of no known scale."""
+    its train and test splits name different classes; when one of its images is unreadable (unless skip_bad) or
+    has pixels of no known scale. Images are opened (`open_all`, by default for a user's folder alone, which no
+    official split file vouches for) by a thread per core; with `cache_dir`, a split whose every file opened is
+    remembered there by its files' names, sizes and times, and not opened again (ImageNet's 1.28M would take
+    half an hour on one core before every run)."""
     d = info(spec)
     if d.lister is None:
         return
     listed = check_listing(spec, root)
-    if not d.train:  # a user's folder, checked whole before any job: every file decodes, in a faithful mode
-        from PIL import Image
+    if not (not d.train if open_all is None else open_all):
+        return
+    for split, (files, labels, classes, _) in listed.items():
+        key = [(str(f), *resident.file_stat(f)) for f in files]
+        memo = Path(cache_dir) / f"opened-{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}" if cache_dir else None
+        if memo is not None and memo.is_file():
+            continue
+        with ThreadPoolExecutor(max_workers=resident.usable_cpus()) as pool:
+            errors = list(pool.map(_open_error, files))
+        bad = [(f, e) for f, e in zip(files, errors) if e is not None]
+        if bad and not skip_bad:
+            raise UserError(f"{bad[0][1]} (bench run --skip-bad leaves such files out"
+                            + (f"; {len(bad) - 1} other files are unreadable too)" if len(bad) > 1 else ")"))
+        readable = {label for label, e in zip(labels, errors) if e is None}
+        lost = sorted(set(labels) - readable)
+        if lost:  # its output would still be trained and tested: a number not earned
+            raise UserError(f"{spec} {split}: no image of class {classes[lost[0]]!r} is readable, so --skip-bad "
+                            f"would leave the class empty")
+        if memo is not None and not bad:
+            with contextlib.suppress(OSError):  # a memo saves time only: a results folder it cannot write is no error
+                memo.parent.mkdir(parents=True, exist_ok=True)
+                memo.touch()
 
-        for split, (files, labels, classes, _) in listed.items():
-            readable = set()
-            for f, label in zip(files, labels):
-                try:
-                    with Image.open(f) as im:
-                        refuse_unknown_scale(im.mode, f)
-                        # a JPEG decoded at 1/8 scale: every byte of the file read, an eighth of the work
-                        im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-                        im.load()
-                    readable.add(label)
-                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, UserError) as e:
-                    if not skip_bad:  # (a UserError: pixels of no known scale, which decoding skips too)
-                        said = str(e) if isinstance(e, UserError) else f"cannot read image {f}: {e}"
-                        raise UserError(f"{said} (bench run --skip-bad leaves such files out)") from None
-            lost = sorted(set(labels) - readable)
-            if lost:  # its output would still be trained and tested: a number not earned
-                raise UserError(f"{spec} {split}: no image of class {classes[lost[0]]!r} is readable, so --skip-bad "
-                                f"would leave the class empty")
+
+def _open_error(f):
+    """Why the image file `f` cannot be decoded in a faithful mode, or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(f) as im:
+            refuse_unknown_scale(im.mode, f)
+            # a JPEG decoded at 1/8 scale: every byte of the file read, an eighth of the work
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+        return None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, UserError) as e:
+        return str(e) if isinstance(e, UserError) else f"cannot read image {f}: {e}"
 
 
 def split_files(spec: str, split: str, root=None):
@@ -449,8 +470,7 @@ def planned_path(spec: str, split: str, size: int, max_side: int | None, data_op
 
 def _workers(workers):
     """data.workers, or half the CPUs this process may run on (a SLURM job's allocation, not the node's)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return workers if workers is not None else min(8, max(1, cpus // 2))
+    return workers if workers is not None else min(8, max(1, resident.usable_cpus() // 2))
 
 
 def load(spec: str, split: str, size: int, root: str | None = None, skip_bad: bool = False,

@@ -180,6 +180,11 @@ def canvas(decoded):
     return out, sizes
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a SLURM job's allocation, not the node's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def decode_all(files, size, skip_bad, max_side=None):
     """Decode with a thread per core (PIL releases the GIL); a bad file stops everything unless skip_bad."""
     def one(f):
@@ -190,7 +195,7 @@ def decode_all(files, size, skip_bad, max_side=None):
                 return None
             raise
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
         return list(pool.map(one, files))
 
 
@@ -203,7 +208,7 @@ def load(spec, split, listing, size, skip_bad, cache_dir, max_side, how) -> Imag
         raise UserError(f"{cache_dir} is not a directory: remove it, or run with --no-cache")
     if cache_dir:
         # every file as it is now and the label it takes (a label file edited since: decoded again)
-        key = [(str(f), lab, *_stat(f)) for f, lab in zip(files, labels)] + [classes, size, skip_bad, max_side]
+        key = [(str(f), lab, *file_stat(f)) for f, lab in zip(files, labels)] + [classes, size, skip_bad, max_side]
         stamp = hashlib.sha256(repr(key).encode()).hexdigest()
         shape = f"max{max_side}" if max_side else str(size)
         # the spec's end names the file for people (a folder's whole path could pass the 255-byte limit: cut in
@@ -241,7 +246,7 @@ def load(spec, split, listing, size, skip_bad, cache_dir, max_side, how) -> Imag
     return out
 
 
-def _stat(f):
+def file_stat(f):
     try:
         st = os.stat(f)
         return st.st_size, st.st_mtime_ns
