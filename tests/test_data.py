@@ -143,6 +143,8 @@ def test_a_corrupt_jpeg_is_named_and_leaves_no_record(root, tmp_path):
     (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
     assert rec["metrics"]["data"]["train"]["skipped_bad_images"] == [str(victim)]
     assert rec["metrics"]["train_size"] == 5
+    assert f"bench: skipped: 1 unreadable file of folder:{bad} train (the record lists them), e.g. {victim}" \
+        in skipped.stderr  # said on the console as the streamed path says it (only the record had it)
 
 
 def test_download_offline_fails_with_one_line(tmp_path):
