@@ -435,3 +435,19 @@ def test_make_sin10k_lists_no_hidden_file_or_folder(tmp_path):
     (train / ".ipynb_checkpoints").mkdir()
     listed = datasets.make_sin10k(tmp_path / "imagenet", tmp_path / "root", seed=0).read_text().splitlines()[1:]
     assert sorted(listed) == [f"n01/{i}.JPEG" for i in range(10)]
+
+
+def test_imagenet_with_its_archive_s_flat_val_folder_says_how_to_sort_it(tmp_path):
+    """val/ as ILSVRC2012's archive has it (50,000 JPEGs, no <wnid>/ folders) read as a split of no class:
+    'different classes (only in train: ...; only in test: -)', with no word of why."""
+    import shutil
+
+    fixtures.imagenet(tmp_path)
+    val = tmp_path / "imagenet" / "val"
+    for f in list(val.rglob("*.JPEG")):
+        shutil.move(f, val / f.name)
+    for d in [d for d in val.iterdir() if d.is_dir()]:
+        d.rmdir()
+    with pytest.raises(UserError, match=r"val has no <class>/ folders: its images lie in it directly; .*sort it into "
+                                        r"val/<wnid>/ by the official validation ground truth\)$"):
+        datasets.check_available("imagenet", tmp_path)

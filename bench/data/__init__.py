@@ -163,6 +163,10 @@ def _image_folder(split_dir: Path):
     if broken:  # else a class would vanish without a word (an unmounted disk)
         raise UserError(f"{broken[0]} links to {os.readlink(broken[0])}, which is not there")
     classes = [p.name for p in entries if p.is_dir()]
+    if not classes:
+        loose = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in entries)
+        raise UserError(f"{split_dir} has no <class>/ folders" + (": its images lie in it directly; put each class's "
+                                                                  "in a folder of its own" if loose else ""))
     files = []
     for c, name in enumerate(classes):
         seen = {os.path.realpath(split_dir / name)}  # a link back up (or twice to one folder): walked once, not forever
@@ -188,7 +192,13 @@ def _imagenet(root, split):
     if not where.is_dir():
         raise UserError(f"{where} is missing: expected <wnid>/ folders of JPEGs there (the data root is --data-root "
                         f"or $BENCH_DATA_ROOT, default ~/data)")
-    return _image_folder(where)
+    try:
+        return _image_folder(where)
+    except UserError as e:
+        if split == "test" and "no <class>/ folders" in str(e):  # the official archive's val/ is flat
+            raise UserError(f"{e} (ImageNet's val/ as its archive has it: sort it into val/<wnid>/ by the official "
+                            f"validation ground truth)") from None
+        raise
 
 
 SIN10K_LIST = "sin10k/files.txt"
