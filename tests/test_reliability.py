@@ -285,18 +285,23 @@ def test_a_damaged_cache_is_rebuilt_and_a_file_named_cache_is_refused(tmp_path):
         fixtures.jpeg(tmp_path / "d" / "train" / "a" / f"{i}.jpg", i)
     (tmp_path / "d" / "test" / "a").mkdir(parents=True)
     spec, cache = f"folder:{tmp_path / 'd'}", tmp_path / "cache"
-    first = datasets.load.__wrapped__(spec, "train", 20, cache_dir=str(cache), max_side=64)
+
+    def uncached(**kwargs):  # past load's memory of the splits it read, to its cache file
+        datasets._load.cache_clear()
+        return datasets.load(spec, "train", 20, max_side=64, **kwargs)
+
+    first = uncached(cache_dir=str(cache))
     (kept,) = cache.glob("*.pt")
     kept.write_bytes(os.urandom(100))
-    again = datasets.load.__wrapped__(spec, "train", 20, cache_dir=str(cache), max_side=64)
+    again = uncached(cache_dir=str(cache))
     assert torch.equal(first.images, again.images)
     assert len(list(cache.glob("*.damaged-*"))) == 1 and len(list(cache.glob("*.pt"))) == 1
-    hit = datasets.load.__wrapped__(spec, "train", 20, cache_dir=str(cache), max_side=64, memory_gb=8)
+    hit = uncached(cache_dir=str(cache), memory_gb=8)
     assert torch.equal(first.images, hit.images)  # read from the cache, recorded with this job's data settings
     assert hit.meta["path"] == "resident" and hit.meta["memory_gb"] == 8 and first.meta["memory_gb"] == 32
     (tmp_path / "cachefile").write_text("x")
     with pytest.raises(UserError, match="is not a directory"):
-        datasets.load.__wrapped__(spec, "train", 20, cache_dir=str(tmp_path / "cachefile"), max_side=64)
+        uncached(cache_dir=str(tmp_path / "cachefile"))
 
 
 def test_a_lock_of_a_dead_owner_is_taken_over_and_a_live_one_is_not(tmp_path):
