@@ -194,6 +194,8 @@ def cmd_run(args):
                  if (k.startswith("slurm_") or k in ("wait", "array_parallelism")) and v not in (None, False, [])]
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} is for --launcher slurm (this run is local)")
+    elif args.jobs_per_gpu != 1:  # SLURM gives each job GPUs of its own
+        raise UserError("--jobs-per-gpu is for the local launcher (SLURM gives each job its own GPUs)")
     settings = _slurm_settings(args) if args.launcher == "slurm" else None  # checked in a dry run too
     preset, jobs = _jobs(args)
     if args.init_weights and not any(j.init_path for j in jobs):  # a file given for nothing may be a mistake
@@ -266,12 +268,16 @@ def cmd_run(args):
 def _refuse_what_slurm_has(store, todo):
     """A local run of jobs that SLURM has queued or running would train them twice (one after the other: the
     job's lock keeps them apart) and write over the notes bench status and cancel find them by. Where SLURM
-    cannot be asked (no sacct here: a store copied off the cluster), nothing is refused."""
+    cannot be asked (no sacct here: a store copied off the cluster), nothing is refused; where sacct is there
+    but fails (its database down), what SLURM has is not known: refused, saying so."""
     from bench.launch import slurm
 
     try:
         active = {h: info["job_id"] for h, (info, st) in slurm.slurm_states(store, [j.hash for j in todo]).items()
                   if st in slurm.ACTIVE}
+    except slurm.SacctFailed as e:
+        raise UserError(f"{e}: cannot tell whether SLURM has jobs of this run queued (they were sent there); run "
+                        f"again once sacct answers, or bench cancel them") from None
     except UserError:
         return
     if active:
@@ -302,13 +308,19 @@ def _run_slurm(args, preset, jobs, store, data_opts, settings, gpus):
     if not args.wait:
         return 1 if not_run else 0
     # the jobs are SLURM's now: leaving the wait (Ctrl-C, SIGTERM) leaves them queued and running, and says so
-    old = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    got = []
+
+    def stop(signum, frame):
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, stop)
     try:
         outcome = slurm.wait(store, [j.hash for j in jobs if not j.skip], lambda m: print(m, file=sys.stderr))
     except KeyboardInterrupt:
         print(f"bench: stopped waiting; the jobs go on in SLURM: `{follow}`, `bench cancel --results "
               f"{args.results}` to stop them, the same command with --wait to wait again", file=sys.stderr)
-        return 130
+        return 128 + (got[0] if got else signal.SIGINT)  # 143 for SIGTERM, as a local run stopped by it
     finally:
         signal.signal(signal.SIGTERM, old)
     bad = [h for h, o in outcome.items() if o != "done"]

@@ -199,7 +199,7 @@ class Store:
         write_durably(path, json.dumps(info, indent=1))
 
     _LAUNCH = {"launcher": str, "job_id": str, "submitted": (int, float), "stdout": str, "stderr": str, "log": str,
-               "job": dict}
+               "job": dict, "name": str}
 
     def launch(self, h):
         """What the launcher noted when it sent the job, or None: never sent, or a note that cannot be read or is

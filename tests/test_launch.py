@@ -277,6 +277,22 @@ def test_a_local_run_leaves_alone_the_jobs_slurm_has_queued(tmp_path, slurm_env)
         assert local_run.returncode == 2 and len(local_run.stderr.strip().splitlines()) == 1, local_run.stderr
         assert f"queued or running on SLURM (e.g. {pre.hash[:10]}, SLURM job {job_id})" in local_run.stderr
         assert store.launch(pre.hash)["job_id"] == job_id and not list((tmp_path / "results").glob("*.json"))
+        # sacct there but failing (a configuration it cannot use; on a cluster, its database down): what SLURM
+        # has queued is not known, and the local run is refused saying so (it trained, orphaning the SLURM jobs)
+        (tmp_path / "slurm.conf").write_text("ClusterName=x\n")
+        failing = subprocess.run([sys.executable, "-m", "bench", "run", "--table", "comparison", "--preset", "demo",
+                                  "--methods", "idmm", *FAST, "--results", str(tmp_path / "results")],
+                                 capture_output=True, text=True, env={**os.environ,
+                                                                      "SLURM_CONF": str(tmp_path / "slurm.conf")})
+        assert failing.returncode == 2 and len(failing.stderr.strip().splitlines()) == 1, failing.stderr
+        assert "sacct failed" in failing.stderr and "cannot tell whether SLURM has jobs of this run" in failing.stderr
+        # the note names the job as bench named it, and SLURM's job of that id has another name: not bench's (an
+        # id reused after the cluster was reset), so bench cancel leaves it alone (it scancelled it)
+        store.put_launch(pre.hash, launch_info(pre, launcher="slurm", job_id=job_id, name="bench-comparison"))
+        cancel = bench("cancel", "--results", str(tmp_path / "results"))
+        assert cancel.returncode == 0 and "cancelled 0 SLURM jobs" in cancel.stdout, cancel.stdout + cancel.stderr
+        assert subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                              text=True).stdout.strip() == "PENDING"
     finally:
         subprocess.run(["scancel", job_id], check=True)
 
@@ -291,7 +307,9 @@ def test_launch_flags_that_cannot_work_are_one_line_and_exit_2(tmp_path):
                         (["--launcher", "slurm", "--slurm-config", str(env_missing)], "no such file"),
                         (["--launcher", "slurm", "--slurm-config", str(bad_yaml)], "unknown setting 'parition'"),
                         (["--launcher", "slurm", "--gpus-per-job", "3", "--slurm-config", str(tmp_path / "ok.yaml")],
-                         "does not split evenly")]:
+                         "does not split evenly"),
+                        (["--launcher", "slurm", "--jobs-per-gpu", "2", "--slurm-config", str(tmp_path / "ok.yaml")],
+                         "--jobs-per-gpu is for the local launcher")]:  # it was silently ignored
         (tmp_path / "ok.yaml").write_text("time: 5\n")
         for dry in ([], ["--dry-run"]):  # a dry run refuses what the run would (it listed the jobs, exit 0)
             out = in_process("run", *res, *args, *dry)
@@ -351,7 +369,7 @@ def test_an_array_task_that_has_not_started_is_pending_not_lost():
 
 @pytest.mark.parametrize("text, key", [
     ("time: abc", "time"), ("time: -5", "time"), ("time: 1.5", "time"), ("time:", "time"), ("time: 0:30:00:00", "time"),
-    ("time: 0:00:00", "time"), ("time: 2:00", "time"),
+    ("time: 0:00:00", "time"), ("time: 2:00", "time"), ("time: 99999999999999999999", "time"), ("time: 366-0", "time"),
     ("setup: 5", "setup"), ("setup: [module load x, 3]", "setup"), ('cpus_per_job: "x"', "cpus_per_job"),
     ("cpus_per_job: 0", "cpus_per_job"), ("gpus_per_job: -1", "gpus_per_job"), ("gpus_per_job: true", "gpus_per_job"),
     ("array_parallelism: 0", "array_parallelism"), ("max_requeues: -1", "max_requeues"), ("mem: lots", "mem"),

@@ -69,7 +69,8 @@ def _minutes(v):
     else:  # minutes, or hours:minutes:seconds
         hours, minutes, seconds = parts if len(parts) == 3 else [0, parts[0], 0]
     total = int(m.group(1) or 0) * 1440 + hours * 60 + minutes + -(-seconds // 60)
-    return total if total >= 1 else None
+    # past a year: a typo, which SLURM would take as no limit at all (99999999999999999999 read as UNLIMITED)
+    return total if 1 <= total <= 365 * 1440 else None
 
 
 class _Loader(yaml.SafeLoader):
@@ -89,7 +90,8 @@ def _name(v):  # each goes on an #SBATCH line, which a newline would end; YAML r
 CHECKS = {
     **{k: (_name, "a name on one line") for k in ("partition", "account", "qos", "constraint")},
     "time": (lambda v: _minutes(v) is not None,
-             "minutes (a whole number >= 1), hours:minutes:seconds or days-hours[:minutes[:seconds]]"),
+             "minutes (a whole number >= 1), hours:minutes:seconds or days-hours[:minutes[:seconds]], "
+             "at most a year"),
     "gpus_per_job": (lambda v: v is None or _whole(0)(v), "a whole number >= 0"),
     "cpus_per_job": (lambda v: v is None or _whole(1)(v), "a whole number >= 1"),
     "mem": (lambda v: v is None or _whole(0)(v) or isinstance(v, str) and re.fullmatch(r"(\d+([KMGT]B?)?)?", v, re.I),
@@ -182,20 +184,28 @@ def ended_badly(rec, state):
     return state not in ("", "COMPLETED", "CANCELLED", *ACTIVE)
 
 
-def _sacct(ids):
+def _sacct(ids, names=None):
     """SLURM job id -> state. sacct is asked for the arrays' own ids: the tasks of an array that have not started
-    are one line (`698_[1-2%3]`) that it shows for the array alone, and submitit's reader expands it."""
+    are one line (`698_[1-2%3]`) that it shows for the array alone, and submitit's reader expands it. `names`
+    ({id: the job name bench gave it}): a job of that id under another name is not bench's (the id reused after
+    the cluster was reset, a store copied from another cluster): LOST, which bench cancel never scancels and
+    bench wait does not wait on."""
     if not ids:
         return {}
     if shutil.which("sacct") is None:
         raise UserError("sacct not found: this machine is not a SLURM client (see the README: .ci/slurm-cluster)")
     arrays = sorted({str(i).split("_")[0] for i in ids})
-    out = subprocess.run(["sacct", "-o", "JobID,State", "--parsable2", "-X", "-j", ",".join(arrays)],
+    out = subprocess.run(["sacct", "-o", "JobID,State,JobName", "--parsable2", "-X", "-j", ",".join(arrays)],
                          capture_output=True, text=True)
     if out.returncode:
-        raise UserError(f"sacct failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+        raise SacctFailed(f"sacct failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
     info = SlurmInfoWatcher().read_info(out.stdout)
-    return {jid: info[jid]["State"].split()[0] for jid in ids if jid in info}
+    ours = lambda jid: info[jid].get("JobName") == (names or {}).get(jid, info[jid].get("JobName"))  # noqa: E731
+    return {jid: info[jid]["State"].split()[0] if ours(jid) else "LOST" for jid in ids if jid in info}
+
+
+class SacctFailed(UserError):
+    """sacct is there but cannot answer (slurmdbd down): what SLURM has queued is not known."""
 
 
 def slurm_states(store, hashes):
@@ -203,7 +213,8 @@ def slurm_states(store, hashes):
     submitted) counts as PENDING for five minutes, then as LOST."""
     launched = {h: store.launch(h) for h in hashes}
     launched = {h: info for h, info in launched.items() if info and info.get("launcher") == "slurm"}
-    states = _sacct({info["job_id"] for info in launched.values()})
+    states = _sacct({info["job_id"] for info in launched.values()},  # (a note of an earlier version has no name)
+                    {info["job_id"]: info["name"] for info in launched.values() if "name" in info})
     out = {}
     for h, info in launched.items():
         state = states.get(info["job_id"])
@@ -305,7 +316,7 @@ def submit(jobs, store, preset_name, overrides, data_opts, settings, gpus_per_jo
 
     def record(job, sj):
         ids[job.hash] = sj.job_id
-        store.put_launch(job.hash, launch_info(job, launcher="slurm", job_id=sj.job_id,
+        store.put_launch(job.hash, launch_info(job, launcher="slurm", job_id=sj.job_id, name=name,
                                                stdout=str(sj.paths.stdout), stderr=str(sj.paths.stderr)))
 
     spec = lambda j: job_spec(j, store.root, preset_name, overrides, data_opts)  # noqa: E731
