@@ -297,6 +297,20 @@ def test_a_local_run_leaves_alone_the_jobs_slurm_has_queued(tmp_path, slurm_env)
         subprocess.run(["scancel", job_id], check=True)
 
 
+def test_the_pickled_slurm_task_unpickles_without_torch():
+    """submitit unpickles the task before it installs its signal handlers: a SIGUSR2 (pre-emption, time limit)
+    while torch was being imported for it killed the job (FAILED, its children cancelled) instead of requeueing."""
+    import cloudpickle
+
+    from bench.launch.slurm import Task
+
+    code = "import pickle, sys; pickle.load(sys.stdin.buffer); print(sorted({m.split('.')[0] for m in sys.modules}))"
+    out = subprocess.run([sys.executable, "-c", code], input=cloudpickle.dumps(Task({"job": {}})),
+                         capture_output=True, check=True)
+    loaded = out.stdout.decode()
+    assert "'bench'" in loaded and "'torch'" not in loaded and "'numpy'" not in loaded
+
+
 def test_launch_flags_that_cannot_work_are_one_line_and_exit_2(tmp_path):
     res = ["--results", str(tmp_path / "r"), "--preset", "demo", "--methods", "idmm"]
     env_missing = tmp_path / "nope.yaml"

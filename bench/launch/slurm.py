@@ -17,7 +17,6 @@ import io
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,10 +27,10 @@ import yaml
 from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import SlurmInfoWatcher
 
-from bench.engine import Interrupted
 from bench.errors import UserError, read_yaml
 from bench.errors import jobs as n_jobs
-from bench.launch import init_distributed, job_spec, launch_info, run_spec
+from bench.launch import job_spec, launch_info
+from bench.slurm_task import Task
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
           "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED"}
@@ -140,36 +139,6 @@ def load_settings(path=None, flags=None):
         if out[k] is not None:
             out[k] = str(out[k])
     return out
-
-
-class Task:
-    """The callable submitit pickles into the job: runs one job spec. Its `checkpoint` is submitit's requeue hook:
-    the training state is already on disk (the engine saved it), so requeueing means running the same spec."""
-
-    def __init__(self, spec):
-        self.spec = spec
-
-    def __call__(self):
-        env = submitit.JobEnvironment()
-        if os.environ.get("SLURM_CPUS_PER_TASK"):  # the CPUs SLURM gave us, not every core of a shared node
-            import torch
-            torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
-        if env.num_tasks > 1:  # one task per GPU; the port from the job id, so that two jobs on a node differ
-            port = 20000 + int("".join(c for c in str(env.job_id) if c.isdigit())[-6:]) % 20000
-            init_distributed(env.global_rank, env.num_tasks, env.local_rank, env.hostnames[0], port)
-        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: calls checkpoint(), `scontrol requeue`, exits
-        try:
-            record = run_spec(self.spec)
-        except Interrupted as e:
-            if e.signum == signal.SIGUSR2 and callable(requeue):
-                requeue(e.signum, None)
-            raise
-        if record is not None and record["status"] != "done":  # the SLURM job fails: afterok children never run
-            raise RuntimeError(f"job {record['hash'][:10]} failed: {record['error']}")
-        return None if record is None else record["hash"]
-
-    def checkpoint(self, *args, **kwargs):
-        return submitit.helpers.DelayedSubmission(Task(self.spec))
 
 
 def settled(rec, state):
