@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -204,9 +205,9 @@ def cmd_run(args):
     planner.check_models(jobs)
     store = Store(args.results)
     rerun = _rerun_set(args.rerun, jobs) if args.rerun else set()
-    if args.launcher == "slurm":  # the partition is asked for its nodes only when jobs are submitted
-        gpus = settings["gpus_per_job"] if args.gpus_per_job is None else args.gpus_per_job
-        if not args.dry_run:
+    if args.launcher == "slurm":  # the partition is asked for its nodes where SLURM can be asked (a dry run may
+        gpus = settings["gpus_per_job"] if args.gpus_per_job is None else args.gpus_per_job  # be off the cluster)
+        if not args.dry_run or shutil.which("sinfo"):
             from bench.launch import slurm
 
             node_cpus, node_gpus = slurm.partition_nodes(settings["partition"])

@@ -342,7 +342,10 @@ def test_what_sbatch_refuses_and_slurm_flags_of_a_local_run_are_one_line_and_exi
                         ([*slurm_env, "--slurm-cpus-per-job", "64"], "the nodes of the default partition have at most"),
                         (["--slurm-time", "10", "--results", str(tmp_path / "l")], "--slurm-time is for --launcher slurm"),
                         (["--wait", "--results", str(tmp_path / "l")], "--wait is for --launcher slurm"),
-                        ([*slurm_env, "--slurm-time", "abc", "--dry-run"], "--slurm-time 'abc'")]:
+                        ([*slurm_env, "--slurm-time", "abc", "--dry-run"], "--slurm-time 'abc'"),
+                        # a dry run on the cluster asks it too (the README says so; it listed the jobs, exit 0)
+                        ([*slurm_env, "--slurm-partition", "nosuch", "--dry-run"], "no such partition here"),
+                        ([*slurm_env, "--slurm-cpus-per-job", "64", "--dry-run"], "partition have at most")]:
         out = in_process("run", *res, *args)
         lines = out.stderr.strip().splitlines()  # sbatch is asked after the plan's line ("1 job, 0 done")
         assert out.returncode == 2 and len(lines) <= 2 and "Traceback" not in out.stderr, (args, out.stderr)
