@@ -311,6 +311,18 @@ def test_the_pickled_slurm_task_unpickles_without_torch():
     assert "'bench'" in loaded and "'torch'" not in loaded and "'numpy'" not in loaded
 
 
+def test_the_time_left_prices_each_job_by_its_stage_and_epochs():
+    """The mean of the finished jobs times the jobs left: after a 500-s pretraining, 8 minutes for a fine-tuning
+    that then took 38 s."""
+    from bench.launch import time_left
+
+    pre, fine = {"stage": "pretrain", "epochs": 20}, {"stage": "finetune", "epochs": 2}
+    assert time_left([fine], [], []) is None
+    assert time_left([fine], [], [(pre, 500)]) == pytest.approx(50)  # its stage has no pace yet: every stage's
+    assert time_left([fine, fine], [], [(pre, 500), (fine, 38)]) == pytest.approx(76)
+    assert time_left([fine], [pre], [(pre, 500), (fine, 38)], slots=2) == pytest.approx((38 + 250) / 2)
+
+
 def test_launch_flags_that_cannot_work_are_one_line_and_exit_2(tmp_path):
     res = ["--results", str(tmp_path / "r"), "--preset", "demo", "--methods", "idmm"]
     env_missing = tmp_path / "nope.yaml"

@@ -173,6 +173,22 @@ def job_spec(job, results, preset_name, overrides, data_opts):
             "overrides": list(overrides), "data_opts": data_opts or {}}
 
 
+def time_left(pending, running, finished, slots=1):
+    """Rough seconds until the `pending` jobs and the `running` ones (counted half done) end, `slots` at a time:
+    each job's epochs at the seconds per epoch of the finished jobs of its stage (of every stage until one of its
+    stage has finished), so that a long pretraining does not make a short fine-tuning look long. pending,
+    running: [job config]; finished: [(job config, seconds)]. None until a job has finished."""
+    rates = {}
+    for cfg, secs in finished:
+        rates.setdefault(cfg["stage"], []).append(secs / max(1, cfg["epochs"]))
+    every = [r for rs in rates.values() for r in rs]
+    if not every:
+        return None
+    per_epoch = {stage: sum(rs) / len(rs) for stage, rs in rates.items()}
+    cost = lambda cfg: per_epoch.get(cfg["stage"], sum(every) / len(every)) * cfg["epochs"]  # noqa: E731
+    return (sum(map(cost, pending)) + sum(map(cost, running)) / 2) / max(1, slots)
+
+
 def launch_info(job, **info):
     """What `bench status` shows of a job that has no record yet: where it went and what it is."""
     c = job.config

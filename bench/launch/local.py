@@ -19,7 +19,7 @@ import torch
 
 from bench import engine
 from bench.engine import Interrupted
-from bench.launch import execute, job_spec, launch_info, stop_on_signals
+from bench.launch import execute, job_spec, launch_info, stop_on_signals, time_left
 
 
 def visible_gpus():
@@ -54,7 +54,7 @@ def run(jobs, store, preset_name, overrides=(), data_opts=None, devices=None, jo
     if devices:
         return Queue(todo, store, job_spec_args=(preset_name, overrides, data_opts), devices=devices,
                      jobs_per_gpu=jobs_per_gpu, gpus_per_job=gpus_per_job, log=log).run()
-    failed, t0 = set(), time.time()
+    failed, finished = set(), []
     with stop_on_signals():
         for i, job in enumerate(todo, 1):
             if job.parent in failed:
@@ -66,8 +66,10 @@ def run(jobs, store, preset_name, overrides=(), data_opts=None, devices=None, jo
                 store.put_launch(job.hash, launch_info(job, launcher="local", pid=os.getpid()))
             except OSError:
                 pass  # execute names what keeps the job's folder from being made
+            t0 = time.time()
             rec = execute(job, store, preset_name, overrides, data_opts)
-            left = (time.time() - t0) / i * (len(todo) - i)  # jobs differ in length: a rough figure
+            finished.append((job.config, time.time() - t0))
+            left = time_left([j.config for j in todo[i:]], [], finished)
             log(f"[{i}/{len(todo)}] {_outcome(job, rec)}"
                 + (f"; about {left / 60:.1f} min left" if i < len(todo) else ""))
             if rec["status"] != "done":
@@ -138,7 +140,7 @@ class Queue:
         rec = self.store.get(h)
         if rec is not None and rec["status"] == "done":
             self.done.add(h)
-            self.walls.append(time.time() - t0)
+            self.walls.append((job.config, time.time() - t0))
             self.log(_outcome(job, rec))
         elif rec is not None:
             self.failed.add(h)
@@ -157,8 +159,9 @@ class Queue:
             line += f", {len(self.failed)} failed or not run"
         if self.walls and (left or self.running):
             slots = max(1, len(self.devices) * self.per_gpu // self.per_job)
-            mean = sum(self.walls) / len(self.walls)
-            line += f"; about {(left + len(self.running) / 2) * mean / slots / 60:.1f} min left"
+            secs = time_left([j.config for j in self.pending], [j.config for j, *_ in self.running.values()],
+                             self.walls, slots)
+            line += f"; about {secs / 60:.1f} min left"
         self.log(line)
 
     def run(self):

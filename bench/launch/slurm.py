@@ -29,7 +29,7 @@ from submitit.slurm.slurm import SlurmInfoWatcher
 
 from bench.errors import UserError, read_yaml
 from bench.errors import jobs as n_jobs
-from bench.launch import job_spec, launch_info
+from bench.launch import job_spec, launch_info, time_left
 from bench.slurm_task import Task
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -331,21 +331,23 @@ def wait(store, hashes, log, poll=5.0):
     last, t0 = None, time.time()
     while True:
         states = slurm_states(store, hashes)
-        outcome, walls = {}, []
+        outcome, walls, waiting = {}, [], {"running": [], "queued": []}
         for h in hashes:
             rec = store.get(h)
-            st = states.get(h, (None, "NOT SUBMITTED"))[1]
+            info, st = states.get(h, ({}, "NOT SUBMITTED"))
             if settled(rec, st):
                 outcome[h] = rec["status"]
-                walls += [rec.get("wall_time_s", 0)] if rec["status"] == "done" else []
+                walls += [(rec["config"], rec.get("wall_time_s", 0))] if rec["status"] == "done" else []
             else:
                 outcome[h] = "running" if st == "RUNNING" else "queued" if st in ACTIVE else st
+                if outcome[h] in waiting and "job" in info:  # its stage and epochs, noted when it was sent
+                    waiting[outcome[h]].append(info["job"])
         n = {k: sum(v == k for v in outcome.values()) for k in ("done", "failed", "running", "queued")}
         ended = len(hashes) - n["done"] - n["failed"] - n["running"] - n["queued"]
         line = f"jobs: {n['done']} done, {n['running']} running, {n['queued']} queued"
         line += f", {n['failed'] + ended} failed or not run" if n["failed"] + ended else ""
         if walls and n["running"] + n["queued"]:
-            left = (n["queued"] + n["running"] / 2) * sum(walls) / len(walls) / max(1, n["running"])
+            left = time_left(waiting["queued"], waiting["running"], walls, slots=n["running"])
             line += f"; about {left / 60:.1f} min left"
         if line != last:
             log(f"[{time.time() - t0:5.0f}s] {line}")
