@@ -386,7 +386,7 @@ def test_a_stop_while_waiting_for_a_lock_or_between_jobs_stops_there(tmp_path):
     import socket
 
     from bench import engine
-    from bench.launch import execute, local, stop_on_signals
+    from bench.launch import execute, launch_info, local, stop_on_signals
 
     preset = planner.load_preset("demo", ["pretrain.epochs=1", "finetune.epochs=1"])
     jobs = [j for j in planner.plan("comparison", preset, ["random"], None, None, [0, 1]) if not j.skip]
@@ -399,6 +399,13 @@ def test_a_stop_while_waiting_for_a_lock_or_between_jobs_stops_there(tmp_path):
         with stop_on_signals(), pytest.raises(engine.Interrupted, match="^stopped by signal SIGINT$"):
             engine.request_stop(signal.SIGINT)  # Ctrl-C while another run trains the job: no wait for it
             execute(jobs[0], store, "demo", data_opts={"cache_dir": None})
+        # a second run, waiting on that job, leaves the note of the process training it as it is (it wrote its
+        # own pid there)
+        store.put_launch(jobs[0].hash, launch_info(jobs[0], launcher="local", pid=sleeper.pid))
+        with pytest.raises(engine.Interrupted):
+            local.run(jobs[:1], store, "demo", data_opts={"cache_dir": None},
+                      log=lambda line: os.kill(os.getpid(), signal.SIGINT))
+        assert store.launch(jobs[0].hash)["pid"] == sleeper.pid
     finally:
         sleeper.kill()
     (store.run_dir(jobs[0].hash) / "lock").unlink()

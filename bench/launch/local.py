@@ -20,6 +20,7 @@ import torch
 from bench import engine
 from bench.engine import Interrupted
 from bench.launch import execute, job_spec, launch_info, stop_on_signals, time_left
+from bench.results import Lock
 
 
 def visible_gpus():
@@ -62,8 +63,9 @@ def run(jobs, store, preset_name, overrides=(), data_opts=None, devices=None, jo
                 log(f"[{i}/{len(todo)}] {job.short} not run: its parent {job.parent[:10]} failed")
                 continue
             log(f"[{i}/{len(todo)}] {_describe(job)}")
-            try:  # what `bench status` shows of it while it trains, or once stopped (its stage, method, data)
-                store.put_launch(job.hash, launch_info(job, launcher="local", pid=os.getpid()))
+            try:  # what `bench status` shows of it while it trains, or once stopped (its stage, method, data);
+                if not Lock(store.run_dir(job.hash)).holder():  # not over the note of the process training it
+                    store.put_launch(job.hash, launch_info(job, launcher="local", pid=os.getpid()))
             except OSError:
                 pass  # execute names what keeps the job's folder from being made
             t0 = time.time()
