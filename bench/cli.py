@@ -174,7 +174,8 @@ def _say_remade_lists(jobs, todo, store, root):
     for j in jobs:
         rec = None if j.hash in pending else store.get(j.hash)
         read = (((rec or {}).get("metrics") or {}).get("data") or {}).get("list_sha256")
-        if read and read != datasets.list_digest(j.config["data"], root):
+        now = datasets.list_digest(j.config["data"], root) if read else None  # (None: no list here to compare)
+        if read and now and read != now:
             remade.setdefault(j.config["data"], []).append(j.short)
     for spec, shorts in sorted(remade.items()):
         print(f"bench: warning: {spec}'s list of files was made again since {n_jobs(len(shorts))} read it (done, "
@@ -589,7 +590,7 @@ def cmd_data_check(args):
         if missing:
             raise UserError(f"{d.name} {split}: {len(missing)} listed images are missing, e.g. {missing[0]}")
         found[split] = (len(files), len(set(labels)))
-    datasets.check_available(args.name, args.data_root, open_all=True)  # the same classes in train and test
+    datasets.check_available(args.name, args.data_root, open_all=True)  # every image opened, classes compared
     if not d.train:  # the user's own folder: no paper split to compare with
         print(f"{d.name}: " + ", ".join(f"{s} {n} images / {c} classes" for s, (n, c) in found.items()))
         return 0

@@ -230,8 +230,8 @@ def load(spec, split, listing, size, skip_bad, cache_dir, max_side, how) -> Imag
     bad = [str(files[i]) for i, x in enumerate(decoded) if x is None]
     refuse_a_lost_class(spec, split, classes, labels, [labels[i] for i in keep], len(bad))
     if bad:  # as the streamed path names each file it skips
-        print(f"bench: skipped: {n_of(len(bad), 'unreadable file')} of {spec} {split} (the record lists them), e.g. {bad[0]}",
-              file=sys.stderr)
+        print(f"bench: skipped: {n_of(len(bad), 'unreadable file')} of {spec} {split} (the record lists them), "
+              f"e.g. {bad[0]}", file=sys.stderr)
     meta = {**meta, "files": len(files), "path": "resident", **({"skipped_bad_images": bad} if bad else {})}
     if max_side:
         images, sizes = canvas([decoded[i] for i in keep])
