@@ -226,9 +226,9 @@ def cmd_run(args):
         return 0
     runnable = [j for j in jobs if not j.skip]
     todo = [j for j in runnable if j.hash in rerun or store.state(j.hash) != "done"]
-    cache_dir = _data_opts(args, preset)["cache_dir"]
+    data_opts = _data_opts(args, preset)
     for spec in sorted({j.config["data"] for j in todo}):  # missing data fails here, before any training
-        datasets.check_available(spec, args.data_root, args.skip_bad, cache_dir)
+        datasets.check_available(spec, args.data_root, args.skip_bad, data_opts["cache_dir"])
     for spec in sorted({j.config["data"] for j in todo if j.config["stage"] == "finetune"}):
         if not datasets.info(spec).has_test:
             raise UserError(f"--datasets {spec}: a pretraining set, with no test split to fine-tune and test on")
@@ -257,7 +257,6 @@ def cmd_run(args):
     if done == len(runnable):
         print(("the job is" if done == 1 else f"all {done} jobs are") + " done; nothing to train", file=sys.stderr)
         return 0
-    data_opts = _data_opts(args, preset)
     if args.launcher == "slurm":
         return _run_slurm(args, preset, jobs, store, data_opts, settings, gpus)
     ran, failed = local.run(jobs, store, preset["name"], args.set, data_opts, devices=devices,

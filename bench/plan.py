@@ -582,7 +582,7 @@ def parse_init_weights(items, backbones, known):
         same = lambda a, b: Path(a).expanduser().resolve() == Path(b).expanduser().resolve()  # noqa: E731
         if not digest and name in out and not same(out[name], path):
             raise UserError(f"--init-weights: two files for {name}: {out[name]} and {path}; give one")
-        out[name] = path  # (records of two files for one backbone: the report plans the last one's jobs)
+        out[name] = path  # (the report re-plans with one digest a backbone: the newest file's records)
     return out
 
 

@@ -399,7 +399,7 @@ def check_available(spec: str, root=None, skip_bad=False, cache_dir=None, open_a
     if d.lister is None:
         return
     listed = check_listing(spec, root)
-    if not (not d.train if open_all is None else open_all):
+    if not (open_all if open_all is not None else not d.train):
         return
     for split, (files, labels, classes, _) in listed.items():
         key = [(str(f), *resident.file_stat(f)) for f in files]
