@@ -549,4 +549,6 @@ def predict(model, data, transform, batch_size=256, precision="bf16"):
         with autocast(dev, precision), torch.compiler.set_stance("force_eager"):
             out.append(model(transform(images)).argmax(1))
         idx.append(i)
+    if not idx:  # a streamed split none of whose images read (--skip-bad): the caller's `kept` says so
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     return torch.cat(idx).cpu(), torch.cat(out).cpu()  # read once at the end: no wait for the GPU per batch

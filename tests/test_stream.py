@@ -338,7 +338,15 @@ def test_a_streamed_split_names_an_unreadable_file_or_leaves_it_out_with_skip_ba
         f.write_bytes(b"junk")
     emptied = datasets.load("imagenet", "test", 28, root=str(root), stream=True, skip_bad=True, workers=0,
                             memory_gb=1.0)  # (another cache entry of load: not the split read above)
-    list(datasets.feed(emptied, torch.arange(len(emptied)), cpu).in_order(16))
+    # a batch an image each: those with none readable are left out (one stopped the evaluation), the others
+    # read, by either decoder; a training step with no image is refused in one line
+    for decode in ("pil", "device"):
+        emptied.decoder = decode
+        feed = datasets.feed(emptied, torch.arange(len(emptied)), cpu)
+        read = torch.cat([idx for idx, _ in feed.in_order(1)])
+        assert read.tolist() == [i for i, lab in enumerate(emptied.labels.tolist()) if lab != 1]
+        with pytest.raises(UserError, match="imagenet: --skip-bad left no image in a training batch of 1: "):
+            list(feed.epoch(torch.arange(len(emptied)), 0, len(emptied), 1))
     with pytest.raises(UserError, match=f"imagenet test: no readable image of class '{WNIDS[1]}' is left once "):
         emptied.kept("test")
 

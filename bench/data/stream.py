@@ -50,7 +50,7 @@ class StreamedSet:
 
     def _each(self, keys, one):
         """[(key, one(key))] of the keys whose file reads; with skip_bad an unreadable file is left out of its
-        batch (the feed names it, see StreamedFeed._note_skipped)."""
+        batch (the feed names it, see StreamedFeed._note_skipped), perhaps leaving none."""
         out = []
         for k in keys:
             try:
@@ -58,12 +58,13 @@ class StreamedSet:
             except UserError:
                 if not self.skip_bad:
                     raise
-        if not out:
-            raise UserError(f"{self.name}: no readable image in a batch of {len(keys)}")
         return out
 
     def _batch(self, pairs):
-        """(uint8 images, sizes or None, the rows) as the resident path holds them, from [(row, image)]."""
+        """(uint8 images, sizes or None, the rows) as the resident path holds them, from [(row, image)]; a batch
+        of none read is (None, None, no rows)."""
+        if not pairs:
+            return None, None, torch.zeros(0, dtype=torch.long)
         rows, decoded = zip(*pairs)
         images, sizes = canvas(decoded) if self.max_side else (torch.stack(decoded), None)
         return images, sizes, torch.tensor(rows)
@@ -85,11 +86,12 @@ class StreamedSet:
             except OSError as e:
                 raise UserError(f"cannot read image {self.files[i]}: {e.strerror}") from None
             return raw if raw[:3] == b"\xff\xd8\xff" else self._pil(i)
-        rows, items = zip(*self._each(indices.tolist(), one))
+        pairs = self._each(indices.tolist(), one)
+        rows, items = [r for r, _ in pairs], [x for _, x in pairs]
         jpegs = b"".join(x for x in items if isinstance(x, bytes))
         blob = torch.frombuffer(bytearray(jpegs), dtype=torch.uint8) if jpegs else torch.empty(0, dtype=torch.uint8)
         lengths = torch.tensor([len(x) if isinstance(x, bytes) else -1 for x in items])
-        return blob, lengths, [x for x in items if not isinstance(x, bytes)], torch.tensor(rows)
+        return blob, lengths, [x for x in items if not isinstance(x, bytes)], torch.tensor(rows, dtype=torch.long)
 
     def decode_on(self, dev, blob, lengths, others, rows):
         """`decode`'s batch from `read`'s, its JPEGs decoded on `dev` in one call and shaped there; a file that
@@ -148,7 +150,7 @@ class StreamedFeed(ResidentFeed):
     """The same batches, each decoded from its files in a DataLoader worker, in the permutation's order: a
     resumed epoch reads exactly the images it had not yet read."""
 
-    def _stream(self, chunks):
+    def _stream(self, chunks, training=True):
         on_device = self.data.on_device(self.dev)
         workers = self.data.workers
         self.data.meta["decoder"] = (f"torchvision on {self.dev}" if on_device  # the record says what decoded it
@@ -167,6 +169,11 @@ class StreamedFeed(ResidentFeed):
             for chunk, (images, sizes, idx) in zip(chunks, batches):
                 if len(idx) < len(chunk):
                     self._note_skipped(chunk, idx)
+                if not len(idx):  # evaluation leaves it out; a training step has no images to take instead
+                    if training:
+                        raise UserError(f"{self.data.name}: --skip-bad left no image in a training batch of "
+                                        f"{len(chunk)}: most of the split is unreadable (bench data check)")
+                    continue
                 yield (to_device(idx, self.dev), to_device(images, self.dev),
                        None if sizes is None else to_device(sizes, self.dev))
         except UserError as e:  # a worker's: torch re-raises it with the worker's whole traceback as its message
@@ -193,7 +200,7 @@ class StreamedFeed(ResidentFeed):
         yield from self._stream([self.rows[perm[s * bs:(s + 1) * bs]] for s in range(start, steps)])
 
     def in_order(self, bs):
-        for idx, images, _ in self._stream([self.rows[i:i + bs] for i in range(0, len(self.rows), bs)]):
+        for idx, images, _ in self._stream([self.rows[i:i + bs] for i in range(0, len(self.rows), bs)], False):
             yield idx, images
 
 
