@@ -16,7 +16,6 @@ import os
 import random
 import re
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -406,8 +405,7 @@ def check_available(spec: str, root=None, skip_bad=False, cache_dir=None, open_a
         memo = Path(cache_dir) / f"opened-{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}" if cache_dir else None
         if memo is not None and memo.is_file():
             continue
-        with ThreadPoolExecutor(max_workers=resident.usable_cpus()) as pool:
-            errors = list(pool.map(_open_error, files))
+        errors = resident.in_threads(_open_error, files)
         bad = [(f, e) for f, e in zip(files, errors) if e is not None]
         if bad and not skip_bad:
             raise UserError(f"{bad[0][1]} (bench run --skip-bad leaves such files out"

@@ -186,9 +186,25 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def in_threads(fn, items):
+    """[fn(x) for x in items] on a thread per usable CPU (PIL and file reads release the GIL). An error or Ctrl-C
+    ends it at once: the items not yet begun are dropped (a pool's own exit would first run every one of them,
+    minutes for ImageNet's files)."""
+    pool = ThreadPoolExecutor(max_workers=usable_cpus())
+    try:
+        return list(pool.map(fn, items))
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
 def decode_all(files, size, skip_bad, max_side=None):
-    """Decode with a thread per core (PIL releases the GIL); a bad file stops everything unless skip_bad."""
+    """Decode with a thread per core; a bad file stops everything unless skip_bad. A stop asked for by a signal
+    (a job's handlers only note it, see engine.request_stop) stops it too, not the first training step after it."""
+    from bench.engine import Interrupted, stop_requested  # (the engine imports this module)
+
     def one(f):
+        if stop_requested():
+            raise Interrupted(stop_requested(), saved=False)
         try:
             return decode_file(f, size, max_side)
         except UserError:
@@ -196,8 +212,7 @@ def decode_all(files, size, skip_bad, max_side=None):
                 return None
             raise
 
-    with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
-        return list(pool.map(one, files))
+    return in_threads(one, files)
 
 
 def load(spec, split, listing, size, skip_bad, cache_dir, max_side, how) -> ImageSet:
