@@ -350,7 +350,7 @@ _RULES = {  # setting name -> (test, what it must be); checked wherever the name
                "four numbers >= 0 (brightness, contrast, saturation, hue)"),
     "magnitude": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_is_int, v)) and 1 <= v[0] <= v[1] <= 9,
                   "[low, high], whole numbers with 1 <= low <= high <= 9"),
-    "ops": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
+    "ops": (lambda v: _is_int(v) and 0 <= v <= 16, "a whole number from 0 to 16"),  # the reference applies 2
     "crops": (lambda v: isinstance(v, list) and v and all(isinstance(g, dict) for g in v),
               "a list of crop groups ({count, size, scale})"),
     "datasets": (lambda v: v is None or _names(v) or isinstance(v, dict) and all(map(_names, v.values())),
@@ -359,7 +359,8 @@ _RULES = {  # setting name -> (test, what it must be); checked wherever the name
                       "a map of a row's pretraining set -> dataset name"),
     "stream": (lambda v: isinstance(v, bool) or v == "auto", "true, false or auto"),  # not 1: 1 == True
     "memory_gb": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
-    "workers": (lambda v: v is None or _is_int(v) and v >= 0, "a whole number >= 0"),
+    # processes started by every job that streams: a slip of the finger (1000) would start a thousand
+    "workers": (lambda v: v is None or _is_int(v) and 0 <= v <= 128, "null or a whole number from 0 to 128"),
     "decode": (lambda v: v in ("auto", "pil", "device"), "auto, pil or device"),
     **{k: (_unit, "a probability in [0, 1]") for k in ("flip", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "p")},
     **{k: (lambda v: _is_int(v) and v >= 1, "a whole number >= 1")

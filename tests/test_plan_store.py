@@ -162,6 +162,9 @@ def _refused(item):
     # settings under a name no method has: accepted, and IDMM trained with its label smoothing unchanged
     ("methods.idmmm={label_smoothing: 0}", ["methods.idmmm: no method of that name (did you mean idmm?)"]),
     ("methods.idmmm.label_smoothing=0", ["methods.idmmm: no method of that name (did you mean idmm?)"]),
+    # a process each (a thousand of them started by every streaming job), an op each per image and step
+    ("data.workers=1000", ["data.workers: expected null or a whole number from 0 to 128, got 1000"]),
+    ("finetune.views.randaugment.ops=100000", ["a whole number from 0 to 16, got 100000"]),
 ])
 def test_a_set_item_that_would_change_nothing_or_fail_later_is_refused_by_name(item, words):
     msg = _refused(item)
