@@ -312,15 +312,11 @@ class Lock:
             os.rename(self.path, moved)
         except FileNotFoundError:
             return True
-        if moved.read_bytes() == body:
-            moved.unlink(missing_ok=True)
-            return True
-        try:
-            os.link(moved, self.path)
-        except FileExistsError:
-            pass
+        there = moved.read_bytes()
+        if there != body:  # put back the lock another process took meanwhile, unless a third has taken it since
+            self._create(there)  # (as a lock is created: with or without hard links)
         moved.unlink(missing_ok=True)
-        return False
+        return there == body
 
     def holder(self):
         """Who holds the lock now ("host:pid"), or None when no live owner does."""
