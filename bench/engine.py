@@ -321,7 +321,7 @@ def _readable_checkpoint(path: Path, model: Method, opt, dev, main: bool):
     ck = None
     if path.exists():
         try:
-            ck = torch.load(path, map_location="cpu", weights_only=False)
+            ck = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(ck, dict) or not {"model", "optimizer", "epoch", "step"} <= set(ck):
                 raise ValueError("not a training checkpoint")
             own = model.state_dict()
@@ -353,7 +353,7 @@ def checkpoint_position(path: Path):
     """(epoch, step) the training checkpoint at `path` resumes from, or None where there is none to read; its
     tensors are mapped, not read, so a status of many jobs does not load their weights."""
     try:
-        ck = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        ck = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         return int(ck["epoch"]), int(ck["step"])
     except Exception:
         return None

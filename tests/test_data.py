@@ -358,6 +358,9 @@ def test_the_decoded_cache_is_one_per_split_and_follows_its_labels(root, tmp_pat
     swapped = datasets.resident.load(f"folder:{mine}", "train", (files, [1 - v for v in labels], classes, meta),
                                      0, False, str(cache), 64, {})
     assert torch.equal(swapped.labels, 1 - first.labels) and torch.equal(swapped.images, first.images)
+    again = datasets.resident.load(f"folder:{mine}", "train", (files, labels, classes, meta), 0, False, str(cache),
+                                   64, {})  # read from its file (tensors and plain data only), not set aside
+    assert torch.equal(again.images, first.images) and len(list(cache.iterdir())) == 2
 
 
 @pytest.mark.parametrize("content", [b"# garbage header\nn01/a.JPEG\n", b"", b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary",

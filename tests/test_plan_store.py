@@ -257,8 +257,26 @@ def test_init_weights_files_are_checked_against_their_backbone_before_any_job(tm
     with pytest.raises(UserError, match=rf"^--init-weights {tmp_path}/distilled.pth: .* pos_embed \[1, {tokens}, 64\] where"):
         check(tmp_path / "distilled.pth")
     (tmp_path / "junk.pth").write_bytes(b"weights")
-    with pytest.raises(UserError, match="^cannot read weights file .*junk.pth"):
+    with pytest.raises(UserError, match=r"^cannot read weights file .*junk.pth: not a file torch.save wrote \(.+\)$"):
         check(tmp_path / "junk.pth")
+    # a research script's checkpoint: its arguments beside the weights, read; a file whose unpickling would run
+    # a command is refused without running it (it was unpickled whole)
+    import argparse
+    import os
+
+    torch.save({"model": torch.load(tmp_path / "w64.pth"), "args": argparse.Namespace(lr=5e-4)},
+               tmp_path / "with-args.pth")
+    check(tmp_path / "with-args.pth")
+    ran = tmp_path / "ran"
+
+    class Command:
+        def __reduce__(self):
+            return os.system, (f"touch {ran}",)
+
+    torch.save({"model": torch.load(tmp_path / "w64.pth"), "hook": Command()}, tmp_path / "evil.pth")
+    with pytest.raises(UserError, match=r"evil.pth holds Python objects besides weights \((posix|os).system\), "):
+        check(tmp_path / "evil.pth")
+    assert not ran.exists()
     with pytest.raises(UserError, match=f"^--init-weights: two files for {name}: "):
         planner.plan("sota", demo, methods=["in_supervised"],
                      init_weights=[f"{name}={tmp_path / 'w64.pth'}", f"{name}={tmp_path / 'w32.pth'}"])

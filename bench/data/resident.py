@@ -233,7 +233,7 @@ def load(spec, split, listing, size, skip_bad, cache_dir, max_side, how) -> Imag
         cache = Path(cache_dir) / f"{readable}-{split}-{shape}-{stamp[:16]}.pt"
         if cache.is_file():
             try:
-                c = torch.load(cache, weights_only=False)
+                c = torch.load(cache, weights_only=True)
                 meta = {**c["meta"], **how, "path": "resident"}  # an older cache lacks the path
                 return ImageSet(c["images"], c["labels"], c["classes"], spec, meta, c.get("sizes"))
             except Exception as e:  # cut short or overwritten: decoded again below

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import socket
 
 import timm
@@ -77,8 +78,21 @@ def imagenet_weights(name):
 
 def read_weights(path, name):
     """A weights file: one of ours, or a plain state dict (optionally under 'model' / 'state_dict'), taken as `name`."""
+    import argparse
+    import pickle
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        # tensors and plain data only: unpickling anything else runs code the file names. The argparse.Namespace
+        # that research scripts save beside their weights (an "args" entry) is plain data too.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's text runs to many lines: the gist of it
+        what = re.search(r"GLOBAL (\S+)", str(e))
+        if what:
+            raise UserError(f"{path} holds Python objects besides weights ({what[1]}), which bench does not "
+                            f"unpickle: save its state dict alone (torch.save(obj['model'], ...))") from None
+        why = str(e).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
+        raise UserError(f"cannot read weights file {path}: not a file torch.save wrote ({why})") from None
     except Exception as e:  # missing, cut short, not a torch file: whatever it is, it cannot be used
         raise UserError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
     if isinstance(obj, dict) and "backbone" in obj and "state_dict" in obj:
