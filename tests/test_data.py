@@ -321,9 +321,25 @@ def test_a_very_elongated_test_image_is_resized_from_the_region_it_shows(tmp_pat
     Image.fromarray(pixels).save(tmp_path / "strip.png")
     got = decode_file(tmp_path / "strip.png", 256)
     whole = Image.fromarray(pixels).resize((17920, 256), Image.BICUBIC).crop((8832, 0, 9088, 256))
-    diff = (got.int() - torch.from_numpy(np.asarray(whole)).permute(2, 0, 1).int()).abs()
+    diff = (got.int() - torch.from_numpy(np.array(whole)).permute(2, 0, 1).int()).abs()
     assert got.shape == (3, 256, 256) and diff[:, :, 8:-8].max() <= 1 and diff.float().mean() < 1
     assert torch.equal(shape_tensor(torch.from_numpy(pixels).permute(2, 0, 1), 256, None), got)
+
+
+@pytest.mark.parametrize("h,w", [(300, 1), (40, 1), (1, 300), (2, 700)])
+def test_an_image_a_pixel_wide_is_shaped_on_the_device_as_pil_shapes_it(tmp_path, h, w):
+    """torch's antialiased resize of a tensor one pixel wide was off by up to 200 levels (the device decoder's)."""
+    import numpy as np
+    from PIL import Image
+
+    from bench.data.resident import decode_file, shape_tensor
+
+    pixels = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "line.png")
+    for size, max_side in ((0, 16), (0, 64), (24, None)):
+        pil = decode_file(tmp_path / "line.png", size, max_side)
+        dev = shape_tensor(torch.from_numpy(pixels).permute(2, 0, 1), size, max_side)
+        assert pil.shape == dev.shape and (pil.int() - dev.int()).abs().max() <= 1, (size, max_side)
 
 
 def test_a_folder_whose_path_is_long_keeps_its_decoded_cache(root, tmp_path):

@@ -140,8 +140,14 @@ def shape_tensor(x: torch.Tensor, size: int, max_side: int | None) -> torch.Tens
         im = im.resize((box[2] - box[0], box[3] - box[1]), Image.BICUBIC, box=region)
         return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).to(x.device)
     if (nw, nh) != (w, h):
-        x = F.interpolate(x[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
+        # torch's antialiased resize of a tensor 1 pixel wide is wrong (off by up to 200 levels from PIL's, which
+        # it matches otherwise): such an image is resized transposed, its height as a width
+        t = w == 1 and h > 1
+        x = x.transpose(1, 2) if t else x
+        x = F.interpolate(x[None].float(), size=(nw, nh) if t else (nh, nw), mode="bicubic", antialias=True,
+                          align_corners=False)[0]
         x = x.round_().clamp_(0, 255).to(torch.uint8)
+        x = x.transpose(1, 2).contiguous() if t else x
     if box is not None:
         x = x[:, box[1]:box[3], box[0]:box[2]]
     return x
