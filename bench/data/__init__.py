@@ -387,17 +387,17 @@ def check_listing(spec: str, root=None):
     return listed
 
 
-def check_available(spec: str, root=None, skip_bad=False, cache_dir=None, open_all=None):
+def check_available(spec: str, root=None, skip_bad=False, cache_dir=None, open_all=None, listed=None):
     """Fail before any training when a dataset a plan needs cannot be found (its split files are read), or when
     its train and test splits name different classes; when one of its images is unreadable (unless skip_bad) or
     has pixels of no known scale. Images are opened (`open_all`, by default for a user's folder alone, which no
     official split file vouches for) by a thread per core; with `cache_dir`, a split whose every file opened is
     remembered there by its files' names, sizes and times, and not opened again (ImageNet's 1.28M would take
-    half an hour on one core before every run)."""
+    half an hour on one core before every run). `listed`: check_listing's result, where the caller has it."""
     d = info(spec)
     if d.lister is None:
         return
-    listed = check_listing(spec, root)
+    listed = listed or check_listing(spec, root)
     if not (open_all if open_all is not None else not d.train):
         return
     for split, (files, labels, classes, _) in listed.items():
