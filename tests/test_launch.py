@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -263,9 +264,10 @@ def test_slurm_failed_job_shows_in_status_with_its_error(tmp_path, slurm_env):
 def test_a_local_run_leaves_alone_the_jobs_slurm_has_queued(tmp_path, slurm_env):
     """A job queued on SLURM (held here, so that it stays queued) is not trained by a local run of the same
     table, which would train it twice and write over the note bench status and cancel find it by."""
-    from bench.launch import launch_info
+    from bench.launch import launch_info, slurm
 
     pre = next(j for j in _plan(["idmm"], FAST[1::2]) if j.config["stage"] == "pretrain")
+    lines, waiter = [], None
     out = subprocess.run(["sbatch", "--parsable", "--hold", "-J", "bench-held", "--wrap", "true"],
                          capture_output=True, text=True, check=True)
     job_id = out.stdout.strip().split(";")[0]
@@ -293,8 +295,19 @@ def test_a_local_run_leaves_alone_the_jobs_slurm_has_queued(tmp_path, slurm_env)
         assert cancel.returncode == 0 and "cancelled 0 SLURM jobs" in cancel.stdout, cancel.stdout + cancel.stderr
         assert subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
                               text=True).stdout.strip() == "PENDING"
+        # held, it shows so, and --wait's line says how to release it (it waited as for any queued job)
+        store.put_launch(pre.hash, launch_info(pre, launcher="slurm", job_id=job_id, name="bench-held"))
+        status = bench("status", "--results", str(tmp_path / "results"))
+        assert f"{pre.short} " in status.stdout and " held " in status.stdout, status.stdout
+        waiter = threading.Thread(target=slurm.wait, args=(store, [pre.hash], lines.append, 0.2))
+        waiter.start()
+        _wait_for(lambda: lines, 30, "a progress line")
+        assert lines[0].endswith(f"jobs: 0 done, 0 running, 1 queued (1 held: scontrol release {job_id})"), lines
     finally:
         subprocess.run(["scancel", job_id], check=True)
+    if waiter:
+        waiter.join(60)
+        assert not waiter.is_alive() and "1 failed or not run" in lines[-1], lines
 
 
 def test_the_pickled_slurm_task_unpickles_without_torch():
@@ -388,7 +401,7 @@ def test_an_array_task_that_has_not_started_is_pending_not_lost():
                          capture_output=True, text=True, check=True)
     array = out.stdout.strip().split(";")[0]
     try:
-        want = {f"{array}_0": "PENDING", f"{array}_1": "PENDING"}  # once slurmdbd has it (a second or so)
+        want = {f"{array}_0": "HELD", f"{array}_1": "HELD"}  # once slurmdbd has it (a second or so)
         _wait_for(lambda: _sacct(set(want)) == want, 60, f"sacct to show {want}")
     finally:
         subprocess.run(["scancel", array], check=True)

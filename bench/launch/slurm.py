@@ -32,7 +32,8 @@ from bench.errors import jobs as n_jobs
 from bench.launch import job_spec, launch_info, time_left
 from bench.slurm_task import Task
 
-ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+# HELD: PENDING held back (scontrol hold, sbatch --hold, an admin) until someone releases it; not a SLURM state
+ACTIVE = {"PENDING", "HELD", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
           "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED"}
 
 # --slurm-config / ~/.config/bench/slurm.yaml keys (and the --slurm-* flags that override them)
@@ -164,13 +165,17 @@ def _sacct(ids, names=None):
     if shutil.which("sacct") is None:
         raise UserError("sacct not found: this machine is not a SLURM client (see the README: .ci/slurm-cluster)")
     arrays = sorted({str(i).split("_")[0] for i in ids})
-    out = subprocess.run(["sacct", "-o", "JobID,State,JobName", "--parsable2", "-X", "-j", ",".join(arrays)],
+    out = subprocess.run(["sacct", "-o", "JobID,State,JobName,Reason", "--parsable2", "-X", "-j", ",".join(arrays)],
                          capture_output=True, text=True)
     if out.returncode:
         raise SacctFailed(f"sacct failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
     info = SlurmInfoWatcher().read_info(out.stdout)
     ours = lambda jid: info[jid].get("JobName") == (names or {}).get(jid, info[jid].get("JobName"))  # noqa: E731
-    return {jid: info[jid]["State"].split()[0] if ours(jid) else "LOST" for jid in ids if jid in info}
+
+    def state(i):  # (held: JobHeldUser, JobHeldAdmin; a requeued job SLURM holds back is REQUEUE_HOLD already)
+        st = i["State"].split()[0]
+        return "HELD" if st == "PENDING" and i.get("Reason", "").startswith("JobHeld") else st
+    return {jid: state(info[jid]) if ours(jid) else "LOST" for jid in ids if jid in info}
 
 
 class SacctFailed(UserError):
@@ -344,7 +349,9 @@ def wait(store, hashes, log, poll=5.0):
                     waiting[outcome[h]].append(info["job"])
         n = {k: sum(v == k for v in outcome.values()) for k in ("done", "failed", "running", "queued")}
         ended = len(hashes) - n["done"] - n["failed"] - n["running"] - n["queued"]
+        held = sorted({info["job_id"].split("_")[0] for info, st in states.values() if st == "HELD"})
         line = f"jobs: {n['done']} done, {n['running']} running, {n['queued']} queued"
+        line += f" ({len(held)} held: scontrol release {','.join(held)})" if held else ""
         line += f", {n['failed'] + ended} failed or not run" if n["failed"] + ended else ""
         if walls and n["running"] + n["queued"]:
             left = time_left(waiting["queued"], waiting["running"], walls, slots=n["running"])
