@@ -134,6 +134,51 @@ def test_a_failed_cell_says_failed_with_its_reason_and_the_gap_summary(tmp_path)
     assert r"failed\textsuperscript{1}" in tex and r"$\approx$" in tex
 
 
+def test_a_cell_some_of_whose_seeds_failed_or_have_not_run_says_so(tmp_path):
+    """It read as a cell like any other: the mean of the seeds that finished, without n or the failure."""
+    store = Store(tmp_path)
+    _fill(store, "comparison", "paper", {"deit_tiny/idmm": 0.80, "deit_tiny/random": 0.5}, seed=0,
+          datasets=["flowers102"])
+    _fill(store, "comparison", "paper", {"deit_tiny/idmm": "out of memory", "deit_tiny/random": 0.52}, seed=1,
+          datasets=["flowers102"])
+    _fill(store, "comparison", "paper", {"deit_tiny/random": 0.54}, seed=2, datasets=["flowers102"])
+    md = report.render("comparison", store, "markdown")
+    assert "80.0 (n=1 of 3)[1] (79.9) =" in next(line for line in md.splitlines() if "IDMM" in line)
+    assert "[1] failed: deit_tiny/idmm on flowers102: 1 of 3 seeds: out of memory" in md
+    assert "52.0 ± 2.0 (n=3) (58.1) -6.1" in next(line for line in md.splitlines() if "random init" in line)
+    assert "80.0 (79.9) =" in report.render("comparison", store, "markdown", seeds=[0])
+
+
+def test_compare_pairs_the_seeds_both_stores_finished(tmp_path, monkeypatch):
+    """B, a copy of A without its seed 1, differed from it by seed 1's result alone."""
+    from bench.cli import main
+
+    a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
+    for store, seeds in ((a, (0, 1)), (b, (0,))):
+        for seed in seeds:
+            _fill(store, "comparison", "demo", {"deit_tiny/idmm": 0.40 + 0.05 * seed}, seed=seed)
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--compare", "a", "b", "--out", "c.md"]) == 0
+    md = (tmp_path / "c.md").read_text()
+    assert "42.5 ± 3.5 (n=2) → 40.0 (n=1 of 2) =" in next(line for line in md.splitlines() if "IDMM" in line)
+    assert "1 cell where one store has seeds the other has not: the differences are over the seeds both" in md
+    assert main(["report", "--compare", "a", "b", "--format", "csv", "--out", "c.csv"]) == 0
+    row = pd.read_csv(tmp_path / "c.csv").set_index("row").loc["deit_tiny/idmm"]
+    assert row["difference"] == pytest.approx(0.0) and row["seeds_in_both"] == 1
+
+
+def test_two_blocks_of_one_backbone_are_two_groups_and_extra_columns_keep_the_paper_s_order(tmp_path):
+    tex = report.render("imagenet", Store(tmp_path / "empty"), "latex")
+    body = tex.split("\\midrule", 1)[1]
+    assert body.count("\\midrule") >= 1 and "block 2" in body.split("\\midrule")[-1], tex
+    store = Store(tmp_path / "s")
+    _fill(store, "comparison", "demo", {"deit_tiny/idmm": 0.4},
+          datasets=["indoor67", "cub200", f"folder:{tmp_path}/a|b"])
+    md = report.render("comparison", store, "markdown")
+    header = next(line for line in md.splitlines() if line.startswith("| Backbone"))
+    assert header.index("indoor67") < header.index("cub200") < header.index("a\\|b")  # a | escaped: one cell
+
+
 def test_a_cell_whose_pretraining_failed_says_failed_with_the_pretrainings_reason(tmp_path):
     store = Store(tmp_path)
     jobs = planner.plan("comparison", planner.load_preset("paper"), ["simclr"], ["flowers102"], None, [0])

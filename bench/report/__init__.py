@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import unicodedata
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -107,7 +108,9 @@ def gather(table_name, store, preset_name=None, variants=None, seeds=None):
             continue
         ran = sorted({r["seed"] for r in recs}) or [0]
         cols = planner.columns(planner.table(table_name), preset)
-        cols += sorted({r["config"]["data"] for r in recs if r["stage"] == "finetune"} - set(cols))
+        paper_order = {c: i for i, c in enumerate(planner.table(table_name)["columns"])}  # then by name
+        cols += sorted({r["config"]["data"] for r in recs if r["stage"] == "finetune"} - set(cols),
+                       key=lambda c: (paper_order.get(c, len(paper_order)), c))
         # records of two --init-weights files for one backbone are two recipes of its "IN super." row: the table
         # shows the newest file's, says so, and the CSV lists the other's (marked stale) as it lists stale ones
         files, label = {}, " ".join([name] + [f"--set {o}" for o in overrides])
@@ -175,19 +178,24 @@ def gather(table_name, store, preset_name=None, variants=None, seeds=None):
 
 
 def _cells(df, seeds=None):
-    """{(row id, column): (mean, std, n, failed, first error)} from the long frame, over the chosen seeds."""
+    """{(row id, column): (mean, std, n, failed, first error, seeds planned)} from the long frame, over the chosen
+    seeds."""
     if seeds:
         df = df[df["seed"].isin(seeds)]
     stats = df.groupby(["row", "column"]).agg(mean=("top1", "mean"), std=("top1", "std"), n=("top1", "count"),
                                                failed=("status", lambda s: (s == "failed").sum()),
-                                               error=("error", lambda e: next((x for x in e if x), None)))
-    return {k: tuple(v) for k, v in stats.iterrows()}
+                                               error=("error", lambda e: next((x for x in e if isinstance(x, str)
+                                                                               and x), None)),
+                                               of=("seed", "nunique"))
+    return {k: tuple(v) for k, v in stats.astype(object).iterrows()}  # (counts stay whole numbers)
 
 
 def _value(stat):
-    mean, std, n, failed, _ = stat if stat else (math.nan, math.nan, 0, 0, None)
+    mean, std, n, failed, _, of = stat if stat else (math.nan, math.nan, 0, 0, None, 0)
     if n == 0:
         return "failed" if failed else "—"
+    if n < of:  # some seeds failed or have not run: not a cell like the others
+        return f"{mean:.1f}" + (f" ± {std:.1f}" if n > 1 else "") + f" (n={n} of {of})"
     return f"{mean:.1f}" + (f" ± {std:.1f} (n={n})" if n > 1 else "")
 
 
@@ -221,11 +229,12 @@ def _rows(spec, recipes, cells_of, keep=lambda cells: True):
         if not keep(cells):
             continue
         labels = _row_labels(spec, r, recipes.get(r["id"]))
-        grouped = [("" if r["backbone"] == last and col == "Backbone" else v)
-                   for col, v in zip(spec["row_columns"], labels)]
+        # the group as shown: two blocks of one backbone (the imagenet table's) are two groups
+        group = labels[spec["row_columns"].index("Backbone")] if "Backbone" in spec["row_columns"] else r["backbone"]
+        grouped = [("" if group == last and col == "Backbone" else v) for col, v in zip(spec["row_columns"], labels)]
         body.append({"id": r["id"], "labels": labels, "grouped": grouped, "cells": cells,
-                     "new_group": last is not None and r["backbone"] != last})
-        last = r["backbone"]
+                     "new_group": last is not None and group != last})
+        last = group
     for i in range(len(body[0]["cells"]) if body else 0):
         means = [b["cells"][i]["mean"] for b in body if b["cells"][i]["mean"] is not None]
         for b in body:
@@ -251,8 +260,9 @@ def build(spec, sec, seeds=None):
         for c in sec.cols:
             st = stats.get((r["id"], c))
             cell = _cell(st, paper=r["paper"][paper_cols.index(c)] if c in paper_cols else None)
-            if st is not None and st[2] == 0 and st[3]:
-                notes.append(f"{r['id']} on {c}: {st[4]}")
+            if st is not None and st[3]:  # every seed failed, or some: why (the first error)
+                notes.append(f"{r['id']} on {c}: {st[4]}" if st[2] == 0 else
+                             f"{r['id']} on {c}: {st[3]} of {st[5]} seeds: {st[4]}")
                 cell["note"] = len(notes)
             if cell["mean"] is not None and cell["paper"] is not None:
                 cell["gap"], cell["mark"] = _gap(cell["mean"] - cell["paper"], 1.0)
@@ -263,8 +273,10 @@ def build(spec, sec, seeds=None):
 
     body = _rows(spec, sec.recipes, cells_of)
     in_paper = sum(v is not None for r in spec["rows"] for c, v in zip(paper_cols, r["paper"]) if c in sec.cols)
-    rhos = [pd.Series([a for a, _ in p]).corr(pd.Series([b for _, b in p]), method="spearman")
-            for p in pairs.values() if len(p) >= 3]
+    with warnings.catch_warnings():  # a column whose means are all equal has no rank correlation (nan, left out)
+        warnings.simplefilter("ignore")
+        rhos = [pd.Series([a for a, _ in p]).corr(pd.Series([b for _, b in p]), method="spearman")
+                for p in pairs.values() if len(p) >= 3]
     rhos = [x for x in rhos if not math.isnan(x)]
     summary = []
     if in_paper:  # not for columns the paper does not have (the demo's digits, a user's folder)
@@ -280,21 +292,37 @@ def build(spec, sec, seeds=None):
             "n_row_cols": len(spec["row_columns"]), "section": sec}
 
 
+def _difference(a, b, key, seeds=None):
+    """(B minus A in a cell over the seeds both stores finished, how many; (None, 0) where they share none).
+    Paired: a mean over other seeds would differ by the seeds alone."""
+    def done(sec):
+        df = sec.df[(sec.df["row"] == key[0]) & (sec.df["column"] == key[1]) & sec.df["top1"].notna()]
+        return df[df["seed"].isin(seeds)] if seeds else df
+
+    x, y = done(a).set_index("seed")["top1"], done(b).set_index("seed")["top1"]
+    both = x.index.intersection(y.index)
+    return ((y[both] - x[both]).mean(), len(both)) if len(both) else (None, 0)
+
+
 def build_compare(spec, a, b, names, seeds=None):
-    """Two result stores side by side per cell: A's value → B's value and B minus A."""
+    """Two result stores side by side per cell: A's value → B's value and B minus A, over the seeds both have."""
     sa = _cells(a.df, seeds) if a else {}
     sb = _cells(b.df, seeds) if b else {}
     cols = (a.cols if a else []) + [c for c in (b.cols if b else []) if c not in (a.cols if a else [])]
-    diffs = []
+    diffs, unpaired = [], 0
 
     def cells_of(r):
+        nonlocal unpaired
         cells = []
         for c in cols:
             x, y = sa.get((r["id"], c)), sb.get((r["id"], c))
             cell = _cell(y, value=f"{_value(x)} → {_value(y)}")
             if cell["mean"] is not None and x is not None and x[2] > 0:
-                cell["gap"], cell["mark"] = _gap(y[0] - x[0], 0.05)
-                diffs.append(cell["gap"])
+                diff, n = _difference(a, b, (r["id"], c), seeds)
+                if diff is not None:
+                    cell["gap"], cell["mark"] = _gap(diff, 0.05)
+                    diffs.append(cell["gap"])
+                unpaired += n < max(x[2], y[2])
             cells.append(cell)
         return cells
 
@@ -307,6 +335,9 @@ def build_compare(spec, a, b, names, seeds=None):
         footer.append(f"{len(diffs)} cells in both; {names[1]} minus {names[0]}: mean "
                       f"{sum(diffs) / len(diffs):+.1f}, mean absolute {sum(map(abs, diffs)) / len(diffs):.1f} "
                       "points; = the same to 0.1.")
+    if unpaired:
+        footer.append(f"{n_jobs(unpaired, 'cell')} where one store has seeds the other has not: the differences "
+                      f"are over the seeds both finished (--seeds picks them)")
     label = (a or b).label
     return {"title": f"{spec['title']} (preset: {label}): {names[0]} → {names[1]}", "header": _header(spec, cols),
             "body": body, "footer": footer, "legend": f"Top-1 (%) on the test split: {names[0]} → {names[1]}.",
@@ -390,14 +421,14 @@ def compare_rows(table_name, a, b, names, preset_name=None, seeds=None):
     for label, x, y in _paired(table_name, a, b, preset_name, seeds):
         stats = [_cells(sec.df, seeds) if sec else {} for sec in (x, y)]
         for key in sorted(k for k in set(stats[0]) | set(stats[1])
-                          if any(st.get(k, (0, 0, 0, 0))[2] or st.get(k, (0, 0, 0, 0))[3] for st in stats)):
+                          if any(st.get(k, (0,) * 6)[2] or st.get(k, (0,) * 6)[3] for st in stats)):
             row = {"table": table_name, "preset_label": label, "row": key[0], "column": key[1],
                    "a": names[0], "b": names[1]}
             for side, st in zip("ab", stats):
-                mean, std, n, failed, _ = st.get(key, (None, None, 0, 0, None))
+                mean, std, n, failed, _, _ = st.get(key, (None, None, 0, 0, None, 0))
                 row.update({f"{side}_mean": mean if n else None, f"{side}_std": std if n > 1 else None,
                             f"{side}_n": n, f"{side}_failed": failed})
-            row["difference"] = row["b_mean"] - row["a_mean"] if row["a_n"] and row["b_n"] else None
+            row["difference"], row["seeds_in_both"] = _difference(x, y, key, seeds) if x and y else (None, 0)
             out.append(row)
     return pd.DataFrame(out)
 
@@ -461,8 +492,10 @@ def document(tables, store, fmt="markdown", preset_name=None, seeds=None, standa
 
 
 def _markdown(m):
-    rows = [b["labels"] + [_cell_text(c) for c in b["cells"]] for b in m["body"]]
-    return "\n".join([f"### {m['title']}", "", tabulate(rows, m["header"], tablefmt="pipe", disable_numparse=True),
+    pipe = lambda cells: [str(c).replace("|", "\\|") for c in cells]  # noqa: E731  (a | in a name splits a cell)
+    rows = [pipe(b["labels"] + [_cell_text(c) for c in b["cells"]]) for b in m["body"]]
+    return "\n".join([f"### {m['title']}", "", tabulate(rows, pipe(m["header"]), tablefmt="pipe",
+                                                        disable_numparse=True),
                       "", m["legend"]] + [f"- {f}" for f in m["footer"]])
 
 
