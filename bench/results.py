@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -109,8 +110,13 @@ def _not_a_record(rec, name):
     if rec["hash"] != name:
         return f"its hash {rec['hash'][:20]!r} is not its file's name"
     top1 = rec["metrics"].get("top1")
-    if top1 is not None and (not isinstance(top1, (int, float)) or isinstance(top1, bool)):
-        return f"its metrics.top1 is {json.dumps(top1)[:40]}"
+    if top1 is not None and (not isinstance(top1, (int, float)) or isinstance(top1, bool) or not 0 <= top1 <= 1):
+        return f"its metrics.top1 is {json.dumps(top1)[:40]}"  # (NaN too: a fraction, never a percentage)
+    wall = rec.get("wall_time_s", 0)
+    if not 0 <= wall < math.inf:
+        return f"its wall_time_s is {json.dumps(wall)}"
+    if not all(isinstance(o, str) for o in rec.get("overrides", [])):
+        return "its overrides are not --set items"
     if not all(isinstance(c, list) and len(c) == 3 and all(isinstance(x, str) for x in c) for c in rec.get("cells", [])):
         return "its cells are not [table, row, column] triples"
     cfg = rec["config"]

@@ -1,5 +1,6 @@
 """Damaged state, concurrent runs and bad values: each case heals and finishes, or is one line and exit 2."""
 import json
+import math
 import os
 import random
 import subprocess
@@ -136,8 +137,11 @@ _IN_A_TABLE = {"cells": [["comparison", "deit_tiny/idmm", "digits"]]}
     lambda r: {**r, "metrics": None}, lambda r: {**r, "metrics": {"top1": "x"}}, lambda r: {**r, "seed": "x"},
     lambda r: {**r, "cells": 5}, lambda r: {**r, "hash": None}, lambda r: {**r, "status": "odd"},
     lambda r: {**r, "config": {"stage": "finetune"}},
+    # the report's mean took a NaN as no value, a 2.5 as 250%, and an overrides list of numbers crashed it
+    lambda r: {**r, "metrics": {"top1": math.nan}}, lambda r: {**r, "metrics": {"top1": 2.5}},
+    lambda r: {**r, "wall_time_s": math.inf}, lambda r: {**r, "overrides": [1]},
 ], ids=["cut", "no-config", "metrics-null", "top1-text", "seed-text", "cells-number", "hash-null", "status-odd",
-        "config-without-data"])
+        "config-without-data", "top1-nan", "top1-percent", "wall-infinite", "overrides-numbers"])
 def test_damaged_and_foreign_json_files_are_ignored_and_named(tmp_path, damage):
     store = Store(tmp_path)
     store.put(_record("0123456789abcdef", **_IN_A_TABLE))

@@ -63,6 +63,27 @@ def test_the_footer_names_each_cpu_thread_count_the_cells_were_trained_with(tmp_
     assert "2 CPUs (x86_64, 1 thread a job), 2 CPUs (x86_64, 2 threads a job)" in footer
 
 
+def test_a_record_whose_hardware_says_nothing_still_makes_a_report(tmp_path):
+    store = Store(tmp_path)
+    _fill(store, "comparison", "demo", {"deit_tiny/idmm": 0.337})
+    for path in tmp_path.glob("*.json"):  # edited by hand, or by a tool that kept only what it knew
+        path.write_text(json.dumps({**json.loads(path.read_text()), "hardware": {}}))
+    assert "run on ? CPUs (?), 1.0 min" in report.render("comparison", store, "markdown")
+
+
+def test_the_footer_counts_only_the_jobs_behind_the_cells_shown(tmp_path):
+    """A pretraining whose fine-tuning has not run fills no cell: it was counted, with its minutes."""
+    store = Store(tmp_path)
+    jobs = planner.plan("comparison", planner.load_preset("demo"), methods=["idmm"])
+    pre = next(j for j in jobs if j.config["stage"] == "pretrain")
+    store.put({"hash": pre.hash, "status": "done", "stage": "pretrain", "config": pre.config, "seed": 0,
+               "preset": "demo", "overrides": [], "metrics": {}, "hardware": {"cpus": 2, "machine": "x86_64"},
+               "wall_time_s": 600})
+    assert "of preset 'demo'" not in report.render("comparison", store, "markdown")
+    _fill(store, "comparison", "demo", {"deit_tiny/idmm": 0.337})
+    assert "2 jobs of preset 'demo', run on 2 CPUs (x86_64), 11.0 min" in report.render("comparison", store)
+
+
 def test_records_of_another_recipe_do_not_fill_cells(tmp_path):
     store = Store(tmp_path)
     _fill(store, "comparison", "demo", {"deit_tiny/idmm": 0.42}, overrides=["pretrain.epochs=1"])
@@ -99,6 +120,17 @@ def test_records_of_a_recipe_the_preset_no_longer_gives_are_said_and_kept_in_the
     capsys.readouterr()
     report.render("comparison", store, "markdown", seeds=[1])  # the seeds shown: none of them is stale
     assert "stale" not in capsys.readouterr().err
+    # the pretraining a stale fine-tuning read is stale with it, counted and listed (it was neither)
+    mine.write_text("base: demo\n")
+    pre = next(j for j in planner.plan("comparison", planner.load_preset(str(mine)), methods=["idmm"])
+               if j.config["stage"] == "pretrain")
+    rec = next(r for r in store.records() if r["metrics"]["top1"] == 0.42)
+    store.put({**rec, "hash": pre.hash, "stage": "pretrain", "config": pre.config, "metrics": {}, "cells": []})
+    mine.write_text("base: demo\npretrain: {weight_decay: 0.01}\n")
+    assert "30.0" in report.render("comparison", store, "markdown")  # random init's recipe is unchanged
+    assert f"warning: 2 records of preset {mine} in {tmp_path / 'r'} left out" in capsys.readouterr().err
+    df = pd.read_csv(io.StringIO(report.render("comparison", store, "csv"))).set_index("hash")
+    assert len(df) == 3 and df.loc[pre.hash, "stale"] and df.loc[rec["hash"], "stale"] and df["stale"].sum() == 2
 
 
 def test_two_seeds_give_mean_std_and_n_and_seeds_select(tmp_path):

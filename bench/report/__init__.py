@@ -79,11 +79,12 @@ class Section:
     df: pd.DataFrame
     cols: list
     skips: dict
-    used: list                                     # the records of every stage that fills a cell
+    used: list                                     # the records of every stage of the table's cells' chains
     recipes: dict                                  # row id -> the derived row fields of its first chain
     chains: dict = field(default_factory=dict)     # row id -> [[job, ...] one chain per cell and seed]
     stale: list = field(default_factory=list)      # records of this variant that no job of its plan has now
     init_files: dict = field(default_factory=dict)  # backbone -> the --init-weights file whose records it shows
+    shown: list = field(default_factory=list)      # those behind a cell shown (filled or failed): the footer's
 
 
 def gather(table_name, store, preset_name=None, variants=None, seeds=None):
@@ -136,6 +137,13 @@ def gather(table_name, store, preset_name=None, variants=None, seeds=None):
         sec.stale = [r for r in {r["hash"]: r for r in recs}.values()
                      if r["hash"] not in by_hash and store.get(r["hash"]) is not None
                      and not any((row, col, r["seed"]) in skipped for t, row, col in r["cells"] if t == table_name)]
+        # and the earlier stages only they read (a pretraining, perhaps hours of GPU): named with them
+        every, inits = store.records(), {str(r["config"].get("init")) for r in sec.stale}
+        while inits:
+            earlier = [r for r in every if r["hash"][:16] in inits and r["hash"] not in by_hash
+                       and r not in sec.stale]
+            sec.stale += earlier
+            inits = {str(r["config"].get("init")) for r in earlier}
         sec.init_files = shown
         rows = []
         for job in jobs:
@@ -159,6 +167,8 @@ def gather(table_name, store, preset_name=None, variants=None, seeds=None):
                     sec.recipes.setdefault(row_id, planner.recipe([j.config for j in chain]))
                     sec.chains.setdefault(row_id, []).append(chain)
                     sec.used += recs
+                    # not a pretraining whose fine-tuning has not run: the footer counts the cells' jobs and minutes
+                    sec.shown += recs if rec is not None or failed_stage else []
                 top1 = rec["metrics"].get("top1") if rec and rec["status"] == "done" else None
                 rows.append({"row": row_id, "column": col, "seed": job.config["seed"],
                              "top1": None if top1 is None else 100 * top1, "status": status, "error": error})
@@ -285,7 +295,7 @@ def build(spec, sec, seeds=None):
                    + (f", rank correlation of the methods per dataset (Spearman) {sum(rhos) / len(rhos):.2f} "
                       f"over {len(rhos)} datasets" if rhos else "")
                    + "; = within one point of the paper, + above, - below."]
-    footer = (_footer(sec.used, sec.skips, sec.label, seeds) + summary
+    footer = (_footer(sec.shown, sec.skips, sec.label, seeds) + summary
               + [f"[{i}] failed: {n}" for i, n in enumerate(notes, 1)])
     return {"title": f"{spec['title']} (preset: {sec.label})", "header": _header(spec, sec.cols), "body": body,
             "footer": footer, "legend": "Top-1 (%) on the test split, and the recipe's numbers: reproduced (paper).",
@@ -330,7 +340,7 @@ def build_compare(spec, a, b, names, seeds=None):
                  keep=lambda cells: any(c["value"] != "— → —" for c in cells))
     footer = []
     for name, sec in ((names[0], a), (names[1], b)):
-        footer += [f"{name}: {line}" for line in (_footer(sec.used, {}, sec.label, seeds) if sec else ["no results"])]
+        footer += [f"{name}: {line}" for line in (_footer(sec.shown, {}, sec.label, seeds) if sec else ["no results"])]
     if diffs:
         footer.append(f"{len(diffs)} cells in both; {names[1]} minus {names[0]}: mean "
                       f"{sum(diffs) / len(diffs):+.1f}, mean absolute {sum(map(abs, diffs)) / len(diffs):.1f} "
@@ -355,7 +365,7 @@ def _machine(hw):
         return hw["gpu"]
     n = hw.get("torch_threads")
     threads = f", {n} thread{'s' if n != 1 else ''} a job" if n is not None else ""
-    return f"{hw['cpus']} CPUs ({hw['machine']}{threads})"
+    return f"{hw.get('cpus', '?')} CPUs ({hw.get('machine', '?')}{threads})"  # (a record's own words, if short)
 
 
 def _footer(used, skips, preset, seeds=None):
