@@ -192,6 +192,7 @@ def cmd_run(args):
 
     checkpoint_interval()  # a bad value fails here, before any job
     if args.launcher != "slurm":  # else silently a local run, with the user thinking it went to the cluster
+        device()  # (a bad $BENCH_DEVICE, too; on SLURM it is the nodes' to judge)
         given = [k for k, v in vars(args).items()  # every --slurm-* flag, and the two others of SLURM's
                  if (k.startswith("slurm_") or k in ("wait", "array_parallelism")) and v not in (None, False, [])]
         if given:

@@ -118,8 +118,18 @@ class Interrupted(RuntimeError):
 
 def device():
     """Where this process trains: $BENCH_DEVICE when set (cpu, cuda, cuda:1), else the rank's GPU, else CPU."""
-    if os.environ.get("BENCH_DEVICE"):
-        return torch.device(os.environ["BENCH_DEVICE"])
+    raw = os.environ.get("BENCH_DEVICE")
+    if raw:
+        try:
+            dev = torch.device(raw)
+        except RuntimeError:
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):
+            raise UserError(f"BENCH_DEVICE={raw}: expected cpu, cuda or cuda:N")
+        n = torch.cuda.device_count() if dev.type == "cuda" else 0
+        if dev.type == "cuda" and (dev.index or 0) >= n:  # else a failed record per job, its children not run
+            raise UserError(f"BENCH_DEVICE={raw}: torch sees {n or 'no'} GPU{'s' * (n != 1)} here")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")

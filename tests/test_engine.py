@@ -277,3 +277,18 @@ def test_dino_export_is_in_its_jobs_and_checked():
     assert {j.config["method_cfg"]["export"] for j in jobs if j.config["stage"] == "pretrain"} == {"student"}
     with pytest.raises(UserError, match="methods.dino.export: 'both'"):
         planner.plan("comparison", planner.load_preset("paper", ["methods.dino.export=both"]), ["dino"])
+
+
+@pytest.mark.parametrize("value,words", [("foo", "expected cpu, cuda or cuda:N"), ("mps", "expected cpu, cuda"),
+                                         (f"cuda:{torch.cuda.device_count()}", "torch sees")])
+def test_a_device_bench_cannot_train_on_is_one_line_before_any_job(tmp_path, monkeypatch, capsys, value, words):
+    """BENCH_DEVICE=foo was a traceback in a dry run, and in a run a failed record per job (children not run)."""
+    from bench.cli import main
+
+    monkeypatch.setenv("BENCH_DEVICE", value)
+    for extra in ([], ["--dry-run"]):
+        assert main(["run", "--table", "comparison", "--preset", "demo", "--methods", "random", *extra,
+                     "--results", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"bench: error: BENCH_DEVICE={value}: {words}") and err.count("\n") == 1
+    assert not list(tmp_path.glob("*.json"))
