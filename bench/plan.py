@@ -336,7 +336,11 @@ _RULES = {  # setting name -> (test, what it must be); checked wherever the name
     "cutmix_beta": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
     "parts": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
     "mix_parts": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
-    "eval_resize": (lambda v: _is_num(v) and v >= 1, "a number >= 1"),
+    "eval_resize": (lambda v: _is_num(v) and 1 <= v <= 8, "a number from 1 to 8"),  # resize 256 -> crop 224: 1.14
+    "teacher_temp": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
+    "warmup_teacher_temp": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
+    "warmup_teacher_temp_frac": (_unit, "a fraction of the training in [0, 1]"),
+    "freeze_last_layer": (lambda v: _is_num(v) and v >= 0, "a number of epochs >= 0"),
     "temperature": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
     "momentum": (_unit, "a number in [0, 1]"),
     "center_momentum": (_unit, "a number in [0, 1]"),
@@ -500,6 +504,9 @@ def _pretrain_config(row, preset, data, seed):
     _size_crops(method_cfg["views"], pre["resolution"])
     for key, valid in getattr(METHODS[row["method"]], "choices", {}).items():
         _choice(f"methods.{row['method']}.{key}", method_cfg.get(key), valid)
+    wrong = getattr(METHODS[row["method"]], "check", lambda cfg: None)(method_cfg)  # a method's own cross-checks
+    if wrong:
+        raise UserError(f"methods.{row['method']}: {wrong}")
     return {**extra,
         "stage": "pretrain", "method": row["method"], "backbone": row["backbone"], "model_kwargs": bb["kwargs"],
         "data": data, "split": _split(data), "resolution": pre["resolution"],

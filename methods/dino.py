@@ -14,6 +14,17 @@ class DINO(Method):
     defaults_source = "authors' DINO_exp (2 global + 2 local crops at 112, out 65536, teacher T 0.04, m 0.996 -> 1)"
     choices = {"export": ("teacher", "student")}
 
+    @staticmethod
+    def check(cfg):
+        """The plan's check of settings no rule of one value can judge: the teacher sees the first global_crops
+        crop groups, a crop each, of one size (else a failure at the first step, after the data was read)."""
+        n, groups = cfg["global_crops"], cfg["views"]["crops"]
+        first = groups[:n]
+        if len(first) < n or any(g["count"] != 1 for g in first) or len({g["size"] for g in first}) > 1:
+            return (f"global_crops is {n}: the first {n} crop groups must be a crop each, of one size (the "
+                    f"teacher's views); the views have {len(groups)} groups")
+        return None
+
     def __init__(self, backbone, feature_dim, num_instances, num_classes, cfg):
         super().__init__(backbone, cfg)
         with warnings.catch_warnings():  # lightly's head still uses torch's deprecated weight_norm

@@ -165,11 +165,23 @@ def _refused(item):
     # a process each (a thousand of them started by every streaming job), an op each per image and step
     ("data.workers=1000", ["data.workers: expected null or a whole number from 0 to 128, got 1000"]),
     ("finetune.views.randaugment.ops=100000", ["a whole number from 0 to 16, got 100000"]),
+    # DINO's own settings passed the dry run, then failed the job (or trained a nonsense recipe to "done")
+    ("methods.dino.freeze_last_layer=abc", ["methods.dino.freeze_last_layer: expected a number of epochs >= 0"]),
+    ("methods.dino.teacher_temp=-1", ["methods.dino.teacher_temp: expected a finite number > 0, got -1"]),
+    ("methods.dino.warmup_teacher_temp_frac=5", ["expected a fraction of the training in [0, 1], got 5"]),
+    ("finetune.eval_resize=1e308", ["finetune.eval_resize: expected a number from 1 to 8"]),
 ])
 def test_a_set_item_that_would_change_nothing_or_fail_later_is_refused_by_name(item, words):
     msg = _refused(item)
     for w in words:
         assert w in msg
+
+
+def test_dino_s_global_crops_must_be_the_first_crop_groups_a_crop_each():
+    for n in (5, 3):  # 3 groups; the third holds 2 local crops
+        with pytest.raises(UserError, match=rf"^methods.dino: global_crops is {n}: the first {n} crop groups must"):
+            planner.plan("comparison", planner.load_preset("demo", [f"methods.dino.global_crops={n}"]), ["dino"])
+    planner.plan("comparison", planner.load_preset("demo", ["methods.dino.global_crops=1"]), ["dino"])
 
 
 def test_a_dataset_the_preset_names_is_checked_like_one_on_the_command_line():
