@@ -50,8 +50,11 @@ def check_output(path, flag="--out") -> Path:
 
 
 def aside(path: Path, why: str, tag: str = "damaged") -> Path:
-    """Move a file out of the way, keeping it (PATH.<tag>-<time>-<pid>), and say so on stderr."""
-    dest = path.with_name(f"{path.name}.{tag}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    """Move a file out of the way, keeping it (PATH.<tag>-<time>-<pid>[-k]), and say so on stderr."""
+    name = f"{path.name}.{tag}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    dest, k = path.with_name(name), 1
+    while dest.exists():  # set aside twice in a second by one process: the first one is kept too
+        dest, k = path.with_name(f"{name}-{k}"), k + 1
     os.replace(path, dest)
     print(f"bench: {path} {why}; moved aside to {dest.name}", file=sys.stderr, flush=True)
     return dest

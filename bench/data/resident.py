@@ -240,9 +240,14 @@ def load(spec, split, listing, size, skip_bad, cache_dir, max_side, how) -> Imag
         if cache.is_file():
             try:
                 c = torch.load(cache, weights_only=True)
+                n = len(files) - len(c["meta"].get("skipped_bad_images", []))
+                sizes = c.get("sizes")
+                if not (len(c["images"]) == len(c["labels"]) == n and c["classes"] == classes
+                        and (sizes is None) == (max_side is None) and (sizes is None or len(sizes) == n)):
+                    raise ValueError("not the split it is named for")  # (a job would train on it without a word)
                 meta = {**c["meta"], **how, "path": "resident"}  # an older cache lacks the path
-                return ImageSet(c["images"], c["labels"], c["classes"], spec, meta, c.get("sizes"))
-            except Exception as e:  # cut short or overwritten: decoded again below
+                return ImageSet(c["images"], c["labels"], c["classes"], spec, meta, sizes)
+            except Exception as e:  # cut short, overwritten, another split's: decoded again below
                 aside(cache, f"cannot be read ({type(e).__name__}); decoding the images again")
     decoded = decode_all(files, size, skip_bad, max_side)
     keep = [i for i, x in enumerate(decoded) if x is not None]
