@@ -419,6 +419,9 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
 
     ckpt_path = run_dir / "checkpoint.pt"
     log_path = run_dir / "metrics.jsonl"
+    for p in (ckpt_path, log_path):  # not ours to remove (it may hold something), and no retry will mend it
+        if p.is_dir():
+            raise UserError(f"{p}: a folder where a job's {p.name} belongs; move it away and run again")
     epoch, step, perm, last = 0, 0, None, {}
     loss_sum = torch.zeros((), device=dev)  # this epoch's, so far: a resumed epoch still logs its whole mean
     epoch_s, epoch_seen, earlier_s, session_t0 = 0.0, 0, 0.0, time.time()

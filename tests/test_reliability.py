@@ -271,17 +271,25 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_job_starts_over(tmp_path, tin
 
 
 def test_a_checkpoint_the_file_system_cannot_read_now_fails_the_job_and_is_kept(tmp_path, tiny_vit, tiny_images):
-    """An error of the file system (here: a folder where the checkpoint is; on a cluster, a network mount's
-    passing fault) says nothing of the checkpoint's content: setting it aside would throw away the job's progress.
-    The job fails, naming the path, and the checkpoint stays where a run again finds it."""
+    """An error of the file system (here an I/O error: /proc/self/mem read at address 0; on a cluster, a network
+    mount's passing fault) says nothing of the checkpoint's content: setting it aside would throw away the job's
+    progress. The job fails, naming the path, and the checkpoint stays where a run again finds it. A folder there
+    is no passing fault: one line says to move it (a failed record said to run again, as often as one liked)."""
     from bench.engine import fit
+    from bench.errors import UserError
     from bench.finetune import Classifier
     from test_engine import FT
 
-    (tmp_path / "checkpoint.pt").mkdir()
+    (tmp_path / "checkpoint.pt").symlink_to("/proc/self/mem")
     with pytest.raises(OSError, match="checkpoint.pt cannot be read now .*it is kept: run the job again"):
         fit(Classifier(tiny_vit(3), FT), tiny_images, FT, tmp_path)
-    assert (tmp_path / "checkpoint.pt").is_dir() and not list(tmp_path.glob("checkpoint.pt.*"))
+    assert (tmp_path / "checkpoint.pt").is_symlink() and not list(tmp_path.glob("checkpoint.pt.*"))
+    for name in ("checkpoint.pt", "metrics.jsonl"):
+        (tmp_path / name).unlink(missing_ok=True)
+        (tmp_path / name).mkdir()
+        with pytest.raises(UserError, match=f"^{tmp_path / name}: a folder where a job's {name} belongs; move it"):
+            fit(Classifier(tiny_vit(3), FT), tiny_images, FT, tmp_path)
+        (tmp_path / name).rmdir()
 
 
 def test_a_damaged_cache_is_rebuilt_and_a_file_named_cache_is_refused(tmp_path):
