@@ -361,6 +361,12 @@ def _check_selection(stores, tables, args):
 def cmd_report(args):
     from bench import report
 
+    for flag in ("table", "preset", "out"):  # an empty value (a shell variable unset) is a mistake, not "none"
+        if getattr(args, flag) is not None and not getattr(args, flag).strip():
+            raise UserError(f"--{flag}: an empty value")
+    suffix = Path(args.out).suffix.lower() if args.out else ""
+    args.format = args.format or {".tex": "latex", ".html": "html", ".htm": "html", ".csv": "csv"}.get(suffix,
+                                                                                                     "markdown")
     if args.standalone and args.format != "latex":
         raise UserError("--standalone makes a LaTeX document: use it with --format latex")
     if args.compare and args.results is not None:
@@ -714,7 +720,8 @@ def build_parser():
 
     rep = sub.add_parser("report", help="render a table from the records, paper numbers beside")
     rep.add_argument("--table", help="comparison | transfer | sota | imagenet | all (default: all with results)")
-    rep.add_argument("--format", default="markdown", choices=["markdown", "latex", "html", "csv"])
+    rep.add_argument("--format", choices=["markdown", "latex", "html", "csv"],
+                     help="default: from --out's suffix (.tex, .html, .csv), else markdown")
     rep.add_argument("--preset", help="default: every preset that has results for the table")
     rep.add_argument("--out", metavar="FILE", help="write the report here (default: stdout, and a copy under reports/)")
     rep.add_argument("--seeds", nargs="+", type=int, metavar="S", help="only these seeds in each cell's mean")

@@ -40,6 +40,9 @@ def check_output(path, flag="--out") -> Path:
     """A file a command writes on request (a report, a benchmark's JSON) must not take a result's place: a record
     (<hash>.json) or anything in a job's run directory (weights, checkpoints)."""
     path = Path(path)
+    above = next((d for d in path.absolute().parents if d.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{flag} {path}: {above} is a file, not a folder")
     in_a_run = any(d.parent.name == "runs" and re.fullmatch(r"[0-9a-f]{16}", d.name)
                    for d in [path.absolute(), *path.absolute().parents])
     a_record = _RECORD_NAME.match(path.name) and (path.exists() or (path.parent / "runs").is_dir())

@@ -432,6 +432,19 @@ def test_report_refuses_a_compare_store_without_records_and_standalone_outside_l
     assert "--format latex" in capsys.readouterr().err
     assert main(["report", "--results", str(tmp_path / "empty")]) == 0  # a table all dashes, and why
     assert f"no records in {tmp_path / 'empty'}" in capsys.readouterr().err
+    # an empty value was "not given" (the whole store's tables, stdout); a file where a folder is said so
+    (tmp_path / "file").write_text("x")
+    for args, words in ((["--out", ""], "--out: an empty value"), (["--table", " "], "--table: an empty value"),
+                        (["--preset", ""], "--preset: an empty value"),
+                        (["--out", str(tmp_path / "file" / "t.md")],
+                         f"--out {tmp_path / 'file' / 't.md'}: {tmp_path / 'file'} is a file, not a folder")):
+        assert main(["report", "--results", str(tmp_path / "a"), *args]) == 2
+        assert capsys.readouterr().err == f"bench: error: {words}\n"
+    # the format from the file's suffix (a .tex of Markdown was written), unless asked for
+    assert main(["report", "--results", str(tmp_path / "a"), "--out", str(tmp_path / "t.tex")]) == 0
+    assert "\\toprule" in (tmp_path / "t.tex").read_text()
+    assert main(["report", "--results", str(tmp_path / "a"), "--out", str(tmp_path / "t.md"), "--format", "csv"]) == 0
+    assert (tmp_path / "t.md").read_text().startswith("hash,")
 
 
 def test_no_stale_warning_for_a_record_another_preset_shows_or_whose_cell_is_skipped_here(tmp_path, capsys,
