@@ -1,14 +1,22 @@
 """`python -m bench` and the `bench` command. The command line is imported inside `entry`, not above it, so
-that a Ctrl-C while torch loads (a second or more) ends with the same one line as a Ctrl-C during a run."""
+that a Ctrl-C or a SIGTERM while torch loads (a second or more) ends with the same one line as during a run."""
+import signal
 import sys
 
 
 def entry():
+    from bench.errors import Terminated
+
+    def terminated(signum, frame):
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminated)  # commands that act on it (a run, --wait) put their own in place
     try:
         from bench.cli import main
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("bench: stopped by signal SIGTERM" if isinstance(e, Terminated) else "bench: interrupted",
+              file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     return main()
 
 

@@ -13,7 +13,7 @@ from tabulate import tabulate
 from bench import data as datasets
 from bench import plan as planner
 from bench.engine import COMPILE_CHOICES, checkpoint_position, compiles, device
-from bench.errors import UserError, jobs as n_jobs
+from bench.errors import Terminated, UserError, jobs as n_jobs
 from bench.results import Lock, Store, check_output, probe_writable
 
 
@@ -782,7 +782,10 @@ def main(argv=None):
     except UserError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):
+            print("bench: stopped by signal SIGTERM", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print("bench: interrupted", file=sys.stderr)
         return 130
     except Exception as e:

@@ -1,6 +1,11 @@
 from pathlib import Path
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while no handler of a command's own is installed (importing torch, planning): ended as Ctrl-C is,
+    with one line, rather than by the signal's default, silently."""
+
+
 class UserError(Exception):
     """A mistake the user can fix (bad flag, unknown name, missing or corrupt data).
 
