@@ -199,7 +199,8 @@ def _read_preset(path: Path) -> dict:
 
 
 def _preset_file(name: str) -> Path:
-    return Path(name) if name.endswith((".yaml", ".yml")) else PRESET_DIR / f"{name}.yaml"
+    # a path (a / in it) is a file of one's own whatever it ends with; a bare name, a built-in preset
+    return Path(name) if name.endswith((".yaml", ".yml")) or "/" in name else PRESET_DIR / f"{name}.yaml"
 
 
 def preset_id(name: str) -> str:

@@ -47,6 +47,8 @@ def test_seeds_multiply_jobs_and_unknown_names_are_user_errors():
         planner.load_preset("nope")
     with pytest.raises(UserError, match="^--preset /nowhere/mine.yaml: no such file$"):
         planner.load_preset("/nowhere/mine.yaml")
+    with pytest.raises(UserError, match="^--preset /tmp: a folder, not a preset file$"):  # it said: no such file
+        planner.load_preset("/tmp")
 
 
 def test_paper_preset_resolves_the_authors_recipe():
