@@ -69,6 +69,9 @@ def test_a_record_whose_hardware_says_nothing_still_makes_a_report(tmp_path):
     for path in tmp_path.glob("*.json"):  # edited by hand, or by a tool that kept only what it knew
         path.write_text(json.dumps({**json.loads(path.read_text()), "hardware": {}}))
     assert "run on ? CPUs (?), 1.0 min" in report.render("comparison", store, "markdown")
+    for path in tmp_path.glob("*.json"):  # a job of 4 ranks read as one GPU's
+        path.write_text(json.dumps({**json.loads(path.read_text()), "hardware": {"gpu": "NVIDIA H100", "ranks": 4}}))
+    assert "run on 4 x NVIDIA H100, 1.0 min" in report.render("comparison", store, "markdown")
 
 
 def test_the_footer_counts_only_the_jobs_behind_the_cells_shown(tmp_path):

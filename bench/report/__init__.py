@@ -28,7 +28,9 @@ FORMATS = {"markdown": "md", "latex": "tex", "html": "html", "csv": "csv"}
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$",
         "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
         ">": r"\textgreater{}", "±": r"$\pm$", "—": "--", "–": "--", "→": r"$\to$", "×": r"$\times$",
-        "≤": r"$\leq$", "≥": r"$\geq$"}
+        "≤": r"$\leq$", "≥": r"$\geq$", "≈": r"$\approx$", "↑": r"$\uparrow$", "↓": r"$\downarrow$"}
+# the footer names a gap's marks as each format draws them (Markdown's = + -)
+_MARKS = {"latex": ("≈", "↑", "↓"), "html": ("≈", "▲", "▼")}
 
 
 def tex(s):
@@ -361,8 +363,8 @@ def _header(spec, cols):
 def _machine(hw):
     """Where a record ran. On a CPU the thread count is part of it: threads split a step's sums differently, and the
     demo's cells move with it (README, "The demo table")."""
-    if hw.get("gpu"):
-        return hw["gpu"]
+    if hw.get("gpu"):  # a multi-GPU job's ranks, a GPU each
+        return f"{hw['ranks']} x {hw['gpu']}" if hw.get("ranks", 1) > 1 else hw["gpu"]
     n = hw.get("torch_threads")
     threads = f", {n} thread{'s' if n != 1 else ''} a job" if n is not None else ""
     return f"{hw.get('cpus', '?')} CPUs ({hw.get('machine', '?')}{threads})"  # (a record's own words, if short)
@@ -488,6 +490,12 @@ def document(tables, store, fmt="markdown", preset_name=None, seeds=None, standa
             frames = [csv_rows(t, store, preset_name, seeds) for t in tables]
         return pd.concat(frames, ignore_index=True).to_csv(index=False)
     ms = models(tables, store, preset_name, seeds, compare)
+    if fmt in _MARKS:
+        same, up, down = _MARKS[fmt]
+        for m in ms:
+            m["footer"] = [f.replace("; = within", f"; {same} within").replace(", + above, - below", f", {up} above, "
+                                                                               f"{down} below")
+                           .replace("points; = the same", f"points; {same} the same") for f in m["footer"]]
     if fmt == "markdown":
         return "\n\n".join(_markdown(m) for m in ms) + "\n"
     env = _env()
