@@ -255,6 +255,7 @@ def test_csv_has_one_row_per_job_and_round_trips_through_pandas(tmp_path):
     row = df[df["top1"] == 0.42].iloc[0]
     assert json.loads(row["config.views.crops"]) == rec["config"]["views"]["crops"]  # lists come back as JSON
     assert row["config.lr"] == rec["config"]["lr"] and row["hash"] == rec["hash"]
+    assert json.loads(row["cells"]) == rec["cells"]  # the cells a job fills (one ImageNet job fills three rows)
     # with a pretraining record beside them (no mixing), whole numbers stay whole in the text: 4, not 4.0
     pre = next(j for j in planner.plan("comparison", planner.load_preset("demo")) if j.config["stage"] == "pretrain")
     store.put({**rec, "hash": pre.hash, "stage": "pretrain", "config": pre.config, "metrics": {}, "cells": []})

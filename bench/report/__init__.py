@@ -412,7 +412,7 @@ def csv_rows(table_name, store, preset_name=None, seeds=None):
                 continue
             recs[r["hash"]] = {**{k: v for k, v in r.items() if k not in ("traceback", "cells")}, "table": table_name,
                                "preset_label": sec.label, "top1": (r.get("metrics") or {}).get("top1"),
-                               "stale": r["hash"] in stale}
+                               "stale": r["hash"] in stale, "cells": r.get("cells", [])}
     df = pd.json_normalize(list(recs.values()), sep=".")
     df = df.drop(columns=[c for c in df.columns if c.startswith("metrics.data")], errors="ignore")
     # a field of whole numbers that some records lack (a pretraining job has no mixing.parts) stays whole: 4, not
