@@ -301,8 +301,9 @@ def test_a_local_run_leaves_alone_the_jobs_slurm_has_queued(tmp_path, slurm_env)
         assert f"{pre.short} " in status.stdout and " held " in status.stdout, status.stdout
         waiter = threading.Thread(target=slurm.wait, args=(store, [pre.hash], lines.append, 0.2))
         waiter.start()
-        _wait_for(lambda: lines, 30, "a progress line")
-        assert lines[0].endswith(f"jobs: 0 done, 0 running, 1 queued (1 held: scontrol release {job_id})"), lines
+        _wait_for(lambda: any("held" in line for line in lines), 30, "a progress line naming the held job")
+        held = next(line for line in lines if "held" in line)  # (once sacct has the job: a second or so)
+        assert held.endswith(f"jobs: 0 done, 0 running, 1 queued (1 held: scontrol release {job_id})"), lines
     finally:
         subprocess.run(["scancel", job_id], check=True)
     if waiter:
