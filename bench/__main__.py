@@ -5,12 +5,9 @@ import sys
 
 
 def entry():
-    from bench.errors import Terminated
+    from bench.errors import Terminated, raise_terminated
 
-    def terminated(signum, frame):
-        raise Terminated
-
-    signal.signal(signal.SIGTERM, terminated)  # commands that act on it (a run, --wait) put their own in place
+    signal.signal(signal.SIGTERM, raise_terminated)  # a run's jobs put their own in place (save, then stop)
     try:
         from bench.cli import main
     except KeyboardInterrupt as e:

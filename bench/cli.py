@@ -13,7 +13,8 @@ from tabulate import tabulate
 from bench import data as datasets
 from bench import plan as planner
 from bench.engine import COMPILE_CHOICES, checkpoint_position, compiles, device
-from bench.errors import Terminated, UserError, jobs as n_jobs
+from bench.errors import Terminated, UserError, raise_terminated
+from bench.errors import jobs as n_jobs
 from bench.results import Lock, Store, check_output, probe_writable
 
 
@@ -310,19 +311,14 @@ def _run_slurm(args, preset, jobs, store, data_opts, settings, gpus):
     if not args.wait:
         return 1 if not_run else 0
     # the jobs are SLURM's now: leaving the wait (Ctrl-C, SIGTERM) leaves them queued and running, and says so
-    got = []
-
-    def stop(signum, frame):
-        got.append(signum)
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, stop)
+    old = signal.signal(signal.SIGTERM, raise_terminated)  # (bench's entry installs it; main() called alone not)
     try:
         outcome = slurm.wait(store, [j.hash for j in jobs if not j.skip], lambda m: print(m, file=sys.stderr))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"bench: stopped waiting; the jobs go on in SLURM: `{follow}`, `bench cancel --results "
               f"{args.results}` to stop them, the same command with --wait to wait again", file=sys.stderr)
-        return 128 + (got[0] if got else signal.SIGINT)  # 143 for SIGTERM, as a local run stopped by it
+        # 143 for SIGTERM, as a local run stopped by it
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, old)
     bad = [h for h, o in outcome.items() if o != "done"]

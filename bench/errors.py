@@ -2,8 +2,13 @@ from pathlib import Path
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM while no handler of a command's own is installed (importing torch, planning): ended as Ctrl-C is,
-    with one line, rather than by the signal's default, silently."""
+    """SIGTERM where a command stops as on Ctrl-C (importing torch, planning, waiting on SLURM): one line and exit
+    143, rather than the signal's default, silent end."""
+
+
+def raise_terminated(signum, frame):
+    """The SIGTERM handler that makes the signal a Terminated, caught where Ctrl-C's KeyboardInterrupt is."""
+    raise Terminated
 
 
 class UserError(Exception):
