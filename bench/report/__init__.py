@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import unicodedata
 import warnings
@@ -139,13 +140,16 @@ def gather(table_name, store, preset_name=None, variants=None, seeds=None):
         sec.stale = [r for r in {r["hash"]: r for r in recs}.values()
                      if r["hash"] not in by_hash and store.get(r["hash"]) is not None
                      and not any((row, col, r["seed"]) in skipped for t, row, col in r["cells"] if t == table_name)]
-        # and the earlier stages only they read (a pretraining, perhaps hours of GPU): named with them
-        every, inits = store.records(), {str(r["config"].get("init")) for r in sec.stale}
-        while inits:
-            earlier = [r for r in every if r["hash"][:16] in inits and r["hash"] not in by_hash
-                       and r not in sec.stale]
+        # and the earlier stages only they read (a pretraining, perhaps hours of GPU), found by the parent's hash
+        # a fine-tuning's init names (not random, not file:): named with them
+        parents = lambda recs: {r["config"].get("init") for r in recs} - set(by_hash)  # noqa: E731
+        todo, seen = parents(sec.stale), {r["hash"] for r in sec.stale}
+        while todo:
+            earlier = [r for h in sorted(todo) if re.fullmatch(r"[0-9a-f]{16}", str(h)) and h not in seen
+                       for r in [store.get(h)] if r is not None]
             sec.stale += earlier
-            inits = {str(r["config"].get("init")) for r in earlier}
+            seen |= {r["hash"] for r in earlier}
+            todo = parents(earlier)
         sec.init_files = shown
         rows = []
         for job in jobs:
