@@ -29,7 +29,7 @@ from tqdm import tqdm
 from bench.data import feed
 from bench.data.views import make_views
 from bench.errors import UserError
-from bench.results import aside, write_durably
+from bench.results import aside, read_tensors, write_durably
 
 
 class Method(torch.nn.Module):
@@ -331,7 +331,7 @@ def _readable_checkpoint(path: Path, model: Method, opt, dev, main: bool):
     ck = None
     if path.exists():
         try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
+            ck = read_tensors(path)
             if not isinstance(ck, dict) or not {"model", "optimizer", "epoch", "step"} <= set(ck):
                 raise ValueError("not a training checkpoint")
             own = model.state_dict()
@@ -363,7 +363,7 @@ def checkpoint_position(path: Path):
     """(epoch, step) the training checkpoint at `path` resumes from, or None where there is none to read; its
     tensors are mapped, not read, so a status of many jobs does not load their weights."""
     try:
-        ck = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        ck = read_tensors(path, mmap=True)
         return int(ck["epoch"]), int(ck["step"])
     except Exception:
         return None

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,6 +51,14 @@ def check_output(path, flag="--out") -> Path:
         raise UserError(f"{flag} {path}: a job's results live there (a record, or its run directory); "
                         f"write somewhere else")
     return path
+
+
+def read_tensors(path: Path, **kwargs):
+    """torch.load to the host of a file bench wrote: tensors and plain data only (a pickle there runs no code),
+    and without torch's warning about a damaged file's pickle protocol (its caller says what is wrong with it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
 
 
 def aside(path: Path, why: str, tag: str = "damaged") -> Path:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from bench.errors import UserError
 from bench.errors import jobs as n_of
-from bench.results import aside, write_durably
+from bench.results import aside, read_tensors, write_durably
 
 
 @dataclass
@@ -239,7 +239,7 @@ def load(spec, split, listing, size, skip_bad, cache_dir, max_side, how) -> Imag
         cache = Path(cache_dir) / f"{readable}-{split}-{shape}-{stamp[:16]}.pt"
         if cache.is_file():
             try:
-                c = torch.load(cache, weights_only=True)
+                c = read_tensors(cache)
                 n = len(files) - len(c["meta"].get("skipped_bad_images", []))
                 sizes = c.get("sizes")
                 if not (len(c["images"]) == len(c["labels"]) == n and c["classes"] == classes
