@@ -271,6 +271,8 @@ def test_a_local_run_leaves_alone_the_jobs_slurm_has_queued(tmp_path, slurm_env)
     out = subprocess.run(["sbatch", "--parsable", "--hold", "-J", "bench-held", "--wrap", "true"],
                          capture_output=True, text=True, check=True)
     job_id = out.stdout.strip().split(";")[0]
+    # held at once, though slurmdbd learns of the job seconds later (it read as pending, and --wait waited on it)
+    assert slurm._sacct({job_id}) == {job_id: "HELD"}
     store = Store(tmp_path / "results")
     store.put_launch(pre.hash, launch_info(pre, launcher="slurm", job_id=job_id))
     try:

@@ -175,7 +175,20 @@ def _sacct(ids, names=None):
     def state(i):  # (held: JobHeldUser, JobHeldAdmin; a requeued job SLURM holds back is REQUEUE_HOLD already)
         st = i["State"].split()[0]
         return "HELD" if st == "PENDING" and i.get("Reason", "").startswith("JobHeld") else st
+    # slurmdbd learns of a job, and of its reason, some seconds after the controller: a job sacct does not know
+    # yet, or knows as pending, is read from squeue, which asks the controller
+    info.update(_squeue([jid for jid in ids if jid not in info or info[jid]["State"].startswith("PENDING")]))
     return {jid: state(info[jid]) if ours(jid) else "LOST" for jid in ids if jid in info}
+
+
+def _squeue(ids):
+    """SLURM job id -> {State, JobName, Reason} of the jobs among `ids` that the controller still has."""
+    if not ids or shutil.which("squeue") is None:
+        return {}
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%j|%r", "-j", ",".join(sorted(set(ids)))],
+                         capture_output=True, text=True)  # (exit 1 when it has none of them: nothing to add)
+    rows = (line.split("|", 3) for line in out.stdout.splitlines() if out.returncode == 0 and line.count("|") >= 3)
+    return {jid: {"State": st, "JobName": name, "Reason": reason} for jid, st, name, reason in rows if jid in ids}
 
 
 class SacctFailed(UserError):
@@ -183,8 +196,8 @@ class SacctFailed(UserError):
 
 
 def slurm_states(store, hashes):
-    """hash -> (launch info, SLURM state) for the jobs last sent to SLURM. A job sacct does not know yet (just
-    submitted) counts as PENDING for five minutes, then as LOST."""
+    """hash -> (launch info, SLURM state) for the jobs last sent to SLURM. A job neither sacct nor squeue knows
+    (just submitted, on a busy controller) counts as PENDING for five minutes, then as LOST."""
     launched = {h: store.launch(h) for h in hashes}
     launched = {h: info for h, info in launched.items() if info and info.get("launcher") == "slurm"}
     states = _sacct({info["job_id"] for info in launched.values()},  # (a note of an earlier version has no name)
