@@ -32,6 +32,15 @@ from methods import METHODS
 PRESET_DIR = Path(str(resources.files("bench") / "presets"))
 
 
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def whole(low, none=False):
+    """The rule of a setting that is a whole number >= low (or null, where `none`), and how it is described."""
+    return (lambda v: none and v is None or _is_int(v) and v >= low), f"a whole number >= {low}"
+
+
 @dataclass
 class Job:
     hash: str
@@ -74,7 +83,7 @@ _TABLE_FIELDS = {
 }
 _ROW_FIELDS = {
     "id": (_words, "a name"), "method": (_words, "a method's key"), "backbone": (_words, "a timm model name"),
-    "pretrain_epochs": (lambda v: _is_int(v) and v >= 0, "a whole number >= 0"),
+    "pretrain_epochs": whole(0),
     "pretrain_data": (_words, "a dataset name"), "finetune": _TABLE_FIELDS["finetune"],
     "show": (lambda v: isinstance(v, dict) and all(map(_words, v)), "a map of column label -> text"),
     "paper": (lambda v: isinstance(v, list) and all(x is None or isinstance(x, (int, float)) and
@@ -302,10 +311,6 @@ VIEW_KEYS = ("crops", "flip", "jitter", "jitter_p", "grayscale_p", "randaugment"
 _OPEN_BELOW = ("backbones.", "pretrain_data", "finetune.resolution")
 
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_num(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -319,9 +324,9 @@ def _names(v):
 
 
 _RULES = {  # setting name -> (test, what it must be); checked wherever the name appears (outside kwargs)
-    "epochs": (lambda v: v is None or _is_int(v) and v >= 1, "a whole number >= 1"),
-    "batch_size": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
-    "max_side": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
+    "epochs": whole(1, none=True),
+    "batch_size": whole(1),
+    "max_side": whole(1),
     "lr": (lambda v: v is None or _is_num(v) and v > 0, "a finite number > 0"),
     "warmup_epochs": (lambda v: v is None or _is_num(v) and v >= 0, "a number >= 0"),
     "weight_decay": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
@@ -335,8 +340,8 @@ _RULES = {  # setting name -> (test, what it must be); checked wherever the name
     "mixup_alpha": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
     "cutmix_alpha": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
     "cutmix_beta": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
-    "parts": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
-    "mix_parts": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
+    "parts": whole(1),
+    "mix_parts": whole(1),
     "eval_resize": (lambda v: _is_num(v) and 1 <= v <= 8, "a number from 1 to 8"),  # resize 256 -> crop 224: 1.14
     "teacher_temp": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
     "warmup_teacher_temp": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
@@ -345,8 +350,8 @@ _RULES = {  # setting name -> (test, what it must be); checked wherever the name
     "temperature": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
     "momentum": (_unit, "a number in [0, 1]"),
     "center_momentum": (_unit, "a number in [0, 1]"),
-    "count": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),
-    "size": (lambda v: v is None or _is_int(v) and v >= 1, "a whole number >= 1"),
+    "count": whole(1),
+    "size": whole(1, none=True),
     "scale": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_is_num, v)) and 0 < v[0] <= v[1] <= 1,
               "[low, high] with 0 < low <= high <= 1"),
     "blur_sigma": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_is_num, v)) and 0 < v[0] <= v[1],
@@ -368,7 +373,7 @@ _RULES = {  # setting name -> (test, what it must be); checked wherever the name
     "workers": (lambda v: v is None or _is_int(v) and 0 <= v <= 128, "null or a whole number from 0 to 128"),
     "decode": (lambda v: v in ("auto", "pil", "device"), "auto, pil or device"),
     **{k: (_unit, "a probability in [0, 1]") for k in ("flip", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "p")},
-    **{k: (lambda v: _is_int(v) and v >= 1, "a whole number >= 1")
+    **{k: whole(1)
        for k in ("hidden_dim", "out_dim", "bottleneck_dim", "queue", "global_crops")},
     **{k: (lambda v: isinstance(v, dict), "a group of settings")
        for k in ("pretrain", "finetune", "backbones", "methods", "stages", "mixing", "views", "kwargs",
@@ -439,7 +444,7 @@ def check_values(preset, origin, node=None, where=""):
             rule = (lambda r: isinstance(r, dict) and all(_is_int(x) and x >= 1 for x in r.values()),
                     "a map of table resolution -> trained resolution")
         elif k == "resolution":
-            rule = (lambda r: _is_int(r) and r >= 1, "a whole number >= 1")
+            rule = whole(1)
         elif k == "schedule" and where in {f"{m}.mixing" for m in _MIXING_AT}:
             rule = (lambda v: v == "mixup_even_cutmix_odd", "mixup_even_cutmix_odd (the one bench.finetune has)")
         if rule and not rule[0](v):

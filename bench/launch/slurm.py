@@ -30,6 +30,7 @@ from submitit.slurm.slurm import SlurmInfoWatcher
 from bench.errors import UserError, read_yaml
 from bench.errors import jobs as n_jobs
 from bench.launch import job_spec, launch_info, time_left
+from bench.plan import whole
 from bench.slurm_task import Task
 
 # HELD: PENDING held back (scontrol hold, sbatch --hold, an admin) until someone releases it; not a SLURM state
@@ -48,10 +49,6 @@ SETTINGS = {
     "array_parallelism": 256,   # at most this many tasks of one array at once
     "max_requeues": 20,         # time-outs a job may be requeued after (pre-emptions are not counted)
 }
-
-
-def _whole(low):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
 def _minutes(v):
@@ -81,8 +78,11 @@ _Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: node.value
                         else yaml.SafeLoader.construct_yaml_int(loader, node))
 
 
+_COUNT = whole(0, none=True)[0]  # null or a whole number >= 0
+
+
 def _name(v):  # each goes on an #SBATCH line, which a newline would end; YAML reads a numeric account as an int
-    return v is None or isinstance(v, str) and "\n" not in v or _whole(0)(v)
+    return _COUNT(v) or isinstance(v, str) and "\n" not in v
 
 
 # What each setting must be, checked as it is read: a bad value would otherwise surface only at submission (as
@@ -92,14 +92,14 @@ CHECKS = {
     "time": (lambda v: _minutes(v) is not None,
              "minutes (a whole number >= 1), hours:minutes:seconds or days-hours[:minutes[:seconds]], "
              "at most a year"),
-    "gpus_per_job": (lambda v: v is None or _whole(0)(v), "a whole number >= 0"),
-    "cpus_per_job": (lambda v: v is None or _whole(1)(v), "a whole number >= 1"),
-    "mem": (lambda v: v is None or _whole(0)(v) or isinstance(v, str) and re.fullmatch(r"(\d+([KMGT]B?)?)?", v, re.I),
+    "gpus_per_job": whole(0, none=True),
+    "cpus_per_job": whole(1, none=True),
+    "mem": (lambda v: _COUNT(v) or isinstance(v, str) and re.fullmatch(r"(\d+([KMGT]B?)?)?", v, re.I),
             "a size such as 32G, 32GB or 500M (a bare number is megabytes)"),
     "setup": (lambda v: v is None or isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v),
               "a shell line or a list of them"),
-    "array_parallelism": (_whole(1), "a whole number >= 1"),
-    "max_requeues": (_whole(0), "a whole number >= 0"),
+    "array_parallelism": whole(1),
+    "max_requeues": whole(0),
 }
 
 
