@@ -272,7 +272,7 @@ def test_unreadable_images_by_any_cause_are_one_line_and_skip_bad_never_empties_
     datasets.check_available(f"folder:{mine}", skip_bad=True)
     for f in (mine / "test" / "dog").iterdir():
         f.write_bytes(b"")
-    with pytest.raises(UserError, match="test: no image of class 'dog' is readable, so --skip-bad would leave"):
+    with pytest.raises(UserError, match="test: no readable image of class 'dog' is left once unreadable files"):
         datasets.check_available(f"folder:{mine}", skip_bad=True)
 
 

@@ -410,11 +410,8 @@ def check_available(spec: str, root=None, skip_bad=False, cache_dir=None, open_a
         if bad and not skip_bad:
             raise UserError(f"{bad[0][1]} (bench run --skip-bad leaves such files out"
                             + (f"; {len(bad) - 1} other files are unreadable too)" if len(bad) > 1 else ")"))
-        readable = {label for label, e in zip(labels, errors) if e is None}
-        lost = sorted(set(labels) - readable)
-        if lost:  # its output would still be trained and tested: a number not earned
-            raise UserError(f"{spec} {split}: no image of class {classes[lost[0]]!r} is readable, so --skip-bad "
-                            f"would leave the class empty")
+        resident.refuse_a_lost_class(spec, split, classes, labels,
+                                     [label for label, e in zip(labels, errors) if e is None], len(bad))
         if memo is not None and not bad:
             with contextlib.suppress(OSError):  # a memo saves time only: a results folder it cannot write is no error
                 memo.parent.mkdir(parents=True, exist_ok=True)
