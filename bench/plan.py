@@ -373,8 +373,8 @@ _RULES = {  # setting name -> (test, what it must be); checked wherever the name
     "workers": (lambda v: v is None or _is_int(v) and 0 <= v <= 128, "null or a whole number from 0 to 128"),
     "decode": (lambda v: v in ("auto", "pil", "device"), "auto, pil or device"),
     **{k: (_unit, "a probability in [0, 1]") for k in ("flip", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "p")},
-    **{k: whole(1)
-       for k in ("hidden_dim", "out_dim", "bottleneck_dim", "queue", "global_crops")},
+    "hidden_dim": (whole(1, none=True)[0], "null (the encoder's width) or a whole number >= 1"),
+    **{k: whole(1) for k in ("out_dim", "bottleneck_dim", "queue", "global_crops")},
     **{k: (lambda v: isinstance(v, dict), "a group of settings")
        for k in ("pretrain", "finetune", "backbones", "methods", "stages", "mixing", "views", "kwargs",
                  "randaugment", "data")},

@@ -29,10 +29,9 @@ class DINO(Method):
         super().__init__(backbone, cfg)
         with warnings.catch_warnings():  # lightly's head still uses torch's deprecated weight_norm
             warnings.simplefilter("ignore", FutureWarning)
-            self.head = DINOProjectionHead(feature_dim, cfg["hidden_dim"], cfg["bottleneck_dim"], cfg["out_dim"],
-                                           freeze_last_layer=cfg["freeze_last_layer"])
-            self.teacher_head = DINOProjectionHead(feature_dim, cfg["hidden_dim"], cfg["bottleneck_dim"],
-                                                   cfg["out_dim"])
+            dims = feature_dim, cfg["hidden_dim"] or feature_dim, cfg["bottleneck_dim"], cfg["out_dim"]
+            self.head = DINOProjectionHead(*dims, freeze_last_layer=cfg["freeze_last_layer"])
+            self.teacher_head = DINOProjectionHead(*dims)
         self.teacher = momentum_copy(backbone)
         self.teacher_head.load_state_dict(self.head.state_dict())
         self.teacher_head.requires_grad_(False)

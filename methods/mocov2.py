@@ -9,11 +9,12 @@ from bench.engine import Method, momentum_copy
 
 class MoCoV2(Method):
     summary = "contrastive with a momentum key encoder and a queue of negatives (lightly memory bank)"
-    defaults_source = "MoCo v2 paper defaults (head 2048-128, T 0.2, queue 65536, m 0.999); no ViT settings released"
+    defaults_source = ("MoCo v2 paper defaults (head: encoder width - 128, T 0.2, queue 65536, m 0.999); no ViT "
+                       "settings released")
 
     def __init__(self, backbone, feature_dim, num_instances, num_classes, cfg):
         super().__init__(backbone, cfg)
-        self.head = MoCoProjectionHead(feature_dim, cfg["hidden_dim"], cfg["out_dim"])
+        self.head = MoCoProjectionHead(feature_dim, cfg["hidden_dim"] or feature_dim, cfg["out_dim"])
         self.key_encoder = momentum_copy(backbone)
         self.key_head = momentum_copy(self.head)
         # the queue takes every rank's keys, as the official concat_all_gather does

@@ -7,11 +7,12 @@ from bench.engine import Method
 
 class SimCLR(Method):
     summary = "contrastive: 2 views, MLP head, NT-Xent against the other images of the batch"
-    defaults_source = "SimCLR paper defaults (head 2048-128, temperature 0.5, its augmentations); no ViT settings released"
+    defaults_source = ("SimCLR paper defaults (head: encoder width - 128, temperature 0.5, its augmentations); no ViT "
+                       "settings released")
 
     def __init__(self, backbone, feature_dim, num_instances, num_classes, cfg):
         super().__init__(backbone, cfg)
-        self.head = SimCLRProjectionHead(feature_dim, cfg["hidden_dim"], cfg["out_dim"])
+        self.head = SimCLRProjectionHead(feature_dim, cfg["hidden_dim"] or feature_dim, cfg["out_dim"])
         self.criterion = NTXentLoss(temperature=cfg["temperature"], gather_distributed=True)  # negatives of every rank
 
     def loss(self, views, index, label, progress):

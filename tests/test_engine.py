@@ -182,6 +182,8 @@ def test_schedule_and_precision_are_in_every_job_and_checked():
     pre = {j.config["method"]: j.config for j in jobs if j.config["stage"] == "pretrain"}
     assert {m: (c["lr_schedule"], c.get("drop_last")) for m, c in pre.items()} == {
         "dino": ("cosine", True), "mocov3": ("cosine", True), "simclr": ("official", None)}
+    # moco-v3's ViTs have no drop path (vits.py passes none to timm); DINO's student keeps main_dino.py's 0.1
+    assert {m: c["drop_path"] for m, c in pre.items()} == {"dino": 0.1, "mocov3": 0.0, "simclr": 0.1}
     assert {j.config["lr_schedule"] for j in jobs if j.config["stage"] == "finetune"} == {"official"}
     with pytest.raises(UserError, match="^--set finetune.lr_schedule=step: .* expected one of cosine, official"):
         planner.load_preset("paper", ["finetune.lr_schedule=step"])  # as it is read, before any plan

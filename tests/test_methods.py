@@ -219,6 +219,49 @@ def test_mocov3_freezes_the_patch_projection_of_vits_only():
     assert all(p.requires_grad for p in method.encoder.patch_embed.proj.parameters())
 
 
+def test_mocov3_builds_its_vits_as_moco_v3_does(tiny_vit, tiny_images):
+    """moco-v3 vits.py (VisionTransformerMoCo, stop_grad_conv1): a fixed 2-D sin-cos position table, xavier-uniform
+    Linears with q, k, v as separate matrices, the class token at std 1e-6, a frozen xavier-uniform patch projection
+    with zero bias. It trained timm's DeiT as built: a learnt table, trunc-normal 0.02, a random projection bias."""
+    import math
+
+    method = _method("mocov3", tiny_vit)  # 16 px, patch 4, width 32: a 4 x 4 grid
+    vit, pos = method.encoder, method.encoder.pos_embed[0]
+    # the oracle, written from the reference's description: token (r, c) holds sin and cos of r * w_i, then of
+    # c * w_i, over the dim/4 frequencies w_i = 10000 ** (-i / (dim/4)); the class token's row is zero
+    w = [10000 ** (-i / 8) for i in range(8)]
+    for r in range(4):
+        for c in range(4):
+            want = ([math.sin(r * x) for x in w] + [math.cos(r * x) for x in w] + [math.sin(c * x) for x in w]
+                    + [math.cos(c * x) for x in w])
+            assert torch.allclose(pos[1 + 4 * r + c], torch.tensor(want), atol=1e-6), (r, c)
+    assert torch.equal(pos[0], torch.zeros(32)) and not vit.pos_embed.requires_grad
+    assert 0 < vit.cls_token.abs().max() < 1e-5
+    for name, m in vit.named_modules():
+        if isinstance(m, torch.nn.Linear):  # uniform in +-bound: reaches near it, never past it
+            bound = math.sqrt(6 / ((m.out_features // 3 if name.endswith("qkv") else m.out_features) + m.in_features))
+            assert 0.9 * bound < m.weight.abs().max() <= bound and torch.equal(m.bias, torch.zeros_like(m.bias)), name
+    proj = vit.patch_embed.proj
+    assert 0.9 * math.sqrt(6 / (3 * 16 + 32)) < proj.weight.abs().max() <= math.sqrt(6 / (3 * 16 + 32))
+    assert torch.equal(proj.bias, torch.zeros(32)) and not any(p.requires_grad for p in proj.parameters())
+    assert torch.equal(method.key_encoder.pos_embed, vit.pos_embed)
+    table = vit.pos_embed.clone()
+    opt = torch.optim.AdamW([p for g in method.param_groups() for p in g["params"]], lr=1e-2, weight_decay=0.1)
+    method.loss(make_views(tiny_images.images, method.views), torch.arange(12), tiny_images.labels, 0).backward()
+    opt.step()
+    assert torch.equal(vit.pos_embed, table)  # neither learnt nor decayed
+
+
+@pytest.mark.parametrize("name,head", [("simclr", "head"), ("mocov2", "head"), ("mocov3", "projector")])
+def test_a_head_width_of_null_is_the_encoders(name, head, tiny_vit):
+    """SimCLR's and MoCo v2's references size the head's hidden layer as the encoder's output (2048 was
+    ResNet-50's width, which bench gave a 192-wide DeiT-Tiny); null says so, for any method with a hidden_dim."""
+    cfg = {**_method_cfg(name), "hidden_dim": None}
+    method = METHODS[name](tiny_vit(), 32, 12, 3, cfg)
+    widths = [m.out_features for m in getattr(method, head).modules() if isinstance(m, torch.nn.Linear)]
+    assert widths[:-1] and set(widths[:-1]) == {32}
+
+
 def test_dino_loss_runs_in_fp32_under_autocast(tiny_vit, tiny_images):
     method = _method("dino", tiny_vit)
     seen = []
