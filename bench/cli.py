@@ -33,15 +33,17 @@ _JOB_FILTERS = {"preset": "paper", "methods": None, "datasets": None, "backbones
                 "init_weights": [], "set": []}
 
 
-def _plan_args(p):
+def _plan_args(p, without_table="comparison"):
     d = _JOB_FILTERS
-    p.add_argument("--table", default="comparison", help="comparison | transfer | sota | imagenet")
-    p.add_argument("--preset", default=d["preset"], help="paper | demo | path/to/preset.yaml")
+    p.add_argument("--table", default="comparison",
+                   help=f"comparison | transfer | sota | imagenet (default: {without_table})")
+    p.add_argument("--preset", default=d["preset"],
+                   help="paper | demo | path/to/preset.yaml (default: paper, the 800-epoch recipe)")
     p.add_argument("--methods", nargs="+", default=d["methods"], metavar="M", help="only these rows' methods")
     p.add_argument("--datasets", nargs="+", default=d["datasets"], metavar="D",
                    help="columns to run: registered names or folder:DIR")
     p.add_argument("--backbones", nargs="+", default=d["backbones"], metavar="B", help="only these rows' backbones")
-    p.add_argument("--seeds", nargs="+", type=int, default=d["seeds"], metavar="S")
+    p.add_argument("--seeds", nargs="+", type=int, default=d["seeds"], metavar="S", help="default: 0")
     p.add_argument("--init-weights", nargs="+", default=d["init_weights"], metavar="[BACKBONE=]FILE",
                    help="ImageNet weights for the 'IN super.' rows, instead of timm's download")
     p.add_argument("--set", action="append", default=d["set"], metavar="KEY=VALUE",
@@ -236,7 +238,7 @@ def cmd_run(args):
             raise UserError(f"--datasets {spec}: a pretraining set, with no test split to fine-tune and test on")
     done = len(runnable) - len(todo)
     _say_remade_lists(runnable, todo, store, args.data_root)
-    skipped = len(jobs) - len(runnable)
+    skipped = sum(len(j.cells) for j in jobs if j.skip)  # (a skipped pretraining fills no cell of its own)
     why = sorted({j.skip for j in jobs if j.skip})
     if todo:
         store.check_writable()
@@ -253,7 +255,7 @@ def cmd_run(args):
         print(f"--rerun: {n_jobs(len(rerun))} will train again", file=sys.stderr)
     skips = ""
     if skipped:
-        skips = f", {skipped} cells skipped: {'; '.join(why[:2])}"
+        skips = f", {n_jobs(skipped, 'cell')} skipped: {'; '.join(why[:2])}"
         skips += f"; {len(why) - 2} other reasons (--dry-run)" if len(why) > 2 else ""
     print(f"{args.table} / {preset['name']}: {n_jobs(len(runnable))}, {done} done already{skips}", file=sys.stderr)
     if done == len(runnable):
@@ -728,11 +730,11 @@ def build_parser():
     rep.set_defaults(func=cmd_report, results=None)  # None: not given (--compare takes no --results)
 
     st = sub.add_parser("status", help="every job's state, launcher, SLURM id and logs; why failed jobs failed")
-    _plan_args(st)
+    _plan_args(st, "every job of the store")
     st.set_defaults(func=cmd_status, table=None)
 
     c = sub.add_parser("cancel", help="cancel the queued and running SLURM jobs of a table (default: of the store)")
-    _plan_args(c)
+    _plan_args(c, "every job of the store")
     c.set_defaults(func=cmd_cancel, table=None)
 
     b = sub.add_parser("benchmark", help="images/s: official-style pipeline, this project end to end, the step "

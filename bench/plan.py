@@ -181,8 +181,20 @@ def table(name: str) -> dict:
 def _merge(base, over):
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else _like(v, out.get(k))
     return out
+
+
+def _like(new, old):
+    """`new`, each whole number in it written as the number it replaces is (1 -> 1.0 where the preset has 1.0, 0.0
+    -> 0 where it has 0): a job's hash reads 1 and 1.0 apart, and the same recipe must not train twice."""
+    if isinstance(new, list) and isinstance(old, list) and len(new) == len(old):
+        return [_like(n, o) for n, o in zip(new, old)]
+    if isinstance(new, dict) and isinstance(old, dict):
+        return {k: _like(v, old.get(k)) for k, v in new.items()}
+    if _is_num(new) and _is_num(old) and type(new) is not type(old) and float(new).is_integer():
+        return type(old)(new)
+    return copy.deepcopy(new)
 
 
 def preset_names():
@@ -212,18 +224,22 @@ def _preset_file(name: str) -> Path:
     return Path(name) if name.endswith((".yaml", ".yml")) or "/" in name else PRESET_DIR / f"{name}.yaml"
 
 
+def _builtin(path: Path) -> bool:  # (bench/presets/paper.yaml, given as a path, is the built-in paper)
+    return path.resolve().parent == PRESET_DIR.resolve()
+
+
 def preset_id(name: str) -> str:
     """How records name a preset: a built-in one by name, a file of one's own by its absolute path (so that the
     report can load it again, from any folder)."""
     path = _preset_file(name)
-    return path.stem if path.parent == PRESET_DIR else str(path.resolve())
+    return path.stem if _builtin(path) else str(path.resolve())
 
 
 def _preset_path(name: str, origin="--preset") -> Path:
     path = _preset_file(name)
     if path.is_file():
         return path
-    if path.parent == PRESET_DIR:
+    if _builtin(path):
         raise UserError(f"{origin} {name}: no such preset: choose from {', '.join(preset_names())} or a .yaml path")
     raise UserError(f"{origin} {name}: " + ("a folder, not a preset file" if path.is_dir() else "no such file"))
 
@@ -231,7 +247,7 @@ def _preset_path(name: str, origin="--preset") -> Path:
 def _resolve(path: Path, seen=()) -> dict:
     raw = _read_preset(path)
     if "base" not in raw:
-        if path.parent == PRESET_DIR:  # paper.yaml, the root of every preset
+        if _builtin(path):  # paper.yaml, the root of every preset
             return raw
         raw["base"] = "paper"  # a file of one's own is the values it changes (README), an empty one the paper's
     base = raw.pop("base")
@@ -272,7 +288,10 @@ def load_preset(name: str, overrides=()) -> dict:
             if k is not last:
                 node = node.setdefault(_key(node, k), {})
                 where = f"{where}.{k}".lstrip(".")
-        node[_key(node, last)] = _scalar(value, f"--set {item}")
+        value, old = _scalar(value, f"--set {item}"), node.get(_key(node, last))
+        if isinstance(value, dict) and isinstance(old, dict):  # a group is merged into the preset's, as a file's is
+            _check_keys(value, old, f"--set {item}", key)
+        node[_key(node, last)] = _merge({"v": old}, {"v": value})["v"]
         check_values(preset, f"--set {item}")
     preset["name"] = preset_id(name)
     return preset
@@ -319,8 +338,8 @@ def _unit(v):
     return _is_num(v) and 0 <= v <= 1
 
 
-def _names(v):
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+def _names(v):  # (an empty list of columns would be the table's own, silently)
+    return isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v)
 
 
 _RULES = {  # setting name -> (test, what it must be); checked wherever the name appears (outside kwargs)
@@ -364,7 +383,7 @@ _RULES = {  # setting name -> (test, what it must be); checked wherever the name
     "crops": (lambda v: isinstance(v, list) and v and all(isinstance(g, dict) for g in v),
               "a list of crop groups ({count, size, scale})"),
     "datasets": (lambda v: v is None or _names(v) or isinstance(v, dict) and all(map(_names, v.values())),
-                 "a list of dataset names, or a map of table -> list of dataset names"),
+                 "a list of dataset names, or a map of table -> list of dataset names (none empty)"),
     "pretrain_data": (lambda v: isinstance(v, dict) and all(x is None or isinstance(x, str) for x in v.values()),
                       "a map of a row's pretraining set -> dataset name"),
     "stream": (lambda v: isinstance(v, bool) or v == "auto", "true, false or auto"),  # not 1: 1 == True
@@ -388,6 +407,7 @@ _SHAPES = {
     "backbone": (("lr", "warmup_epochs", "kwargs"), None),
     "fine-tuning stage": (("batch_size", "lr", "warmup_epochs"), ()),
     "mixing group": (("mixup_alpha", "cutmix_alpha", "parts"), ("schedule",)),
+    "method": ((), None),
 }
 
 
@@ -400,7 +420,7 @@ def _shape(where, k):
         return "crop group"
     if k == "mixing" and where in _MIXING_AT:
         return "mixing group"
-    return {"backbones": "backbone", "finetune.stages": "fine-tuning stage"}.get(where)
+    return {"backbones": "backbone", "finetune.stages": "fine-tuning stage", "methods": "method"}.get(where)
 
 
 _SET_BY_BENCH = {"img_size": "pretrain.resolution and finetune.resolution", "num_classes": "the dataset",
@@ -410,7 +430,8 @@ _SET_BY_BENCH = {"img_size": "pretrain.resolution and finetune.resolution", "num
 def _check_shape(kind, v, origin, here):
     need, may = _SHAPES[kind]
     if not isinstance(v, dict):
-        raise UserError(f"{origin}: {here}: expected a {kind} (a map of {', '.join(need)}), got {v!r}")
+        raise UserError(f"{origin}: {here}: expected a {kind} (a map of {', '.join(need) or 'its settings'}), "
+                        f"got {v!r}")
     missing = [k for k in need if k not in v]
     unknown = [k for k in v if k not in need and may is not None and k not in may]
     if missing or unknown:
@@ -445,6 +466,9 @@ def check_values(preset, origin, node=None, where=""):
                     "a map of table resolution -> trained resolution")
         elif k == "resolution":
             rule = whole(1)
+        elif k == "crops" and where in {f"{m}.views" for m in _MIXING_AT}:  # Classifier.loss takes views[0]
+            rule = (lambda v: isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict) and v[0].get("count") == 1,
+                    "one crop group of count 1 (a supervised stage trains on one crop of each image)")
         elif k == "schedule" and where in {f"{m}.mixing" for m in _MIXING_AT}:
             rule = (lambda v: v == "mixup_even_cutmix_odd", "mixup_even_cutmix_odd (the one bench.finetune has)")
         if rule and not rule[0](v):
@@ -472,8 +496,8 @@ def _scalar(text, origin):
 
 
 def _key(node, k):
-    """YAML maps such as finetune.stages are keyed by ints (224, 448); `--set` gives strings."""
-    return int(k) if k.isdigit() and int(k) in node else k
+    """YAML reads a key of digits as a number (finetune.stages' 224, 448); `--set` gives strings."""
+    return int(k) if k.isascii() and k.isdigit() else k
 
 
 def _pick(value, fallback):
@@ -535,6 +559,10 @@ def _size_crops(views, resolution):
 def _finetune_config(row, preset, data, stage, init, seed):
     bb = preset["backbones"][row["backbone"]]
     ft = preset["finetune"]
+    if stage["res"] not in ft["stages"]:
+        raise UserError(f"table row {row['id']}: a fine-tuning stage at {stage['res']} px, and preset "
+                        f"'{preset['name']}' has no finetune.stages.{stage['res']} (it has "
+                        f"{', '.join(map(str, ft['stages']))})")
     st = ft["stages"][stage["res"]]
     res = ft["resolution"].get(stage["res"], stage["res"])
     views = _size_crops(copy.deepcopy(ft["views"]), res)
@@ -629,27 +657,39 @@ def plan(table_name, preset, methods=None, datasets_=None, backbones=None, seeds
                 f"has them)") if new else ""
         _check_choice(kind, given or [], in_table, hint)
     cols = columns(spec, preset)
+    by_preset = cols != list(spec["columns"])  # which file to name when one is unknown
     for c in [] if datasets_ else cols:
         if not c.startswith("folder:"):
             try:
                 datasets.info(c)
             except UserError as e:  # else every cell is skipped as a pretraining set not defined, and exit 0
-                raise UserError(f"preset {preset['name']}: datasets.{table_name}: {e}") from None
+                raise UserError((f"preset {preset['name']}: datasets.{table_name}" if by_preset else
+                                 f"table {table_name} ({user_tables_file()}): columns") + f": {e}") from None
     if datasets_:
         for d in datasets_:
             if not d.startswith("folder:"):
                 datasets.info(d)  # names the valid choices when unknown
         cols = list(datasets_)
     cols = list(dict.fromkeys(datasets.canonical(c) for c in cols))  # folder:x and folder:./x/ are one column
+    for name, target in preset["pretrain_data"].items():  # a misspelt one would skip its rows' cells, and exit 0
+        if target and not target.startswith("folder:"):
+            try:
+                datasets.info(target)
+            except UserError as e:
+                raise UserError(f"preset {preset['name']}: pretrain_data.{name}: {e}") from None
+    chosen = [r for r in rows if not (methods and r["method"] not in methods or backbones and r["backbone"]
+                                      not in backbones)]
+    if not chosen:  # else "all 0 jobs are done" and exit 0
+        asked = " and ".join(f"{k} {' or '.join(v)}" for k, v in (("method", methods), ("backbone", backbones)) if v)
+        raise UserError(f"no row of the {table_name} table has {asked}" if rows else f"the {table_name} table has no "
+                        f"rows (give it rows in {user_tables_file()}, as bench/tables.yaml has them)")
     jobs: dict[str, Job] = {}
 
     def add(config, parent, skip):
         h = config_hash(config)
         return jobs.setdefault(h, Job(h, config, parent, [], skip, row["method"]))
 
-    for row in rows:
-        if methods and row["method"] not in methods or backbones and row["backbone"] not in backbones:
-            continue
+    for row in chosen:
         method = METHODS.get(row["method"])
         skip = None if method else f"method '{row['method']}' is not implemented yet"
         if not timm.is_model(row["backbone"]):
@@ -713,6 +753,7 @@ def check_models(jobs):
             with torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the error, not what torch warned on the way, is the one line
                 model = models.create(c["backbone"], res, 2, c["drop_path"], c["model_kwargs"])
+                _whole_patches(model, [res, *crops], c)
                 for size in [res, *crops]:
                     if size != res:
                         where = (f"{'finetune' if c['stage'] == 'finetune' else 'methods.' + job.method}.views: "
@@ -723,6 +764,20 @@ def check_models(jobs):
         except Exception as e:  # timm's own checks: TypeError, AssertionError, ZeroDivisionError, RuntimeError
             raise UserError(f"{where}: {_said(e)}") from None
     _check_init_files(jobs)
+
+
+def _whole_patches(model, sizes, c):
+    """A ViT's patch projection is a strided convolution: the pixels past the last whole patch of a side are
+    dropped without a word (120 px in 16-px patches trains on 112)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, VisionTransformer):
+        p = model.patch_embed.patch_size[0]
+        for size in sizes:
+            if size % p:
+                what = "resolution" if size == c["resolution"] else "crops"
+                raise UserError(f"{c['stage']} {what} of {size} px for {c['backbone']}: not a whole number of its "
+                                f"{p}-px patches (the last {size % p} px of each side would be dropped)")
 
 
 def _said(e):

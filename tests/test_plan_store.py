@@ -205,9 +205,10 @@ def test_a_set_value_yaml_cannot_read_is_one_line(value):
     ("finetune.views.crops=[{count: 1, size: null, scale: [0.1, 1], bogus: 3}]",
      ["finetune.views.crops[0]: unknown setting 'bogus'", "solarize_p"]),
     ("backbones.deit_tiny_patch16_224=null", ["backbones.deit_tiny_patch16_224: expected a backbone"]),
-    ("backbones.deit_tiny_patch16_224={}", ["backbones.deit_tiny_patch16_224: no lr, warmup_epochs, kwargs"]),
-    ("finetune.stages.224={}", ["finetune.stages.224: no batch_size"]),
-    ("finetune.mixing={}", ["finetune.mixing: no mixup_alpha"]),
+    ("backbones.vit_small_patch16_224={}", ["backbones.vit_small_patch16_224: no lr, warmup_epochs, kwargs"]),
+    ("finetune.stages.224=null", ["finetune.stages.224: expected a fine-tuning stage (a map of batch_size"]),
+    ("finetune.mixing=null", ["finetune.mixing: expected a mixing group (a map of mixup_alpha"]),
+    ("methods.idmm=null", ["methods.idmm: expected a method (a map of its settings), got None"]),
     ("finetune.mixing.schedule=nope", ["finetune.mixing.schedule", "mixup_even_cutmix_odd", "'nope'"]),
     ("finetune.epochs=10000000000000", ["finetune.epochs", "2**31"]),
     ("pretrain_data.sin10k=3", ["pretrain_data", "dataset name"]),
@@ -327,8 +328,8 @@ def test_bad_input_on_the_command_line_is_one_line_and_exit_2(tmp_path, args):
 
 
 def test_a_partial_randaugment_map_is_described_as_the_views_take_it():
-    """--set with a map replaces the preset's map; the missing keys are randaugment's defaults, in the job and in
-    the dry-run's description alike."""
+    """--set with a map is merged into the preset's map, as a preset file's is; the job and the dry-run's
+    description agree."""
     for value, label in (("{ops: 3}", "3ops-p0.5-m1-9"), ("{magnitude: [2, 5]}", "2ops-p0.5-m2-5")):
         preset = planner.load_preset("demo", [f"finetune.views.randaugment={value}"])
         job = planner.plan("comparison", preset, ["random"])[0]
@@ -469,3 +470,77 @@ def test_a_pretraining_crop_of_size_null_is_the_stages_resolution():
     null, explicit = idmm_pretrain("null"), idmm_pretrain(16)
     assert [c["size"] for c in null.config["method_cfg"]["views"]["crops"]] == [16, 16]
     assert null.hash == explicit.hash  # the same recipe, written either way
+
+
+def _hashes(preset):
+    return [j.hash for j in planner.plan("comparison", preset, ["idmm"])]
+
+
+def test_a_set_map_is_merged_and_checked_as_a_preset_files_map_is(tmp_path):
+    """A --set map replaced the preset's group unchecked: a partial one was a KeyError in planning or a job's
+    TypeError, and a misspelt key inside it changed nothing, silently."""
+    pre = planner.load_preset("demo", ["pretrain={epochs: 2}"])
+    assert pre["pretrain"]["epochs"] == 2 and pre["pretrain"]["resolution"] == 16
+    assert _hashes(planner.load_preset("demo", ["pretrain={}", "finetune.stages={}"])) == _hashes(
+        planner.load_preset("demo"))
+    assert "unknown setting 'methods.idmm.labl_smoothing'" in _refused("methods.idmm={labl_smoothing: 0.3}")
+    assert "unknown setting 'finetune.views.randaugment.bogus'" in _refused("finetune.views.randaugment={bogus: 1}")
+
+
+@pytest.mark.parametrize("items", [["backbones.deit_tiny_patch16_224.warmup_epochs=1.0"],
+                                   ["methods.idmm.views.crops=[{count: 2, size: 16, scale: [0.14, 1]}, "
+                                    "{count: 4, size: 16, scale: [0.05, 0.4]}]"],
+                                   ["finetune.label_smoothing=0.10", "pretrain.epochs=10.0"]])
+def test_a_number_written_as_int_or_float_is_the_same_recipe(items, tmp_path):
+    """The hash reads 1 and 1.0 apart: the same recipe typed with or without a dot trained again."""
+    assert _hashes(planner.load_preset("demo", items)) == _hashes(planner.load_preset("demo"))
+    assert _hashes(planner.load_preset("demo", ["pretrain.weight_decay=0"])) == _hashes(
+        planner.load_preset("demo", ["pretrain.weight_decay=0.0"]))
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: demo\npretrain: {weight_decay: 0}\n")
+    assert _hashes(planner.load_preset(str(mine))) == _hashes(planner.load_preset("demo", ["pretrain.weight_decay=0.0"]))
+
+
+def test_set_reaches_a_map_keyed_by_resolution_that_the_preset_leaves_empty():
+    """paper's finetune.resolution is {}: the key stayed the text '224', which no stage (224) ever read."""
+    jobs = planner.plan("comparison", planner.load_preset("paper", ["finetune.resolution.224=112"]), ["idmm"],
+                        ["digits"])
+    assert {j.config["resolution"] for j in jobs if j.config["stage"] == "finetune"} == {112}
+
+
+def test_plan_refuses_what_would_skip_every_cell_or_crash_a_job(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match=r"^preset demo: pretrain_data.sin10k: unknown dataset 'digitz_extra'"):
+        planner.plan("transfer", planner.load_preset("demo", ["pretrain_data.sin10k=digitz_extra"]), ["idmm"])
+    assert "expected one crop group of count 1" in _refused("finetune.views.crops=[{count: 2, size: null, "
+                                                            "scale: [0.08, 1.0]}]")
+    assert "none empty" in _refused("datasets={comparison: []}")
+    with pytest.raises(UserError, match="^no row of the transfer table has method dino and backbone t2t_vit_7$"):
+        planner.plan("transfer", planner.load_preset("demo"), ["dino"], backbones=["t2t_vit_7"])
+    jobs = planner.plan("comparison", planner.load_preset("paper", ["pretrain.resolution=120"]), ["idmm"],
+                        ["digits"])
+    with pytest.raises(UserError, match="^pretrain resolution of 120 px for deit_tiny_patch16_224: not a whole "
+                                        "number of its 16-px patches"):
+        planner.check_models(jobs)
+    path = _user_tables(tmp_path, monkeypatch, "mine: {title: T, columns: [digitz], row_columns: [Method], "
+                        "finetune: [{res: 24, epochs: 1}], rows: [{id: r, backbone: deit_tiny_patch16_224, "
+                        "method: random, finetune: [{res: 300, epochs: 1}]}]}\n")
+    with pytest.raises(UserError, match=rf"^table mine \({path}\): columns: unknown dataset 'digitz'"):
+        planner.plan("mine", planner.load_preset("demo"))
+    with pytest.raises(UserError, match=r"^table row r: a fine-tuning stage at 300 px, and preset 'demo' has no "
+                                        r"finetune.stages.300 \(it has 224, 448\)"):
+        planner.plan("mine", planner.load_preset("demo"), datasets_=["digits"])
+
+
+def test_the_built_in_preset_given_by_a_relative_path_is_the_built_in_one(monkeypatch):
+    monkeypatch.chdir(planner.PRESET_DIR.parent.parent)
+    assert planner.load_preset("bench/presets/paper.yaml")["name"] == "paper"  # (it led "back to this file")
+    assert planner.preset_id("./bench/presets/demo.yaml") == "demo"  # so report --preset demo finds its records
+
+
+def test_a_run_counts_the_cells_it_skips_not_the_placeholders(tmp_path, monkeypatch):
+    """A pretraining that cannot run is a placeholder of its own beside its cell's: 2 cells for 1."""
+    _user_tables(tmp_path, monkeypatch, "mine: {title: T, columns: [digits], row_columns: [Method], "
+                 "finetune: [{res: 24, epochs: 1}], rows: [{id: r, backbone: deit_tiny_patch16_224, "
+                 "method: idmm, pretrain_data: nosuch}]}\n")
+    res = in_process("run", "--table", "mine", "--preset", "demo", "--results", tmp_path / "r")
+    assert res.returncode == 0 and "1 cell skipped: pretraining set 'nosuch' is not defined" in res.stderr, res.stderr

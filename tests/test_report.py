@@ -134,6 +134,10 @@ def test_records_of_a_recipe_the_preset_no_longer_gives_are_said_and_kept_in_the
     assert f"warning: 2 records of preset {mine} in {tmp_path / 'r'} left out" in capsys.readouterr().err
     df = pd.read_csv(io.StringIO(report.render("comparison", store, "csv"))).set_index("hash")
     assert len(df) == 3 and df.loc[pre.hash, "stale"] and df.loc[rec["hash"], "stale"] and df["stale"].sum() == 2
+    # the preset file deleted: no recipe to plan, and the CSV still lists every record, stale (it dropped them)
+    mine.unlink()
+    df = pd.read_csv(io.StringIO(report.render("comparison", store, "csv")))
+    assert len(df) == 3 and df["stale"].all() and "--format csv lists them" in capsys.readouterr().err
 
 
 def test_two_seeds_give_mean_std_and_n_and_seeds_select(tmp_path):

@@ -108,7 +108,7 @@ def gather(table_name, store, preset_name=None, variants=None, seeds=None):
             if preset_name:  # asked for by name: the user wants to know
                 raise
             print(f"bench: warning: {n_jobs(len(recs), 'record')} of preset {name} left out of the {table_name} "
-                  f"table: {e}", file=sys.stderr)
+                  f"table: {e} (--format csv lists them, marked stale)", file=sys.stderr)
             continue
         ran = sorted({r["seed"] for r in recs}) or [0]
         cols = planner.columns(planner.table(table_name), preset)
@@ -140,16 +140,7 @@ def gather(table_name, store, preset_name=None, variants=None, seeds=None):
         sec.stale = [r for r in {r["hash"]: r for r in recs}.values()
                      if r["hash"] not in by_hash and store.get(r["hash"]) is not None
                      and not any((row, col, r["seed"]) in skipped for t, row, col in r["cells"] if t == table_name)]
-        # and the earlier stages only they read (a pretraining, perhaps hours of GPU), found by the parent's hash
-        # a fine-tuning's init names (not random, not file:): named with them
-        parents = lambda recs: {r["config"].get("init") for r in recs} - set(by_hash)  # noqa: E731
-        todo, seen = parents(sec.stale), {r["hash"] for r in sec.stale}
-        while todo:
-            earlier = [r for h in sorted(todo) if re.fullmatch(r"[0-9a-f]{16}", str(h)) and h not in seen
-                       for r in [store.get(h)] if r is not None]
-            sec.stale += earlier
-            seen |= {r["hash"] for r in earlier}
-            todo = parents(earlier)
+        sec.stale += _earlier_stages(store, sec.stale, by_hash)
         sec.init_files = shown
         rows = []
         for job in jobs:
@@ -190,6 +181,20 @@ def gather(table_name, store, preset_name=None, variants=None, seeds=None):
                   f"out of the {table_name} table: made by a recipe the preset no longer gives (its file, bench's "
                   f"defaults or the table changed since); bench report --results {store.root} --format csv lists "
                   f"them, marked stale", file=sys.stderr)
+    return out
+
+
+def _earlier_stages(store, recs, planned=()):
+    """The records of the earlier stages that only `recs` read (a pretraining, perhaps hours of GPU), found by
+    the parent hash a fine-tuning's init names (not random, not file:): stale with them."""
+    out, seen = [], {r["hash"] for r in recs} | set(planned)
+    todo = {r["config"].get("init") for r in recs}
+    while todo:
+        earlier = [r for h in sorted(todo - seen) if re.fullmatch(r"[0-9a-f]{16}", str(h))
+                   for r in [store.get(h)] if r is not None]
+        out += earlier
+        seen |= {r["hash"] for r in earlier}
+        todo = {r["config"].get("init") for r in earlier}
     return out
 
 
@@ -409,14 +414,25 @@ def csv_rows(table_name, store, preset_name=None, seeds=None):
     """One row per job record the table uses (of `seeds` where given, as the other formats' cells): every config
     field flattened, seed, metric, status, wall time, images/s, hardware, package versions and commit."""
     recs = {}
+
+    def add(r, label, stale):
+        if not (seeds and r["seed"] not in seeds):
+            recs[r["hash"]] = {**{k: v for k, v in r.items() if k not in ("traceback", "cells")}, "table": table_name,
+                               "preset_label": label, "top1": (r.get("metrics") or {}).get("top1"),
+                               "stale": stale, "cells": r.get("cells", [])}
     for sec in gather(table_name, store, preset_name, seeds=seeds):
         stale = {r["hash"] for r in sec.stale}
         for r in sec.used + sec.stale:
-            if seeds and r["seed"] not in seeds:
-                continue
-            recs[r["hash"]] = {**{k: v for k, v in r.items() if k not in ("traceback", "cells")}, "table": table_name,
-                               "preset_label": sec.label, "top1": (r.get("metrics") or {}).get("top1"),
-                               "stale": r["hash"] in stale, "cells": r.get("cells", [])}
+            add(r, sec.label, r["hash"] in stale)
+    for (name, overrides), rs in _variants(store, table_name).items():  # a preset file since deleted or broken:
+        if preset_name and name != planner.preset_id(preset_name):   # its records are stale, not gone
+            continue
+        try:
+            planner.load_preset(name, overrides)
+        except UserError:
+            for r in rs + _earlier_stages(store, rs):
+                if r["hash"] not in recs:
+                    add(r, " ".join([name] + [f"--set {o}" for o in overrides]), True)
     df = pd.json_normalize(list(recs.values()), sep=".")
     df = df.drop(columns=[c for c in df.columns if c.startswith("metrics.data")], errors="ignore")
     # a field of whole numbers that some records lack (a pretraining job has no mixing.parts) stays whole: 4, not
