@@ -753,12 +753,12 @@ def check_models(jobs):
             with torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the error, not what torch warned on the way, is the one line
                 model = models.create(c["backbone"], res, 2, c["drop_path"], c["model_kwargs"])
-                _whole_patches(model, [res, *crops], c)
                 for size in [res, *crops]:
                     if size != res:
                         where = (f"{'finetune' if c['stage'] == 'finetune' else 'methods.' + job.method}.views: "
                                  f"crops of {size} px, but {c['stage']}.resolution builds {c['backbone']} for {res} px")
                     model(torch.empty(2, 3, size, size))
+                _whole_patches(model, [res, *crops], c)  # (what runs, but not on the whole image)
         except UserError:
             raise
         except Exception as e:  # timm's own checks: TypeError, AssertionError, ZeroDivisionError, RuntimeError
@@ -776,8 +776,9 @@ def _whole_patches(model, sizes, c):
         for size in sizes:
             if size % p:
                 what = "resolution" if size == c["resolution"] else "crops"
-                raise UserError(f"{c['stage']} {what} of {size} px for {c['backbone']}: not a whole number of its "
-                                f"{p}-px patches (the last {size % p} px of each side would be dropped)")
+                raise UserError(f"{c['stage']} {what} of {size} px for {c['backbone']} (backbones.{c['backbone']}"
+                                f".kwargs {c['model_kwargs'] or {}}): not a whole number of its {p}-px patches "
+                                f"(the last {size % p} px of each side would be dropped)")
 
 
 def _said(e):

@@ -516,10 +516,10 @@ def test_plan_refuses_what_would_skip_every_cell_or_crash_a_job(tmp_path, monkey
     assert "none empty" in _refused("datasets={comparison: []}")
     with pytest.raises(UserError, match="^no row of the transfer table has method dino and backbone t2t_vit_7$"):
         planner.plan("transfer", planner.load_preset("demo"), ["dino"], backbones=["t2t_vit_7"])
-    jobs = planner.plan("comparison", planner.load_preset("paper", ["pretrain.resolution=120"]), ["idmm"],
+    jobs = planner.plan("comparison", planner.load_preset("paper", ["finetune.resolution.224=120"]), ["idmm"],
                         ["digits"])
-    with pytest.raises(UserError, match="^pretrain resolution of 120 px for deit_tiny_patch16_224: not a whole "
-                                        "number of its 16-px patches"):
+    with pytest.raises(UserError, match=r"^finetune resolution of 120 px for deit_tiny_patch16_224 \(backbones.deit_"
+                                        r"tiny_patch16_224.kwargs {}\): not a whole number of its 16-px patches"):
         planner.check_models(jobs)
     path = _user_tables(tmp_path, monkeypatch, "mine: {title: T, columns: [digitz], row_columns: [Method], "
                         "finetune: [{res: 24, epochs: 1}], rows: [{id: r, backbone: deit_tiny_patch16_224, "

@@ -97,7 +97,7 @@ def test_bad_values_on_the_command_line_are_one_line_and_exit_2(tmp_path):
     kw = "backbones.deit_tiny_patch16_224.kwargs"
     for item, words in ((f"{kw}.num_heads=5", "AssertionError: dim should be divisible by num_heads"),
                         (f"{kw}.bogus=1", "unexpected keyword argument 'bogus'"),
-                        (f"{kw}.embed_dim=0", "ZeroDivisionError"), (f"{kw}.patch_size=20", "at 16 px")):
+                        (f"{kw}.embed_dim=0", "ZeroDivisionError"), (f"{kw}.patch_size=20", "not a whole number of its 20-px patches")):
         for dry in ([], ["--dry-run"]):
             one_line_exit_2(in_process("run", "--preset", "demo", "--set", item, "--results", res, *dry), kw, words)
     crops = "methods.idmm.views.crops=[{count: 2, size: 20, scale: [0.2, 1.0]}]"  # a ViT built for 16 px
