@@ -430,9 +430,10 @@ def run(device: str, preset_name: str, images: int, steps: int, epochs: int, out
                     continue
                 r = measure(copy.deepcopy(cfg), resident(cfg["max_side"]), files, dev, steps, epochs,
                             profile_dir / f"{label.replace(' ', '-')}.txt" if profile_dir else None)
+                r["resolution"] = cfg["resolution"]  # what it trained at: the demo's "224" stage is 24 px
                 results["runs"][label] = r
                 save()
-                say(f"  {label:40s} (a) {r['official_style']:>8} (b) {r['end_to_end']:>8} (c) {r['step_alone']:>8}"
+                say(f"  {label:40s} {cfg['resolution']:>3} px (a) {r['official_style']:>8} (b) {r['end_to_end']:>8} (c) {r['step_alone']:>8}"
                     f" images/s   b/a {r['b_over_a']}  b/c {r['b_over_c']}  epoch {r['epoch_wall_s']} s"
                     + (f"  compile {r['compile_s']} s" if "compile_s" in r else "")
                     + (f"  host waits/step {r['host_waits']}" if r["host_waits"] is not None else "")

@@ -437,6 +437,17 @@ def _whole_store(args, command):
     return _known_hashes(Store(args.results))
 
 
+def _parent_failed(store, parent, planned):
+    """Whether an earlier stage of a job without a record failed (the nearest one with a record says)."""
+    while parent:
+        rec = store.get(parent)
+        if rec is not None:
+            return rec["status"] == "failed"
+        parent = planned[parent].parent if parent in planned else (store.launch(parent) or {}).get("job", {}).get(
+            "parent")
+    return False
+
+
 def cmd_status(args):
     from bench.launch import slurm
 
@@ -480,7 +491,9 @@ def cmd_status(args):
         else:  # running here (its lock's owner is alive), stopped, not started, or SLURM could not be asked
             holder = Lock(store.run_dir(h)).holder()
             state = f"running ({holder})" if holder else store.state(h)
-            if state == "pending":
+            if state == "pending" and _parent_failed(store, parent, planned):
+                state = "not run: parent failed"  # as bench run said of it
+            elif state == "pending":
                 state = {None: "not started", "local": "stopped, no checkpoint"}.get(info.get("launcher"), "submitted")
             elif state == "partial":  # the same command resumes it
                 state = f"stopped, {checkpoint or 'checkpoint saved'}"
@@ -542,6 +555,12 @@ def cmd_cancel(args):
     else:
         hashes = _whole_store(args, "cancel")
     ids = slurm.cancel(store, hashes)
+    here = [(h, holder) for h in hashes if (store.launch(h) or {}).get("launcher") != "slurm"
+            for holder in [Lock(store.run_dir(h)).holder()] if holder]
+    if here:  # status says "running": cancel must not leave the user believing them stopped
+        print(f"bench cancel stops SLURM jobs only; outside SLURM, {n_jobs(len(here))} "
+              f"{'is' if len(here) == 1 else 'are'} training: " + ", ".join(f"{h[:10]} ({who})" for h, who in here)
+              + ". Stop one with Ctrl-C in its shell, or kill -INT PID (it saves a checkpoint)", file=sys.stderr)
     if ids:
         print(f"cancelled {n_jobs(len(ids), 'SLURM job')}: {' '.join(ids)}")
     elif args.table:  # the plan names the jobs: one run with other --set values or seeds is not this plan

@@ -1,5 +1,6 @@
 """The CLI end to end, as a user types it: real digits, real training steps, real records, the report."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -247,6 +248,21 @@ def test_benchmark_measures_the_three_pipelines_and_writes_json(tmp_path):
     assert result["implied_hours"]["comparison"]["hours"] > 0 and result["implied_hours"]["transfer"]["hours"] is None
     assert "transfer   not measured" in run.stdout
     assert "(a)" in run.stdout and "b/c" in run.stdout
+    # the row of the tables' 224 px stage says what it trained at: the demo model's 24 px (it said 224 alone)
+    assert result["runs"]["finetune deit_tiny_patch16_224 224"]["resolution"] == 24
+    assert result["runs"]["pretrain idmm deit_tiny_patch16_224"]["resolution"] == 16
+    assert re.search(r"finetune deit_tiny_patch16_224 224 +24 px \(a\)", run.stdout), run.stdout
     assert "gpuGetDeviceCount" not in run.stderr  # the profiler's noise on a machine without a GPU
     bad = bench("benchmark", "--device", "cpu", "--images", "0")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+
+
+def test_a_failed_pretraining_leaves_its_fine_tuning_not_run_in_the_progress_and_in_status(tmp_path):
+    """The time left counted the fine-tuning that would never run, at the failed job's speed ("about 0.1 min
+    left" with nothing left), and status called it "not started" where run had said "not run"."""
+    args = ["--table", "comparison", "--preset", "demo", "--methods", "idmm", "--results", str(tmp_path / "r"),
+            *FAST, "--set", "pretrain.lr=1e30"]
+    run = in_process("run", *args)
+    assert run.returncode == 1 and "not run: its parent" in run.stderr and "left" not in run.stderr, run.stderr
+    status = in_process("status", *args)
+    assert status.returncode == 0 and "not run: parent failed" in status.stdout, status.stdout

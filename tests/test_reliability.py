@@ -187,6 +187,10 @@ def test_status_and_rerun_tell_a_job_running_in_another_process_from_one_not_sta
         one_line_exit_2(in_process("run", *args, "--rerun", job.hash[:8]),
                         f"--rerun {job.short}: the job is being trained by ", f":{holder.pid}; stop it")
         assert (Store(res).run_dir(job.hash) / "metrics.jsonl").read_text() == "{}\n"
+        # bench cancel said "cancelled 0 SLURM jobs (none queued or running)" of a job status calls running
+        cancel = in_process("cancel", *args)
+        assert cancel.returncode == 0 and f"outside SLURM, 1 job is training: {job.short} (" in cancel.stderr
+        assert f":{holder.pid}). Stop one with Ctrl-C" in cancel.stderr and holder.poll() is None
     finally:
         holder.kill()
         holder.wait()

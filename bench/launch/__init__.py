@@ -189,6 +189,11 @@ def time_left(pending, running, finished, slots=1):
     return (sum(map(cost, pending)) + sum(map(cost, running)) / 2) / max(1, slots)
 
 
+def about(secs):
+    """How long is left, as a progress line says it: seconds under a minute ("0.0 min" said nothing)."""
+    return f"about {secs:.0f} s left" if secs < 60 else f"about {secs / 60:.1f} min left"
+
+
 def launch_info(job, **info):
     """What `bench status` shows of a job that has no record yet: where it went and what it is."""
     c = job.config

@@ -19,7 +19,7 @@ import torch
 
 from bench import engine
 from bench.engine import Interrupted
-from bench.launch import execute, job_spec, launch_info, stop_on_signals, time_left
+from bench.launch import about, execute, job_spec, launch_info, stop_on_signals, time_left
 from bench.results import Lock
 
 
@@ -70,12 +70,18 @@ def run(jobs, store, preset_name, overrides=(), data_opts=None, devices=None, jo
                 pass  # execute names what keeps the job's folder from being made
             t0 = time.time()
             rec = execute(job, store, preset_name, overrides, data_opts)
-            finished.append((job.config, time.time() - t0))
-            left = time_left([j.config for j in todo[i:]], [], finished)
-            log(f"[{i}/{len(todo)}] {_outcome(job, rec)}"
-                + (f"; about {left / 60:.1f} min left" if i < len(todo) else ""))
-            if rec["status"] != "done":
+            if rec["status"] == "done":  # (a failed job's seconds are no speed)
+                finished.append((job.config, time.time() - t0))
+            else:
                 failed.add(job.hash)
+            gone, rest = set(failed), []  # what will run: not the jobs below a failed one
+            for j in todo[i:]:
+                if j.parent in gone:
+                    gone.add(j.hash)
+                else:
+                    rest.append(j.config)
+            left = time_left(rest, [], finished)
+            log(f"[{i}/{len(todo)}] {_outcome(job, rec)}" + (f"; {about(left)}" if rest and left is not None else ""))
             if engine.stop_requested() and i < len(todo):  # it came while the job evaluated: its record is in
                 raise Interrupted(engine.stop_requested(), saved=False)
     return len(todo), len(failed)
@@ -163,7 +169,7 @@ class Queue:
             slots = max(1, len(self.devices) * self.per_gpu // self.per_job)
             secs = time_left([j.config for j in self.pending], [j.config for j, *_ in self.running.values()],
                              self.walls, slots)
-            line += f"; about {secs / 60:.1f} min left"
+            line += f"; {about(secs)}"
         self.log(line)
 
     def run(self):

@@ -29,7 +29,7 @@ from submitit.slurm.slurm import SlurmInfoWatcher
 
 from bench.errors import UserError, read_yaml
 from bench.errors import jobs as n_jobs
-from bench.launch import job_spec, launch_info, time_left
+from bench.launch import about, job_spec, launch_info, time_left
 from bench.plan import whole
 from bench.slurm_task import Task
 
@@ -368,7 +368,7 @@ def wait(store, hashes, log, poll=5.0):
         line += f", {n['failed'] + ended} failed or not run" if n["failed"] + ended else ""
         if walls and n["running"] + n["queued"]:
             left = time_left(waiting["queued"], waiting["running"], walls, slots=n["running"])
-            line += f"; about {left / 60:.1f} min left"
+            line += f"; {about(left)}"
         if line != last:
             log(f"[{time.time() - t0:5.0f}s] {line}")
             last = line
