@@ -60,7 +60,8 @@ def init_like_mocov3(vit):
     proj = vit.patch_embed.proj
     bound = math.sqrt(6 / (proj.in_channels * math.prod(proj.kernel_size) + proj.out_channels))
     proj.weight.uniform_(-bound, bound)
-    proj.bias.zero_()
+    if proj.bias is not None:  # (a pre-norm ViT, CLIP's, has none)
+        proj.bias.zero_()
     proj.requires_grad_(False)
 
 

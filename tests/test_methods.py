@@ -250,6 +250,12 @@ def test_mocov3_builds_its_vits_as_moco_v3_does(tiny_vit, tiny_images):
     method.loss(make_views(tiny_images.images, method.views), torch.arange(12), tiny_images.labels, 0).backward()
     opt.step()
     assert torch.equal(vit.pos_embed, table)  # neither learnt nor decayed
+    import timm
+
+    clip_like = timm.create_model("vit_base_patch16_clip_224", pretrained=False, img_size=16, patch_size=4,
+                                  embed_dim=32, depth=1, num_heads=2, num_classes=0)  # pre-norm: no patch bias
+    METHODS["mocov3"](clip_like, 32, 12, 3, _method_cfg("mocov3"))
+    assert not clip_like.patch_embed.proj.weight.requires_grad
 
 
 @pytest.mark.parametrize("name,head", [("simclr", "head"), ("mocov2", "head"), ("mocov3", "projector")])
