@@ -90,11 +90,16 @@ class Section:
     shown: list = field(default_factory=list)      # those behind a cell shown (filled or failed): the footer's
 
 
-def gather(table_name, store, preset_name=None, variants=None, seeds=None):
+def _label(name, overrides):
+    return " ".join([name] + [f"--set {o}" for o in overrides])
+
+
+def gather(table_name, store, preset_name=None, variants=None, seeds=None, left_out=None):
     """One Section per (preset, --set overrides) that has results for the table (or the paper preset when none).
     `variants` ({(preset, overrides): records}, default the store's own) says which, and shapes their plans
     (seeds, columns, weights files); the cells are filled from `store`'s records, by hash. `seeds`: those the
-    report shows, the only ones whose stale records it speaks of."""
+    report shows, the only ones whose stale records it speaks of. `left_out`, a list: gets (label, records) of
+    each variant whose preset no longer loads (a file since deleted or broken)."""
     variants = _variants(store, table_name) if variants is None else dict(variants)
     if preset_name:  # as the records name it (a file of one's own: its absolute path)
         preset_name = planner.preset_id(preset_name)
@@ -109,6 +114,8 @@ def gather(table_name, store, preset_name=None, variants=None, seeds=None):
                 raise
             print(f"bench: warning: {n_jobs(len(recs), 'record')} of preset {name} left out of the {table_name} "
                   f"table: {e} (--format csv lists them, marked stale)", file=sys.stderr)
+            if left_out is not None:
+                left_out.append((_label(name, overrides), recs))
             continue
         ran = sorted({r["seed"] for r in recs}) or [0]
         cols = planner.columns(planner.table(table_name), preset)
@@ -117,7 +124,7 @@ def gather(table_name, store, preset_name=None, variants=None, seeds=None):
                        key=lambda c: (paper_order.get(c, len(paper_order)), c))
         # records of two --init-weights files for one backbone are two recipes of its "IN super." row: the table
         # shows the newest file's, says so, and the CSV lists the other's (marked stale) as it lists stale ones
-        files, label = {}, " ".join([name] + [f"--set {o}" for o in overrides])
+        files, label = {}, _label(name, overrides)
         for r in recs:
             if r["stage"] == "finetune" and r["config"]["init"].startswith("file:"):
                 newest = files.setdefault(r["config"]["backbone"], {})
@@ -420,19 +427,15 @@ def csv_rows(table_name, store, preset_name=None, seeds=None):
             recs[r["hash"]] = {**{k: v for k, v in r.items() if k not in ("traceback", "cells")}, "table": table_name,
                                "preset_label": label, "top1": (r.get("metrics") or {}).get("top1"),
                                "stale": stale, "cells": r.get("cells", [])}
-    for sec in gather(table_name, store, preset_name, seeds=seeds):
+    left_out = []  # a preset file since deleted or broken: its records are stale, not gone
+    for sec in gather(table_name, store, preset_name, seeds=seeds, left_out=left_out):
         stale = {r["hash"] for r in sec.stale}
         for r in sec.used + sec.stale:
             add(r, sec.label, r["hash"] in stale)
-    for (name, overrides), rs in _variants(store, table_name).items():  # a preset file since deleted or broken:
-        if preset_name and name != planner.preset_id(preset_name):   # its records are stale, not gone
-            continue
-        try:
-            planner.load_preset(name, overrides)
-        except UserError:
-            for r in rs + _earlier_stages(store, rs):
-                if r["hash"] not in recs:
-                    add(r, " ".join([name] + [f"--set {o}" for o in overrides]), True)
+    for label, rs in left_out:
+        for r in rs + _earlier_stages(store, rs):
+            if r["hash"] not in recs:
+                add(r, label, True)
     df = pd.json_normalize(list(recs.values()), sep=".")
     df = df.drop(columns=[c for c in df.columns if c.startswith("metrics.data")], errors="ignore")
     # a field of whole numbers that some records lack (a pretraining job has no mixing.parts) stays whole: 4, not
