@@ -604,7 +604,7 @@ def cmd_data_list(args):
 def cmd_data_check(args):
     d = datasets.info(args.name)
     if d.reader is not None:
-        print(f"{d.name}: embedded, train {d.train}, test {d.test}")
+        print(f"{d.name}: embedded, train {d.train}" + (f", test {d.test}" if d.has_test else ", no test split"))
         return 0
     found, listed = {}, datasets.check_listing(args.name, args.data_root)  # (ImageNet's: seconds to list)
     for split, (files, labels, _, _) in listed.items():

@@ -64,6 +64,18 @@ def test_flowers_checksums_are_checked_by_default(root, monkeypatch):
         datasets.split_files("flowers102", "train", root)
 
 
+def test_a_dataset_half_there_names_the_files_it_lacks(root, tmp_path):
+    import shutil
+    with pytest.raises(UserError, match=r"Flowers102 not found under .*: expected flowers-102/"):
+        datasets.split_files("flowers102", "train", tmp_path)
+    shutil.copytree(root / "flowers-102", tmp_path / "flowers-102")
+    (tmp_path / "flowers-102" / "setid.mat").unlink()
+    with pytest.raises(UserError, match=r"is incomplete: flowers-102/setid.mat missing \(expected"):
+        datasets.split_files("flowers102", "train", tmp_path)
+    for name in ("flowers102", "pets", "dtd", "aircraft", "cars"):  # each layout names the files as they lie
+        assert all((root / p).exists() for p in datasets._expand(datasets.DATASETS[name].layout)), name
+
+
 def test_missing_split_file_is_named(root, tmp_path):
     (tmp_path / "indoor67").mkdir()
     with pytest.raises(UserError, match="TrainImages.txt is missing"):

@@ -108,8 +108,7 @@ def _torchvision(cls_name, parts, layout, **kwargs):
             try:
                 ds = cls(str(root), split=part, **kwargs)
             except RuntimeError as e:
-                hint = " (or their checksums differ from the official files)" if cls_name == "Flowers102" else ""
-                raise UserError(f"{cls_name} not found under {root}: expected {layout}{hint}") from e
+                raise UserError(_not_found(cls_name, root, layout)) from e
             except (FileNotFoundError, KeyError) as e:
                 raise UserError(f"{cls_name} under {root}: missing or broken split file: {e}") from None
             pairs = ds._samples if hasattr(ds, "_samples") else zip(
@@ -120,6 +119,24 @@ def _torchvision(cls_name, parts, layout, **kwargs):
             classes = list(ds.classes)
         return files, labels, classes, {}
     return lister
+
+
+def _expand(layout: str) -> list[str]:
+    """The paths a layout names: "a/{b/, c}" -> ["a/b/", "a/c"]."""
+    head, _, rest = layout.partition("{")
+    return [head + part.strip() for part in rest.rstrip("}").split(",")] if rest else [layout]
+
+
+def _not_found(cls_name, root, layout):
+    """Why torchvision found no dataset under `root`: nothing of it there, some of its files missing (named),
+    or every file there and a checksum that differs (Flowers102's, whose check is the only one torchvision does)."""
+    missing = [p for p in _expand(layout) if not (Path(root) / p).exists()]
+    if len(missing) == len(_expand(layout)):
+        return f"{cls_name} not found under {root}: expected {layout}"
+    if missing:
+        return f"{cls_name} under {root} is incomplete: {', '.join(missing)} missing (expected {layout})"
+    return (f"{cls_name} under {root}: the files' checksums differ from the official files (set "
+            f"BENCH_VERIFY_CHECKSUMS=0 to read a modified copy)")
 
 
 def _read_lines(path: Path):
@@ -281,7 +298,8 @@ DATASETS = {d.name: d for d in [
     _tv("pets", 37, 3680, 3669, "OxfordIIITPet", {"train": ["trainval"], "test": ["test"]},
         "oxford-iiit-pet/{images/, annotations/trainval.txt, annotations/test.txt}", "Oxford-IIIT Pets, trainval"),
     _tv("dtd", 47, 3760, 1880, "DTD", {"train": ["train", "val"], "test": ["test"]},
-        "dtd/dtd/{images/, labels/train1.txt, val1.txt, test1.txt}", "DTD split 1, train + val", partition=1),
+        "dtd/dtd/{images/, labels/train1.txt, labels/val1.txt, labels/test1.txt}", "DTD split 1, train + val",
+        partition=1),
     DatasetInfo("indoor67", 67, 5360, 1340, _indoor67, "indoor67/{Images/, TrainImages.txt, TestImages.txt}",
                 "MIT Indoor67, TrainImages.txt / TestImages.txt"),
     DatasetInfo("cub200", 200, 5994, 5794, _cub, "CUB_200_2011/{images/, images.txt, image_class_labels.txt, "
@@ -290,7 +308,8 @@ DATASETS = {d.name: d for d in [
         "fgvc-aircraft-2013b/data/{images/, variants.txt, images_variant_trainval.txt, images_variant_test.txt}",
         "FGVC-Aircraft variants, trainval", annotation_level="variant"),
     _tv("cars", 196, 8144, 8041, "StanfordCars", {"train": ["train"], "test": ["test"]},
-        "stanford_cars/{cars_train/, cars_test/, devkit/, cars_test_annos_withlabels.mat}", "Stanford Cars"),
+        "stanford_cars/{cars_train/, cars_test/, devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat}",
+        "Stanford Cars"),
     DatasetInfo("sin10k", 1000, 10000, 0, _sin10k, SIN10K_LIST + " (bench data make-sin10k)",
                 "10 images per ImageNet-1k class", has_test=False),
     DatasetInfo("imagenet", 1000, 1281167, 50000, _imagenet, "imagenet/{train,val}/<wnid>/", "ImageNet-1k train / val"),
