@@ -225,11 +225,16 @@ def cmd_run(args):
         if gpus > 1 and len(devices) < gpus:
             raise UserError(f"--gpus-per-job {gpus}: {len(devices)} GPUs are visible on this machine")
     _check_launch(args, jobs, 0 if gpus is None else gpus)
-    if args.dry_run:
-        print(_job_table(jobs, store, _data_opts(args, preset), rerun, here=args.launcher != "slurm"))
-        return 0
     runnable = [j for j in jobs if not j.skip]
     todo = [j for j in runnable if j.hash in rerun or store.state(j.hash) != "done"]
+    if args.dry_run:
+        print(_job_table(jobs, store, _data_opts(args, preset), rerun, here=args.launcher != "slurm"))
+        for spec in sorted({j.config["data"] for j in todo if datasets.info(j.config["data"]).lister}):
+            try:  # listed, no image opened: the run would stop at a dataset that cannot be (a dry run off the
+                datasets.check_listing(spec, args.data_root)  # cluster may not see its data: a warning)
+            except UserError as e:
+                print(f"bench: warning: {e} (bench run would stop there)", file=sys.stderr)
+        return 0
     data_opts = _data_opts(args, preset)
     for spec in sorted({j.config["data"] for j in todo}):  # missing data fails here, before any training
         datasets.check_available(spec, args.data_root, args.skip_bad, data_opts["cache_dir"])

@@ -61,6 +61,16 @@ def test_dry_run_lists_the_paper_recipe():
     assert ("bf16 runs as fp32 on this machine's cpu" in out.stdout) == (not torch.cuda.is_available())
 
 
+def test_a_dry_run_warns_of_a_dataset_the_run_would_stop_at(tmp_path):
+    (tmp_path / "mine" / "train" / "a").mkdir(parents=True)
+    for spec, said in ((f"folder:{tmp_path / 'nope'}", "train is missing"),
+                       (f"folder:{tmp_path / 'mine'}", "holds no images")):
+        dry = in_process("run", "--preset", "demo", "--methods", "random", "--datasets", spec, "--dry-run",
+                         "--results", str(tmp_path / "r"))
+        assert dry.returncode == 0 and "pending" in dry.stdout, dry.stderr
+        assert said in dry.stderr and "bench run would stop there" in dry.stderr, dry.stderr
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
     real = bench("run", "--table", "nope")  # the process itself: its exit status and its stderr
     assert real.returncode == 2 and real.stderr.count("\n") == 1 and "Traceback" not in real.stderr
