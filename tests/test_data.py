@@ -72,6 +72,11 @@ def test_a_dataset_half_there_names_the_files_it_lacks(root, tmp_path):
     (tmp_path / "flowers-102" / "setid.mat").unlink()
     with pytest.raises(UserError, match=r"is incomplete: flowers-102/setid.mat missing \(expected"):
         datasets.split_files("flowers102", "train", tmp_path)
+    (tmp_path / "oxford-iiit-pet" / "annotations").mkdir(parents=True)
+    for f in ("images", "annotations/trainval.txt", "annotations/test.txt"):  # images: a file, not the folder
+        (tmp_path / "oxford-iiit-pet" / f).touch()
+    with pytest.raises(UserError, match=r"is incomplete: oxford-iiit-pet/images/ missing"):
+        datasets.split_files("pets", "train", tmp_path)
     for name in ("flowers102", "pets", "dtd", "aircraft", "cars"):  # each layout names the files as they lie
         assert all((root / p).exists() for p in datasets._expand(datasets.DATASETS[name].layout)), name
 

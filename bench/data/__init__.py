@@ -129,14 +129,17 @@ def _expand(layout: str) -> list[str]:
 
 def _not_found(cls_name, root, layout):
     """Why torchvision found no dataset under `root`: nothing of it there, some of its files missing (named),
-    or every file there and a checksum that differs (Flowers102's, whose check is the only one torchvision does)."""
-    missing = [p for p in _expand(layout) if not (Path(root) / p).exists()]
+    or every path there and a checksum that differs (Flowers102's, the only files torchvision checks)."""
+    missing = [p for p in _expand(layout) if not (Path(root) / p).exists()
+               or p.endswith("/") and not (Path(root) / p).is_dir()]  # (a folder's name on a file: not there)
     if len(missing) == len(_expand(layout)):
         return f"{cls_name} not found under {root}: expected {layout}"
     if missing:
         return f"{cls_name} under {root} is incomplete: {', '.join(missing)} missing (expected {layout})"
-    return (f"{cls_name} under {root}: the files' checksums differ from the official files (set "
-            f"BENCH_VERIFY_CHECKSUMS=0 to read a modified copy)")
+    if cls_name == "Flowers102":
+        return (f"{cls_name} under {root}: the files' checksums differ from the official files (set "
+                f"BENCH_VERIFY_CHECKSUMS=0 to read a modified copy)")
+    return f"{cls_name} under {root} is not as torchvision reads it: expected {layout}"
 
 
 def _read_lines(path: Path):
