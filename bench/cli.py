@@ -10,12 +10,12 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from bench import data as datasets
-from bench import plan as planner
-from bench.engine import COMPILE_CHOICES, checkpoint_position, compiles, device
-from bench.errors import Terminated, UserError, raise_terminated
+from bench.errors import COMPILE_CHOICES, Terminated, UserError, lazy, raise_terminated
 from bench.errors import jobs as n_jobs
 from bench.results import Lock, Store, check_output, probe_writable
+
+# torch and timm behind these take seconds to import: `bench --help`, `bench status` and `bench cancel` do without
+datasets, planner, engine = lazy("bench.data"), lazy("bench.plan"), lazy("bench.engine")
 
 
 class Parser(argparse.ArgumentParser):
@@ -112,8 +112,8 @@ def _job_table(jobs, store, data_opts, rerun=frozenset(), here=True):
                  + (", nvjpeg where a job has a GPU, PIL where not" if decode == "auto" else "")
                  + f"); in brackets, a split's decoded size if held resident; the most one job holds "
                  f"resident: {most / 2 ** 30:.1f} GB")
-    if here and device().type != "cuda" and any(j.config.get("precision") == "bf16" for j in jobs if not j.skip):
-        text += (f"\nprecision: bf16 runs as fp32 on this machine's {device().type} (a CPU trains in fp32; the "
+    if here and engine.device().type != "cuda" and any(j.config.get("precision") == "bf16" for j in jobs if not j.skip):
+        text += (f"\nprecision: bf16 runs as fp32 on this machine's {engine.device().type} (a CPU trains in fp32; the "
                  f"record says which ran): the jobs' hashes keep the recipe's precision")
     return text
 
@@ -166,7 +166,7 @@ def _compile_choice(args):
         os.environ["BENCH_COMPILE"] = args.compile
     import torch
 
-    compiles(torch.device("cpu"))  # a bad $BENCH_COMPILE fails here, before any job
+    engine.compiles(torch.device("cpu"))  # a bad $BENCH_COMPILE fails here, before any job
 
 
 def _say_remade_lists(jobs, todo, store, root):
@@ -195,7 +195,7 @@ def cmd_run(args):
 
     checkpoint_interval()  # a bad value fails here, before any job
     if args.launcher != "slurm":  # else silently a local run, with the user thinking it went to the cluster
-        device()  # (a bad $BENCH_DEVICE, too; on SLURM it is the nodes' to judge)
+        engine.device()  # (a bad $BENCH_DEVICE, too; on SLURM it is the nodes' to judge)
         given = [k for k, v in vars(args).items()  # every --slurm-* flag, and the two others of SLURM's
                  if (k.startswith("slurm_") or k in ("wait", "array_parallelism")) and v not in (None, False, [])]
         if given:
@@ -526,7 +526,7 @@ def _checkpoint_note(path, epochs):
     """Where a stopped job's checkpoint stands, in the words of the engine's 'resumed from' line; None: none."""
     if not path.exists():
         return None
-    at = checkpoint_position(path)
+    at = engine.checkpoint_position(path)
     if at is None:
         return "checkpoint saved"
     epoch, step = at

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from bench.data import feed
 from bench.data.views import make_views
-from bench.errors import UserError
+from bench.errors import COMPILE_CHOICES, UserError
 from bench.results import aside, read_tensors, write_durably
 
 
@@ -144,9 +144,6 @@ def place(model, dev):
         if hasattr(m, "fused_attn"):
             m.fused_attn = dev.type != "cpu"
     return model
-
-
-COMPILE_CHOICES = ("auto", "on", "off")
 
 
 def compiles(dev):

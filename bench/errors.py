@@ -1,4 +1,20 @@
+"""What every part of bench shares and the command line needs before torch (seconds to import, more on a
+cluster's network file system, and `bench status`, `bench cancel` and `--help` need none of it)."""
+import importlib
 from pathlib import Path
+
+COMPILE_CHOICES = ("auto", "on", "off")  # the engine's BENCH_COMPILE / `--compile`, here for the parser
+
+
+class lazy:
+    """A module imported on first use of one of its attributes: `torch = lazy("torch")` at the top of a module
+    the command line imports, where only some commands need torch."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name), attr)
 
 
 class Terminated(KeyboardInterrupt):
@@ -16,6 +32,15 @@ class UserError(Exception):
 
     The CLI prints its message as one line on stderr and exits with code 2, without a traceback.
     """
+
+
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def whole(low, none=False):
+    """The rule of a setting that is a whole number >= low (or null, where `none`), and how it is described."""
+    return (lambda v: none and v is None or is_int(v) and v >= low), f"a whole number >= {low}"
 
 
 def jobs(n: int, noun: str = "job") -> str:

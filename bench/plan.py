@@ -26,19 +26,10 @@ from bench import data as datasets
 from bench import models  # registers bench's own backbones with timm before names are checked
 from bench.data.views import randaugment
 from bench.engine import LR_SCHEDULES, PRECISIONS
-from bench.errors import UserError, load_yaml, read_yaml
+from bench.errors import UserError, is_int, load_yaml, read_yaml, whole
 from methods import METHODS
 
 PRESET_DIR = Path(str(resources.files("bench") / "presets"))
-
-
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def whole(low, none=False):
-    """The rule of a setting that is a whole number >= low (or null, where `none`), and how it is described."""
-    return (lambda v: none and v is None or _is_int(v) and v >= low), f"a whole number >= {low}"
 
 
 @dataclass
@@ -66,8 +57,8 @@ def _words(v):
 
 def _stages(v):  # a chain of fine-tuning stages, [{res, epochs}]
     return isinstance(v, list) and v != [] and all(isinstance(x, dict) and set(x) == {"res", "epochs"} and
-                                                   _is_int(x["res"]) and x["res"] >= 1 and
-                                                   _is_int(x["epochs"]) and x["epochs"] >= 0 for x in v)
+                                                   is_int(x["res"]) and x["res"] >= 1 and
+                                                   is_int(x["epochs"]) and x["epochs"] >= 0 for x in v)
 
 
 _LABEL_FIELDS = ("pretrain_data", "pretrain_epochs", "finetune_res", "finetune_epochs")
@@ -377,9 +368,9 @@ _RULES = {  # setting name -> (test, what it must be); checked wherever the name
                    "[low, high] with 0 < low <= high"),
     "jitter": (lambda v: isinstance(v, list) and len(v) == 4 and all(_is_num(x) and x >= 0 for x in v),
                "four numbers >= 0 (brightness, contrast, saturation, hue)"),
-    "magnitude": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_is_int, v)) and 1 <= v[0] <= v[1] <= 9,
+    "magnitude": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(is_int, v)) and 1 <= v[0] <= v[1] <= 9,
                   "[low, high], whole numbers with 1 <= low <= high <= 9"),
-    "ops": (lambda v: _is_int(v) and 0 <= v <= 16, "a whole number from 0 to 16"),  # the reference applies 2
+    "ops": (lambda v: is_int(v) and 0 <= v <= 16, "a whole number from 0 to 16"),  # the reference applies 2
     "crops": (lambda v: isinstance(v, list) and v and all(isinstance(g, dict) for g in v),
               "a list of crop groups ({count, size, scale})"),
     "datasets": (lambda v: v is None or _names(v) or isinstance(v, dict) and all(map(_names, v.values())),
@@ -389,7 +380,7 @@ _RULES = {  # setting name -> (test, what it must be); checked wherever the name
     "stream": (lambda v: isinstance(v, bool) or v == "auto", "true, false or auto"),  # not 1: 1 == True
     "memory_gb": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
     # processes started by every job that streams: a slip of the finger (1000) would start a thousand
-    "workers": (lambda v: v is None or _is_int(v) and 0 <= v <= 128, "null or a whole number from 0 to 128"),
+    "workers": (lambda v: v is None or is_int(v) and 0 <= v <= 128, "null or a whole number from 0 to 128"),
     "decode": (lambda v: v in ("auto", "pil", "device"), "auto, pil or device"),
     **{k: (_unit, "a probability in [0, 1]") for k in ("flip", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "p")},
     "hidden_dim": (whole(1, none=True)[0], "null (the encoder's width) or a whole number >= 1"),
@@ -416,7 +407,7 @@ _MIXING_AT = ("finetune", "methods.supervised")  # where bench.finetune reads a 
 
 def _shape(where, k):
     """Which of _SHAPES the setting `k` under `where` is, if any."""
-    if where.endswith(".crops") and _is_int(k):
+    if where.endswith(".crops") and is_int(k):
         return "crop group"
     if k == "mixing" and where in _MIXING_AT:
         return "mixing group"
@@ -455,14 +446,14 @@ def check_values(preset, origin, node=None, where=""):
     items = node.items() if isinstance(node, dict) else enumerate(node)
     for k, v in items:
         here = f"{where}.{k}".lstrip(".") if isinstance(node, dict) else f"{where}[{k}]"
-        if _is_int(v) and not -2 ** 31 < v < 2 ** 31:  # counts, sizes and seeds; torch's are 32 or 64 bits
+        if is_int(v) and not -2 ** 31 < v < 2 ** 31:  # counts, sizes and seeds; torch's are 32 or 64 bits
             raise UserError(f"{origin}: {here}: expected a whole number of magnitude below 2**31, got a larger one")
         kind = _shape(where, k)
         if kind:
             _check_shape(kind, v, origin, here)
         rule = _RULES.get(k) if isinstance(k, str) else None
         if k == "resolution" and where == "finetune":
-            rule = (lambda r: isinstance(r, dict) and all(_is_int(x) and x >= 1 for x in r.values()),
+            rule = (lambda r: isinstance(r, dict) and all(is_int(x) and x >= 1 for x in r.values()),
                     "a map of table resolution -> trained resolution")
         elif k == "resolution":
             rule = whole(1)

@@ -19,9 +19,9 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
+from bench.errors import UserError, lazy
 
-from bench.errors import UserError
+torch = lazy("torch")  # for checkpoints and caches; records and the store's state are plain files
 
 
 _RECORD_NAME = re.compile(r"^[0-9a-f]{16}\.json$")  # <config hash>.json; any other JSON file is not ours

@@ -50,6 +50,14 @@ def test_demo_comparison_idmm_and_random_through_to_the_report(tmp_path):
     assert status.returncode == 0 and status.stdout.count("done") == 3
     assert all(line.split()[-1] == "local" for line in status.stdout.splitlines()[1:])  # where each one ran
 
+    # polled from a cluster's login node, where importing torch can take longer than the answer: none of it
+    script = ("import sys\nfrom bench.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+              f"main(['status', '--results', {res!r}])\nmain(['cancel', '--results', {res!r}])\n"
+              "print(sorted({'torch', 'timm', 'torchvision', 'lightly'} & set(sys.modules)))")
+    light = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert light.returncode == 0 and light.stdout.count("done") == 3, light.stderr
+    assert light.stdout.splitlines()[-1] == "[]", light.stdout
+
 
 def test_dry_run_lists_the_paper_recipe():
     out = bench("run", "--table", "comparison", "--preset", "paper", "--methods", "idmm", "--dry-run")

@@ -17,14 +17,12 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
-from bench import data as datasets
-from bench import engine, finetune, models
-from bench.engine import Interrupted, NonFiniteLoss, fit
-from bench.errors import UserError
+from bench.errors import UserError, lazy
 from bench.results import Lock, Store, hardware, versions, write_durably
-from methods import METHODS
+
+# what runs a job; the SLURM launcher imports this module for its helpers, and `bench status` imports that
+torch, datasets, engine = lazy("torch"), lazy("bench.data"), lazy("bench.engine")
+finetune, models, methods = lazy("bench.finetune"), lazy("bench.models"), lazy("methods")
 
 
 def pretrain(cfg, run_dir, data_opts):
@@ -33,9 +31,9 @@ def pretrain(cfg, run_dir, data_opts):
     train = datasets.load(cfg["data"], split, size, max_side=max_side, **data_opts)
     torch.manual_seed(cfg["seed"])
     backbone = models.create(cfg["backbone"], res, 0, cfg["drop_path"], cfg["model_kwargs"])
-    method = METHODS[cfg["method"]](backbone, backbone.num_features, len(train), len(train.classes),
+    method = methods.METHODS[cfg["method"]](backbone, backbone.num_features, len(train), len(train.classes),
                                     cfg["method_cfg"])
-    last = fit(method, train, cfg, run_dir, desc=f"pretrain {cfg['method']} {cfg['data']}")
+    last = engine.fit(method, train, cfg, run_dir, desc=f"pretrain {cfg['method']} {cfg['data']}")
     if engine.rank() != 0:
         return {}
     weights = models.export(method.backbone(), cfg["backbone"], res)
@@ -78,7 +76,7 @@ def execute(job, store: Store, preset_name="", overrides=(), data_opts=None):
     lock, said = Lock(run_dir), False
     while not lock.acquire():  # another process trains this job: wait, then use its record
         if engine.stop_requested():
-            raise Interrupted(engine.stop_requested(), saved=False)
+            raise engine.Interrupted(engine.stop_requested(), saved=False)
         if not said:
             print(f"bench: job {job.short} is being trained by {lock.owner}; waiting for it", file=sys.stderr,
                   flush=True)
@@ -115,9 +113,9 @@ def _train(job, store, run_dir, preset_name, overrides, data_opts):
         else:
             metrics = finetune.run(cfg, run_dir, _init_weights(job, store), data_opts)
         record.update(status="done", metrics=metrics)
-    except NonFiniteLoss as e:
+    except engine.NonFiniteLoss as e:
         record.update(status="failed", error=str(e), metrics={})
-    except (UserError, Interrupted):
+    except (UserError, engine.Interrupted):
         raise
     except Exception as e:  # a crash is a result too: say what it was and where
         if engine.rank() != 0:  # rank 0 records it; here, exiting non-zero takes the job's other ranks down
@@ -223,7 +221,7 @@ def main(argv=None):
     except UserError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
-    except Interrupted as e:
+    except engine.Interrupted as e:
         print(f"bench: {e}", file=sys.stderr)
         return 128 + e.signum
     return 0 if record is None or record["status"] == "done" else 1

@@ -27,10 +27,9 @@ import yaml
 from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import SlurmInfoWatcher
 
-from bench.errors import UserError, read_yaml
+from bench.errors import UserError, read_yaml, whole
 from bench.errors import jobs as n_jobs
 from bench.launch import about, job_spec, launch_info, time_left
-from bench.plan import whole
 from bench.slurm_task import Task
 
 # HELD: PENDING held back (scontrol hold, sbatch --hold, an admin) until someone releases it; not a SLURM state
