@@ -17,6 +17,8 @@ FT = {**CFG, "views": VIEWS, "mixing": {"mixup_alpha": 0.5, "cutmix_alpha": 0.5,
 def test_lr_schedule_warms_up_linearly_then_decays_to_zero():
     assert lr_factor(0, 10, 100) == 0 and lr_factor(5, 10, 100) == 0.5 and lr_factor(10, 10, 100) == 1
     assert lr_factor(55, 10, 100) == pytest.approx(0.5) and lr_factor(100, 10, 100) == pytest.approx(0)
+    # a cosine, not a line through the same three points: a fifth of the way, cos(pi / 5) = (1 + sqrt 5) / 4
+    assert lr_factor(28, 10, 100) == pytest.approx((1 + (1 + 5 ** 0.5) / 4) / 2)  # 0.905
 
 
 def test_fit_trains_logs_and_a_finished_run_is_not_retrained(tmp_path, tiny_vit, tiny_images):

@@ -1,5 +1,6 @@
-"""Every baseline: one real training step, its self-written loss against a hand computation, its state."""
+"""Every baseline: one real training step, its loss against a hand computation of the reference's, its state."""
 import copy
+import math
 import traceback
 
 import pytest
@@ -79,6 +80,67 @@ def test_mocov3_loss_matches_the_formula_written_out():
     assert mocov3_loss(q, q, t) < mocov3_loss(q, k, t)  # aligned keys cost less
 
 
+def test_simclr_loss_is_nt_xent_written_out(tiny_vit, tiny_images):
+    """SimCLR's NT-Xent: each of the 2N crops against its other view, among the other 2N - 2 crops of the batch."""
+    torch.manual_seed(3)
+    method = _method("simclr", tiny_vit)
+    views = make_views(tiny_images.images, method.views)
+    z = F.normalize(method.head(method.embed(views)), dim=1).detach()
+    n, t = len(z) // 2, method.cfg["temperature"]
+    terms = [-torch.log(torch.exp(z[i] @ z[(i + n) % (2 * n)] / t)
+                        / sum(torch.exp(z[i] @ z[j] / t) for j in range(2 * n) if j != i)) for i in range(2 * n)]
+    expected = sum(terms) / (2 * n)
+    assert method.loss(views, torch.arange(n), tiny_images.labels, 0).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_mocov2_loss_is_infonce_against_the_queue_which_then_takes_the_keys(tiny_vit, tiny_images):
+    """moco/builder.py: logits [q.k, q.queue] / T (q, k and the queue normalised), the key is class 0; then the
+    batch's keys replace the oldest entries of the queue."""
+    torch.manual_seed(4)
+    method = _method("mocov2", tiny_vit)
+    views = make_views(tiny_images.images, method.views)
+    x_q, x_k = torch.cat(views).chunk(2)
+    with torch.no_grad():
+        q = F.normalize(method.head(method.encoder(x_q)), dim=1)
+        k = F.normalize(method.key_head(method.key_encoder(x_k)), dim=1)
+    bank = method.criterion.memory_bank
+    queue, ptr, t = bank.bank.clone(), int(bank.bank_ptr), method.cfg["temperature"]
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / t
+    expected = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
+    assert method.loss(views, torch.arange(len(q)), tiny_images.labels, 0).item() == pytest.approx(expected.item(),
+                                                                                                 rel=1e-5)
+    assert torch.allclose(bank.bank[ptr:ptr + len(k)], k, atol=1e-6) and int(bank.bank_ptr) == ptr + len(k)
+    assert torch.equal(bank.bank[ptr + len(k):], queue[ptr + len(k):])
+
+
+def test_dino_loss_centre_and_teacher_temperature_are_the_references(tiny_vit, tiny_images):
+    """facebookresearch/dino main_dino.py, DINOLoss: the teacher's outputs centred and sharpened at a temperature
+    warmed up linearly, cross-entropy of each student crop against each teacher crop but its own (student
+    temperature 0.1), the mean over those pairs; then the centre moves toward the batch mean of the teacher's
+    outputs by center_momentum."""
+    torch.manual_seed(5)
+    cfg = {**_method_cfg("dino"), "warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "warmup_teacher_temp_frac": 0.2}
+    method = METHODS["dino"](tiny_vit(), 32, 12, 3, cfg)
+    temps = [method.teacher_temp(p) for p in (0, 0.1, 0.2, 0.6, 1)]
+    assert temps == pytest.approx([0.04, 0.055, 0.07, 0.07, 0.07])
+    views = make_views(tiny_images.images, method.views)
+    n_global, crops = cfg["global_crops"], sum(len(v) for v in views) // len(tiny_images)
+    centre = torch.randn_like(method.criterion.center) * 0.1
+    method.criterion.center.copy_(centre)
+    with torch.no_grad():
+        student = method.head(method.embed(views)).chunk(crops)
+        teacher = method.teacher_head(method.embed(views[:n_global], method.teacher)).chunk(n_global)
+    targets = [F.softmax((t - centre.flatten()) / 0.055, dim=-1) for t in teacher]
+    terms = [(-q * F.log_softmax(s / 0.1, dim=-1)).sum(-1).mean()
+             for i, q in enumerate(targets) for v, s in enumerate(student) if v != i]
+    assert len(terms) == n_global * (crops - 1)
+    loss = method.loss(views, torch.arange(len(tiny_images)), tiny_images.labels, 0.1)
+    assert loss.item() == pytest.approx((sum(terms) / len(terms)).item(), rel=1e-5)
+    m = cfg["center_momentum"]
+    want = m * centre.flatten() + (1 - m) * torch.cat(teacher).mean(0)
+    assert torch.allclose(method.criterion.center.flatten(), want, atol=1e-6)
+
+
 @pytest.mark.parametrize("name,online,target", [("mocov2", ["encoder", "head"], ["key_encoder", "key_head"]),
                                                 ("mocov3", ["encoder", "projector"], ["key_encoder", "key_projector"]),
                                                 ("dino", ["encoder", "head"], ["teacher", "teacher_head"])])
@@ -90,8 +152,8 @@ def test_momentum_encoder_moves_by_exactly_the_ema(name, online, target, tiny_vi
     before = {t: copy.deepcopy(getattr(method, t).state_dict()) for t in target}
     progress = 0.3
     method.after_step(progress)
-    from bench.engine import cosine_ramp
-    m = method.cfg["momentum"] if name == "mocov2" else cosine_ramp(method.cfg["momentum"], 1.0, progress)
+    m0 = method.cfg["momentum"]  # MoCo v3 and DINO: to 1 along a half cosine (moco-v3 adjust_moco_momentum)
+    m = m0 if name == "mocov2" else 1 - (1 - m0) * (1 + math.cos(math.pi * progress)) / 2
     for o, t in zip(online, target):
         src = dict(getattr(method, o).named_parameters())
         for k, v in getattr(method, t).named_parameters():

@@ -61,7 +61,7 @@ def test_paper_preset_resolves_the_authors_recipe():
     assert c["method_cfg"]["views"]["crops"][1]["scale"] == [0.05, 0.4]
 
 
-def test_store_round_trip_is_atomic(tmp_path):
+def test_store_round_trip_leaves_only_the_record(tmp_path):  # atomic on a full disk: test_reliability
     store = Store(tmp_path)
     assert store.get("abc") is None and store.state("abc") == "pending"
     rec = {"hash": "abc", "status": "done", "metrics": {"top1": 0.5}, "config": {"lr": 1e-3}}

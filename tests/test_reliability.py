@@ -1,4 +1,5 @@
 """Damaged state, concurrent runs and bad values: each case heals and finishes, or is one line and exit 2."""
+import contextlib
 import json
 import math
 import os
@@ -653,18 +654,37 @@ def test_a_jobs_folder_that_cannot_be_written_is_one_line_not_a_traceback(tmp_pa
         f"bench: error: {run_dir}: cannot write there (Read-only file system); the job was not run"
 
 
-def test_a_full_disk_is_named_as_such_and_leaves_no_temporary_file(tmp_path):
-    """torch.save on a full disk raises "unexpected pos 848960 vs 848848"; the OSError behind it is what a user
-    can act on."""
-    from bench.results import write_durably
-
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB file system of its own, to fill."""
     mnt = tmp_path / "full"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("this machine will not mount a small tmpfs for the test")
-    try:
-        with pytest.raises(OSError, match=rf"No space left on device: '{mnt / 'checkpoint.pt'}'"):
-            write_durably(mnt / "checkpoint.pt", lambda f: torch.save({"x": torch.zeros(200_000)}, f))
-        assert not list(mnt.iterdir())
-    finally:
-        subprocess.run(["umount", str(mnt)])
+    yield mnt
+    subprocess.run(["umount", str(mnt)])
+
+
+def test_a_full_disk_is_named_as_such_and_leaves_no_temporary_file(small_disk):
+    """torch.save on a full disk raises "unexpected pos 848960 vs 848848"; the OSError behind it is what a user
+    can act on."""
+    from bench.results import write_durably
+
+    with pytest.raises(OSError, match=rf"No space left on device: '{small_disk / 'checkpoint.pt'}'"):
+        write_durably(small_disk / "checkpoint.pt", lambda f: torch.save({"x": torch.zeros(200_000)}, f))
+    assert not list(small_disk.iterdir())
+
+
+def test_a_record_rewritten_on_a_full_disk_stays_the_old_one_whole(small_disk):
+    """A record is replaced (a --rerun, a failed job trained again) by writing the new one beside it and renaming:
+    written in place, the disk filling up half-way would leave neither."""
+    store = Store(small_disk)
+    old = {"hash": "abc", "status": "failed", "metrics": {}, "config": {"lr": 1e-3}}
+    store.put(old)
+    with open(small_disk / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:  # what else the disk holds, to its last block
+            f.write(b"x" * 4096)
+    with pytest.raises(UserError, match="cannot write the record of job abc .*No space left on device"):
+        store.put({**old, "status": "done", "metrics": {"top1": 0.5, "log": "x" * 20_000}})
+    assert store.get("abc") == old and not store.damaged()
+    assert sorted(p.name for p in small_disk.iterdir()) == ["abc.json", "filler"]
