@@ -296,3 +296,65 @@ def test_a_device_bench_cannot_train_on_is_one_line_before_any_job(tmp_path, mon
         err = capsys.readouterr().err
         assert err.startswith(f"bench: error: BENCH_DEVICE={value}: {words}") and err.count("\n") == 1
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_top1_counts_the_predictions_that_match_each_images_label():
+    """A model that calls bright images class 1 and dark ones class 0, on 10 images two of which are labelled
+    against it: 8 of 10 right, each prediction compared with its own image's label."""
+    from bench.data import ImageSet
+    from bench.finetune import top1
+
+    bright = torch.tensor([1, 1, 1, 1, 1, 1, 0, 0, 0, 0])
+    images = (bright * 255).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 16, 16).contiguous()
+    labels = bright.clone()
+    labels[0], labels[9] = 0, 1
+
+    class Brightness(torch.nn.Module):
+        def forward(self, x):
+            m = x.mean((1, 2, 3))
+            return torch.stack([-m, m], 1)
+
+    test = ImageSet(images, labels, ["dark", "bright"], "test")
+    assert top1(Brightness(), test, 16, 1.0, "fp32") == pytest.approx(0.8)
+
+
+def test_fine_tuning_alternates_mixup_and_cutmix_by_epoch(tiny_vit):
+    """main_deit.py: Mixup on even epochs (every pixel a blend of two images), CutMix on odd ones (a box of
+    another image pasted, the rest untouched)."""
+    seen = []
+
+    class Seeing(Classifier):
+        def logits(self, x):
+            seen.append(x)
+            return super().logits(x)
+
+    torch.manual_seed(0)
+    x = torch.rand(12, 3, 16, 16)
+    model = Seeing(tiny_vit(3), {**FT, "mixing": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "parts": 1}})
+    for epoch in (0, 1, 2, 3):
+        model.start_epoch(epoch)
+        model.loss([x], torch.arange(12), torch.arange(12) % 3, 0)
+    for epoch, mixed in enumerate(seen):
+        same = (mixed == x).flatten(1).float().mean(1)  # per image: the share of its values left as they were
+        if epoch % 2 == 0:  # an image mixed with itself (a fixed point of the permutation) stays whole
+            assert all(s == 0 or s == 1 for s in same.tolist()), (epoch, same)
+        else:
+            assert any(0 < s < 1 for s in same.tolist()), (epoch, same)
+
+
+def test_fine_tuning_starts_from_the_weights_its_parent_handed_over(tmp_path):
+    """At lr 0 a fine-tuning job ends where it started: its exported backbone is the parent's, tensor for tensor
+    (the head, of another shape, is its own)."""
+    from bench import finetune, models
+    from bench import plan as planner
+
+    job = next(j for j in planner.plan("comparison", planner.load_preset("demo"), ["idmm"], None, None, [0])
+               if j.config["stage"] == "finetune")
+    cfg = {**job.config, "epochs": 1, "lr": 0.0}
+    torch.manual_seed(123)  # not the job's seed: the parent's weights differ from the child's random init
+    parent = models.create(cfg["backbone"], cfg["resolution"], 0, 0.0, cfg["model_kwargs"])
+    init = models.export(parent, cfg["backbone"], cfg["resolution"])
+    finetune.run(cfg, tmp_path, init, {"cache_dir": None})
+    child = torch.load(tmp_path / "weights.pt", weights_only=True)["state_dict"]
+    shared = [k for k, v in init["state_dict"].items() if not k.startswith("head")]
+    assert len(shared) > 10 and all(torch.equal(child[k], init["state_dict"][k]) for k in shared)

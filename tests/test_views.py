@@ -10,6 +10,7 @@ from bench.data import views
 
 def test_cutmix_box_area_matches_lambda():
     torch.manual_seed(0)
+    unclipped = 0
     for lam in [0.5, 0.6, 0.75, 0.9, 0.99]:
         for _ in range(50):
             y1, y2, x1, x2, lam_box = views.cutmix_box(lam, 112, 112)
@@ -18,7 +19,9 @@ def test_cutmix_box_area_matches_lambda():
             # an unclipped box has side sqrt(1 - lam): its area is 1 - lam up to integer rounding
             if y2 - y1 == int(112 * math.sqrt(1 - lam)) // 2 * 2 and x2 - x1 == int(112 * math.sqrt(1 - lam)) // 2 * 2:
                 assert lam_box == pytest.approx(lam, abs=4 / 112)
+                unclipped += 1
             assert lam_box >= lam - 1e-9  # clipping only shrinks the box
+    assert unclipped > 50  # boxes centred away from the edges, most of those of lam 0.99
 
 
 def test_mix_lambda_is_folded_to_at_least_half():
@@ -32,6 +35,7 @@ def test_cutmix_pastes_a_box_from_the_permuted_batch():
     torch.manual_seed(1)
     x = torch.arange(4, dtype=torch.float).view(4, 1, 1, 1).expand(4, 3, 32, 32).contiguous()
     mixed, perm, lam = views.cutmix(x, 0.5)
+    assert lam < 1 and any(perm[i] != i for i in range(4))  # a box was pasted, from another image
     for i in range(4):
         from_other = (mixed[i, 0] == x[perm[i], 0, 0, 0]).float().mean().item()
         if perm[i] != i:
