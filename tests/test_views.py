@@ -246,3 +246,26 @@ def test_batched_randaugment_is_each_images_own_ops_in_turn():
     # the affine maps' einsum rounds a point on an image's edge either way with the batch's shape, so a pixel
     # there may take the grey fill instead of its neighbour's value (25 of 115,200 here, all after a shear)
     assert ((got - want).abs() > 1e-6).float().mean() < 1e-3
+
+
+def test_each_photometric_op_does_what_it_says_at_probability_one_and_nothing_at_zero():
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 16, 16)
+    assert torch.equal(views.augment(x, {"flip": 0.0, "grayscale_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0}), x)
+    assert torch.equal(views.augment(x, {"flip": 1.0}), x.flip(3))
+    grey = views.augment(x, {"grayscale_p": 1.0})
+    assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2]) and not torch.equal(grey, x)
+    assert torch.equal(views.augment(x, {"solarize_p": 1.0}), torch.where(x >= 0.5, 1 - x, x))
+    # brightness alone: each image times one factor from [0.6, 1.4] (clipped at 1), factors differing by image
+    bright = views.augment(x, {"jitter": [0.4, 0, 0, 0], "jitter_p": 1.0})
+    factors = []
+    for b, a in zip(bright, x):
+        inside = (b < 0.999) & (a > 0.05)
+        ratio = b[inside] / a[inside]
+        assert torch.allclose(ratio, ratio.median().expand_as(ratio), rtol=1e-4) and 0.6 <= ratio.median() <= 1.4
+        factors.append(ratio.median().item())
+    assert max(factors) - min(factors) > 0.1
+    # blur: neighbouring pixels closer, the mean kept
+    blurred = views.augment(x, {"blur_p": 1.0, "blur_sigma": [1.0, 2.0]})
+    step = lambda t: (t[..., 1:, :] - t[..., :-1, :]).abs().mean()  # noqa: E731
+    assert step(blurred) < 0.5 * step(x) and blurred.mean().item() == pytest.approx(x.mean().item(), abs=0.02)
