@@ -224,9 +224,15 @@ def cmd_run(args):
         devices, gpus = local.visible_gpus(), args.gpus_per_job or 1
         if gpus > 1 and len(devices) < gpus:
             raise UserError(f"--gpus-per-job {gpus}: {len(devices)} GPUs are visible on this machine")
+        if args.jobs_per_gpu != 1 and not devices:
+            print(f"bench: note: --jobs-per-gpu {args.jobs_per_gpu} is unused: no GPU is visible, the jobs run one "
+                  f"after another", file=sys.stderr)
     _check_launch(args, jobs, 0 if gpus is None else gpus)
     runnable = [j for j in jobs if not j.skip]
     todo = [j for j in runnable if j.hash in rerun or store.state(j.hash) != "done"]
+    for spec in sorted({j.config["data"] for j in todo if j.config["stage"] == "finetune"}):
+        if not datasets.info(spec).has_test:
+            raise UserError(f"--datasets {spec}: a pretraining set, with no test split to fine-tune and test on")
     if args.dry_run:
         print(_job_table(jobs, store, _data_opts(args, preset), rerun, here=args.launcher != "slurm"))
         for spec in sorted({j.config["data"] for j in todo if datasets.info(j.config["data"]).lister}):
@@ -238,9 +244,6 @@ def cmd_run(args):
     data_opts = _data_opts(args, preset)
     for spec in sorted({j.config["data"] for j in todo}):  # missing data fails here, before any training
         datasets.check_available(spec, args.data_root, args.skip_bad, data_opts["cache_dir"])
-    for spec in sorted({j.config["data"] for j in todo if j.config["stage"] == "finetune"}):
-        if not datasets.info(spec).has_test:
-            raise UserError(f"--datasets {spec}: a pretraining set, with no test split to fine-tune and test on")
     done = len(runnable) - len(todo)
     _say_remade_lists(runnable, todo, store, args.data_root)
     skipped = sum(len(j.cells) for j in jobs if j.skip)  # (a skipped pretraining fills no cell of its own)

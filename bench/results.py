@@ -108,13 +108,13 @@ def write_durably(path: Path, content):
 # breaks these (edited by hand, cut by a tool) is damaged: the job runs again and the file is kept aside.
 _FIELDS = {"hash": str, "status": str, "config": dict, "metrics": dict, "stage": str, "seed": int, "cells": list,
            "preset": str, "overrides": list, "hardware": dict, "wall_time_s": (int, float)}
-_NEEDED = ("hash", "status", "config", "metrics")
-_NEEDED_IN_A_TABLE = ("stage", "seed", "preset", "hardware")  # a record with cells fills a report
+# every record bench writes has these; one without cells (a pretraining) is read too, as a stage of a cell's chain
+_NEEDED = ("hash", "status", "config", "metrics", "stage", "seed", "preset", "hardware")
 
 
 def _not_a_record(rec, name):
     """Why a parsed JSON object cannot be a record, or None."""
-    missing = [k for k in _NEEDED if k not in rec] + [k for k in _NEEDED_IN_A_TABLE if rec.get("cells") and k not in rec]
+    missing = [k for k in _NEEDED if k not in rec]
     if missing:
         return f"no {', '.join(missing)}"
     for key, kind in _FIELDS.items():
@@ -135,8 +135,7 @@ def _not_a_record(rec, name):
     if not all(isinstance(c, list) and len(c) == 3 and all(isinstance(x, str) for x in c) for c in rec.get("cells", [])):
         return "its cells are not [table, row, column] triples"
     cfg = rec["config"]
-    if rec.get("cells") and not (isinstance(cfg.get("data"), str)
-                                 and (rec["stage"] != "finetune" or isinstance(cfg.get("init"), str))):
+    if not (isinstance(cfg.get("data"), str) and (rec["stage"] != "finetune" or isinstance(cfg.get("init"), str))):
         return "its config has no data or init"
     return None
 

@@ -64,7 +64,8 @@ def test_paper_preset_resolves_the_authors_recipe():
 def test_store_round_trip_leaves_only_the_record(tmp_path):  # atomic on a full disk: test_reliability
     store = Store(tmp_path)
     assert store.get("abc") is None and store.state("abc") == "pending"
-    rec = {"hash": "abc", "status": "done", "metrics": {"top1": 0.5}, "config": {"lr": 1e-3}}
+    rec = {"hash": "abc", "status": "done", "stage": "pretrain", "seed": 0, "preset": "demo", "cells": [],
+           "metrics": {}, "config": {"data": "digits"}, "hardware": {"cpus": 2}}
     store.put(rec)
     assert store.get("abc") == rec and store.state("abc") == "done"
     assert [p.name for p in tmp_path.iterdir()] == ["abc.json"]  # no temporary file left behind

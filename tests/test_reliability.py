@@ -87,8 +87,12 @@ def test_bad_values_on_the_command_line_are_one_line_and_exit_2(tmp_path):
                     "pretrain.epochs")
     one_line_exit_2(in_process("run", "--preset", "demo", "--seeds", str(2 ** 40), "--results", res), "--seeds")
     one_line_exit_2(in_process("report", "--seeds", "-5", "--results", res), "--seeds -5")
-    one_line_exit_2(in_process("run", "--preset", "demo", "--datasets", "digits_extra", "--results", res),
-                    "no test split")
+    if not torch.cuda.is_available():  # a flag that cannot act is said, not silently dropped
+        packed = in_process("run", "--preset", "demo", "--jobs-per-gpu", "2", "--dry-run", "--results", res)
+        assert packed.returncode == 0 and "--jobs-per-gpu 2 is unused: no GPU is visible" in packed.stderr
+    for dry in ([], ["--dry-run"]):  # a dry run refuses it too: it had shown the jobs pending
+        one_line_exit_2(in_process("run", "--preset", "demo", "--datasets", "digits_extra", "--results", res, *dry),
+                        "no test split")
     (tmp_path / "file").write_text("x")
     one_line_exit_2(in_process("run", "--preset", "demo", "--results", str(tmp_path / "file")), "is a file")
     (tmp_path / "r2").mkdir()
@@ -143,8 +147,12 @@ _IN_A_TABLE = {"cells": [["comparison", "deit_tiny/idmm", "digits"]]}
     # the report's mean took a NaN as no value, a 2.5 as 250%, and an overrides list of numbers crashed it
     lambda r: {**r, "metrics": {"top1": math.nan}}, lambda r: {**r, "metrics": {"top1": 2.5}},
     lambda r: {**r, "wall_time_s": math.inf}, lambda r: {**r, "overrides": [1]},
+    # a record that fills no cell is read as a stage of a cell's chain (the report's footer): it crashed it
+    lambda r: {k: v for k, v in r.items() if k not in ("hardware", "cells")},
+    lambda r: {**r, "cells": [], "config": {}},
 ], ids=["cut", "no-config", "metrics-null", "top1-text", "seed-text", "cells-number", "hash-null", "status-odd",
-        "config-without-data", "top1-nan", "top1-percent", "wall-infinite", "overrides-numbers"])
+        "config-without-data", "top1-nan", "top1-percent", "wall-infinite", "overrides-numbers",
+        "no-cells-no-hardware", "no-cells-empty-config"])
 def test_damaged_and_foreign_json_files_are_ignored_and_named(tmp_path, damage):
     store = Store(tmp_path)
     store.put(_record("0123456789abcdef", **_IN_A_TABLE))
@@ -564,6 +572,7 @@ def test_a_deleted_custom_preset_leaves_the_other_tables_reportable(tmp_path):
                       cells=[["comparison", "deit_tiny/idmm", "digits"]]))
     res = in_process("report", "--results", str(tmp_path), cwd=str(tmp_path))
     assert res.returncode == 0 and "gone.yaml" in res.stderr and "Traceback" not in res.stderr
+    assert "(preset: paper)" in res.stdout  # the paper's numbers alone, as with no records; it printed nothing
 
 
 def test_a_damaged_parent_weights_file_names_the_way_to_regenerate_it(tmp_path):
@@ -679,7 +688,7 @@ def test_a_record_rewritten_on_a_full_disk_stays_the_old_one_whole(small_disk):
     """A record is replaced (a --rerun, a failed job trained again) by writing the new one beside it and renaming:
     written in place, the disk filling up half-way would leave neither."""
     store = Store(small_disk)
-    old = {"hash": "abc", "status": "failed", "metrics": {}, "config": {"lr": 1e-3}}
+    old = _record("abc", status="failed", metrics={})
     store.put(old)
     with open(small_disk / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
         while True:  # what else the disk holds, to its last block
