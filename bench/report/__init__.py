@@ -179,7 +179,7 @@ def gather(table_name, store, preset_name=None, variants=None, seeds=None, left_
         sec.df = pd.DataFrame(rows, columns=["row", "column", "seed", "top1", "status", "error"])
         out.append(sec)
     if not out:  # every preset of the records is gone (said above): the paper's numbers alone, as with no records
-        return gather(table_name, store, None, {("paper", ()): []}, seeds)
+        return gather(table_name, store, "paper", {}, seeds)  # (by name: a paper preset that fails says why)
     used = {r["hash"] for sec in out for r in sec.used}  # a job two presets share fills the other's cells
     for sec in out:
         sec.stale = [r for r in sec.stale if r["hash"] not in used and (not seeds or r["seed"] in seeds)]
