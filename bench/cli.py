@@ -224,10 +224,10 @@ def cmd_run(args):
         devices, gpus = local.visible_gpus(), args.gpus_per_job or 1
         if gpus > 1 and len(devices) < gpus:
             raise UserError(f"--gpus-per-job {gpus}: {len(devices)} GPUs are visible on this machine")
-        if args.jobs_per_gpu != 1 and not devices:
-            print(f"bench: note: --jobs-per-gpu {args.jobs_per_gpu} is unused: no GPU is visible, the jobs run one "
-                  f"after another", file=sys.stderr)
     _check_launch(args, jobs, 0 if gpus is None else gpus)
+    if args.launcher != "slurm" and args.jobs_per_gpu > 1 and not devices:  # (a value _check_launch let through)
+        print(f"bench: note: --jobs-per-gpu {args.jobs_per_gpu} is unused: no GPU is visible, the jobs run one "
+              f"after another", file=sys.stderr)
     runnable = [j for j in jobs if not j.skip]
     todo = [j for j in runnable if j.hash in rerun or store.state(j.hash) != "done"]
     for spec in sorted({j.config["data"] for j in todo if j.config["stage"] == "finetune"}):

@@ -141,7 +141,8 @@ def _cluster_up():
     if shutil.which("sinfo") is None:
         return False
     out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
-    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "allocated"))
+    # (completing: the node is still cleaning up after the last test's job, an up node all the same)
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "allocated", "completing"))
 
 
 slurm = pytest.mark.skipif(not _cluster_up() and not os.environ.get("CI"),
