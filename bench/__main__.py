@@ -9,6 +9,10 @@ def entry():
 
     signal.signal(signal.SIGTERM, raise_terminated)  # a run's jobs put their own in place (save, then stop)
     try:
+        # before torch, whose C++ imports numpy itself and clears any exception raised there, a Ctrl-C or
+        # SIGTERM that lands in that import included: the command then went on as if not stopped
+        import numpy  # noqa: F401
+
         from bench.cli import main
     except KeyboardInterrupt as e:
         print("bench: stopped by signal SIGTERM" if isinstance(e, Terminated) else "bench: interrupted",
