@@ -32,7 +32,7 @@ def pretrain(cfg, run_dir, data_opts):
     torch.manual_seed(cfg["seed"])
     backbone = models.create(cfg["backbone"], res, 0, cfg["drop_path"], cfg["model_kwargs"])
     method = methods.METHODS[cfg["method"]](backbone, backbone.num_features, len(train), len(train.classes),
-                                    cfg["method_cfg"])
+                                            cfg["method_cfg"])
     last = engine.fit(method, train, cfg, run_dir, desc=f"pretrain {cfg['method']} {cfg['data']}")
     if engine.rank() != 0:
         return {}
