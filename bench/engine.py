@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import hashlib
 import json
 import math
 import os
@@ -318,10 +319,19 @@ def update(model: Method, opt, params, loss, cfg: dict, epoch: int, progress: fl
     model.after_step(progress)
 
 
-def _readable_checkpoint(path: Path, model: Method, opt, dev, main: bool):
+def _data_signature(data) -> str:
+    """What a checkpoint's permutation and step count were drawn for: the training set's size and its labels in
+    order. No hash covers a `folder:` dataset's files or what --skip-bad left out, so images added or removed
+    since a job stopped would otherwise resume it on rows that are not there any more, or are other images."""
+    labels = data.labels.cpu().contiguous().numpy().tobytes()
+    return f"{len(data)} images, labels {hashlib.sha256(labels).hexdigest()[:12]}"
+
+
+def _readable_checkpoint(path: Path, model: Method, opt, dev, main: bool, data_sig: str):
     """The training checkpoint at `path`, or None: none there, or one that cannot be used (cut short, overwritten,
     not a checkpoint, another model's entries or shapes, another optimiser's parameter groups: loading would
-    fail the job on every run), which is kept aside and the job starts over. A file that cannot be read now (the
+    fail the job on every run; another training set, see _data_signature), which is kept aside and the job starts
+    over. A file that cannot be read now (the
     file system's error, not its content's: a flaky network mount, no memory) fails the job and stays, so that a
     long job's progress is not thrown away on a passing fault. Read to the host: a checkpoint loaded straight
     onto the device would need the device's memory twice. Under several ranks, all resume or all start over."""
@@ -339,6 +349,8 @@ def _readable_checkpoint(path: Path, model: Method, opt, dev, main: bool):
             if [len(g["params"]) for g in ck["optimizer"]["param_groups"]] != [len(g["params"])
                                                                                for g in opt.param_groups]:
                 raise ValueError("its optimiser's parameter groups are not this optimiser's")
+            if ck.get("data", data_sig) != data_sig:  # (a checkpoint of an earlier version has no signature)
+                raise ValueError(f"it was written for another training set: {ck['data']}, now {data_sig}")
         except Exception as e:
             # EINVAL is torch's reader on a file cut short; the file system's other errors are passing faults
             if isinstance(e, MemoryError) or isinstance(e, OSError) and e.errno != errno.EINVAL:
@@ -422,7 +434,8 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
     epoch, step, perm, last = 0, 0, None, {}
     loss_sum = torch.zeros((), device=dev)  # this epoch's, so far: a resumed epoch still logs its whole mean
     epoch_s, epoch_seen, earlier_s, session_t0 = 0.0, 0, 0.0, time.time()
-    ck = _readable_checkpoint(ckpt_path, model, opt, dev, main)
+    data_sig = _data_signature(data)
+    ck = _readable_checkpoint(ckpt_path, model, opt, dev, main, data_sig)
     if ck is not None:
         if ck.get("world_size", 1) != world:  # --gpus-per-job is not in the hash: the user's to settle
             raise UserError(f"{ckpt_path} was written by {ck.get('world_size', 1)} processes, this run has "
@@ -457,7 +470,7 @@ def fit(model: Method, data, cfg: dict, run_dir: Path, desc: str = ""):
         if main:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "epoch": e, "step": s, "metrics": last, "ranks": ranks, "world_size": world,
-                     "elapsed_s": earlier_s + saved_at - session_t0,
+                     "data": data_sig, "elapsed_s": earlier_s + saved_at - session_t0,
                      # the epoch so far, without a compilation: a session resuming it must not count that one
                      "epoch_s": saved_at - t0 - compiling_s if s else 0.0, "epoch_seen": seen - compiling_n if s else 0}
             write_durably(ckpt_path, lambda f: torch.save(state, f))

@@ -104,6 +104,19 @@ def write_durably(path: Path, content):
         pass
 
 
+def remove_leftovers(folder: Path):
+    """The temporary files write_durably left in `folder` when its process was killed mid-write (SLURM's SIGKILL,
+    KillWait after the SIGTERM of a scancel or a time limit, lands in the checkpoint that SIGTERM began; a lost
+    node): nothing else removes them, and a checkpoint's can take gigabytes. Only for a folder with one writer, a
+    job's, by the holder of its lock; the lock's own temporary files are those of processes trying it now."""
+    for tmp in folder.glob(".*.tmp"):
+        if not tmp.name.startswith(".lock."):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
 # What the readers of a record (the reports, `bench status`, the launchers) take from it. A record that parses but
 # breaks these (edited by hand, cut by a tool) is damaged: the job runs again and the file is kept aside.
 _FIELDS = {"hash": str, "status": str, "config": dict, "metrics": dict, "stage": str, "seed": int, "cells": list,

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -285,6 +286,37 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_job_starts_over(tmp_path, tin
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
 
 
+@pytest.mark.parametrize("change", ["removed", "relabelled"])
+def test_a_checkpoint_of_another_training_set_is_set_aside(tmp_path, tiny_vit, tiny_images, capfd, change):
+    """Images removed from (or moved between classes of) a `folder:` dataset after a job stopped: no hash covers
+    a folder's files, and the checkpoint's permutation and step count were drawn for the old set (resuming
+    indexed past the end, failing the job on every run, or trained on in the old order). Set aside, naming both
+    sets; the job trains from epoch 0 to the weights of a fresh run on the new set."""
+    from bench.data import ImageSet
+    from bench.engine import fit
+    from bench.finetune import Classifier
+    from test_engine import FT
+
+    d = tiny_images
+    new = (ImageSet(d.images[:9], d.labels[:9], d.classes, d.name) if change == "removed"
+           else ImageSet(d.images, d.labels.roll(1), d.classes, d.name))
+    fit(Classifier(tiny_vit(3), FT), d, FT, tmp_path / "old")
+    ck = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=False)
+    ck.update(epoch=0, step=2)  # stopped two steps into the first epoch
+    (tmp_path / "run").mkdir()
+    torch.save(ck, tmp_path / "run" / "checkpoint.pt")
+    ref = Classifier(tiny_vit(3), FT)
+    fit(ref, new, FT, tmp_path / "ref")
+    capfd.readouterr()
+    model = Classifier(tiny_vit(3), FT)
+    fit(model, new, FT, tmp_path / "run")
+    assert len(list((tmp_path / "run").glob("checkpoint.pt.damaged-*"))) == 1
+    err = capfd.readouterr().err
+    n = 9 if change == "removed" else 12
+    assert re.search(rf"another training set: 12 images, labels \w+, now {n} images, labels \w+\).*epoch 0", err)
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
+
+
 def test_a_checkpoint_the_file_system_cannot_read_now_fails_the_job_and_is_kept(tmp_path, tiny_vit, tiny_images):
     """An error of the file system (here an I/O error: /proc/self/mem read at address 0; on a cluster, a network
     mount's passing fault) says nothing of the checkpoint's content: setting it aside would throw away the job's
@@ -450,6 +482,29 @@ def test_a_stop_while_waiting_for_a_lock_or_between_jobs_stops_there(tmp_path):
     with pytest.raises(engine.Interrupted):
         local.run(jobs, store, "demo", data_opts={"cache_dir": None}, log=log)
     assert [store.state(j.hash) for j in jobs] == ["done", "pending"]
+
+
+def test_a_write_killed_midway_leaves_nothing_once_the_job_runs_again(tmp_path):
+    """SIGKILL in the middle of a checkpoint's write (SLURM's, KillWait after the SIGTERM that began the save)
+    left its temporary file for good: no resume, record or --rerun removed it. The job's next run does; the
+    temporary file of a process trying the job's lock at that moment stays."""
+    from bench.launch import execute
+
+    preset = planner.load_preset("demo", ["pretrain.epochs=1", "finetune.epochs=1"])
+    job = next(j for j in planner.plan("comparison", preset, ["random"]) if not j.skip)
+    store = Store(tmp_path / "r")
+    run_dir = store.run_dir(job.hash)
+    run_dir.mkdir(parents=True)
+    killed = subprocess.run([sys.executable, "-c", "import os, signal, sys; from pathlib import Path; "
+                             "from bench.results import write_durably; write_durably(Path(sys.argv[1]), "
+                             "lambda f: (f.write(b'x' * 4096), f.flush(), os.kill(os.getpid(), signal.SIGKILL)))",
+                             str(run_dir / "checkpoint.pt")])
+    assert killed.returncode == -9
+    (left,) = run_dir.glob(".checkpoint.pt.*.tmp")
+    contender = run_dir / ".lock.4242.1.tmp"
+    contender.write_text("{}")
+    assert execute(job, store, "demo", data_opts={"cache_dir": None})["status"] == "done"
+    assert not left.exists() and contender.exists()
 
 
 def test_two_runs_on_one_results_directory_train_each_job_once(tmp_path):

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.errors import UserError, lazy
-from bench.results import Lock, Store, hardware, versions, write_durably
+from bench.results import Lock, Store, hardware, remove_leftovers, versions, write_durably
 
 # what runs a job; the SLURM launcher imports this module for its helpers, and `bench status` imports that
 torch, datasets, engine = lazy("torch"), lazy("bench.data"), lazy("bench.engine")
@@ -83,6 +83,7 @@ def execute(job, store: Store, preset_name="", overrides=(), data_opts=None):
             said = True
         time.sleep(2)
     try:
+        remove_leftovers(run_dir)
         rec = store.get(job.hash)
         done = rec is not None and rec["status"] == "done"  # trained by another process meanwhile
         if not _rank0_says(not done):
