@@ -314,21 +314,22 @@ class Lock:
             return False  # this job itself, before SLURM requeued it (perhaps onto another node)
         return age < self.STALE_S
 
-    def _create(self, body: bytes):
-        """Put `body` in place as the lock unless one exists; False if one does."""
+    def _create(self, body: bytes, path: Path | None = None):
+        """Put `body` in place as the lock (or at `path`) unless one exists; False if one does."""
+        path = path or self.path
         tmp = self.path.with_name(f".lock.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             tmp.write_bytes(body)
         except OSError as e:  # a job's folder of another user's, or a read-only mount below a writable store
             raise UserError(f"{self.path.parent}: cannot write there ({e.strerror}); the job was not run") from None
         try:
-            os.link(tmp, self.path)
+            os.link(tmp, path)
             return True
         except FileExistsError:
             return False
         except OSError:  # a filesystem without hard links: create, then write (a reader may see it empty)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 return False
             with os.fdopen(fd, "wb") as f:
@@ -337,9 +338,32 @@ class Lock:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def _take_over(self, judged: bytes):
+        """Remove the lock of an owner found gone if it still holds `judged` (False: another process's is there,
+        or is being taken over now). One process at a time, under lock.takeover: moving a lock aside to compare
+        it, as a release does, could move away the lock a second process had just taken, while a third created
+        its own, and the second's could then not be put back: two owners."""
+        mutex = self.path.with_name("lock.takeover")
+        try:
+            if time.time() - mutex.stat().st_mtime > 60:  # its process died between taking and removing it
+                mutex.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+        if not self._create(b"", mutex):
+            return False
+        try:
+            if self.path.read_bytes() != judged:
+                return False
+            self.path.unlink()
+            return True
+        except FileNotFoundError:
+            return True
+        finally:
+            mutex.unlink(missing_ok=True)
+
     def _remove_if(self, body: bytes):
-        """Remove the lock if it still holds `body`; a lock another process put there meanwhile stays. Moved to a
-        unique name first, so that of two processes removing one lock, one does."""
+        """Remove this process's lock if it still holds `body`; a lock another process put there meanwhile stays.
+        Moved to a unique name first, so that of two processes removing one lock, one does."""
         moved = self.path.with_name(f"lock.stale-{os.getpid()}-{threading.get_ident()}")
         try:
             os.rename(self.path, moved)
@@ -375,7 +399,7 @@ class Lock:
                 judged = self.path.read_bytes()
             except FileNotFoundError:
                 continue
-            if self._owner_alive() or not self._remove_if(judged):
+            if self._owner_alive() or not self._take_over(judged):
                 return False
         return False
 

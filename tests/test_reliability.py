@@ -379,6 +379,13 @@ def test_a_lock_of_a_dead_owner_is_taken_over_and_a_live_one_is_not(tmp_path):
         with Lock(tmp_path) as again:  # this process holds it: a second taker must wait
             assert not again
     assert not (tmp_path / "lock").exists()
+    # while another process takes a dead owner's lock over, this one waits; unless that one died doing it
+    (tmp_path / "lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+    (tmp_path / "lock.takeover").write_bytes(b"")
+    assert not Lock(tmp_path).acquire()
+    os.utime(tmp_path / "lock.takeover", (0, 0))
+    with Lock(tmp_path) as held:
+        assert held and not (tmp_path / "lock.takeover").exists()
     (tmp_path / "lock").mkdir()  # not a lock a process could have left: named, and left alone
     with pytest.raises(UserError, match="a folder where a job's lock file belongs"):
         Lock(tmp_path).__enter__()
@@ -429,6 +436,47 @@ def test_a_lock_is_judged_by_who_took_it(tmp_path, monkeypatch):
     assert lock.acquire()
     lock.release()
     assert not (tmp_path / "lock").exists()
+
+
+def test_three_processes_taking_over_a_dead_owners_lock_leave_one_owner(tmp_path, monkeypatch):
+    """A finds the owner dead; before A removes the lock, B (finding the same) takes it over. A then moved B's
+    lock aside to compare it, C took the empty place, and B's lock could not be put back: B and C both trained
+    the job. Here B acts in A's window, and C whenever A moves or removes a lock file."""
+    import socket
+    from pathlib import Path
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+    a, b, c = Lock(tmp_path), Lock(tmp_path), Lock(tmp_path)
+    judge, rename, unlink = Lock._owner_alive, os.rename, Path.unlink
+    stage = []
+
+    def owner_alive(self):
+        alive = judge(self)
+        if self is a and not stage:
+            assert b.acquire()  # B, in A's window
+            stage.append("B took it")
+        return alive
+
+    def then_c(real):  # C tries right after A's first move or removal of a lock file
+        def wrapped(*args, **kw):
+            out = real(*args, **kw)
+            if stage == ["B took it"] and "lock" in str(args[0]).rsplit("/", 1)[-1]:
+                stage.append("C tried")
+                c.acquire()
+            return out
+        return wrapped
+
+    monkeypatch.setattr(Lock, "_owner_alive", owner_alive)
+    monkeypatch.setattr(os, "rename", then_c(rename))
+    monkeypatch.setattr(Path, "unlink", then_c(unlink))
+    try:
+        assert not a.acquire() and stage == ["B took it", "C tried"]
+        assert b.held and not c.held
+        assert json.loads((tmp_path / "lock").read_text())["token"] == json.loads(b._body)["token"]
+    finally:
+        for lock in (a, b, c):
+            lock.release()
 
 
 def test_a_held_lock_beats_and_its_release_leaves_a_successors_lock(tmp_path, monkeypatch):
