@@ -20,7 +20,7 @@ import torch
 from bench import engine
 from bench.engine import Interrupted
 from bench.launch import about, execute, job_spec, launch_info, stop_on_signals, time_left
-from bench.results import Lock
+from bench.results import Lock, write_durably
 
 
 def visible_gpus():
@@ -122,7 +122,8 @@ class Queue:
         run_dir = self.store.run_dir(job.hash)
         run_dir.mkdir(parents=True, exist_ok=True)
         spec_path = run_dir / "job.json"
-        spec_path.write_text(json.dumps(job_spec(job, self.store.root, *self.spec_args)))
+        # whole or not at all: a second queue on this store may be starting the job too, its process reading it
+        write_durably(spec_path, json.dumps(job_spec(job, self.store.root, *self.spec_args)))
         log_path = run_dir / "job.log"
         port = _free_port() if self.per_job > 1 else 0
         procs = []
