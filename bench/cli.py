@@ -51,10 +51,10 @@ def _plan_args(p, without_table="comparison"):
     _store_args(p)
 
 
-def _check_seeds(seeds):
+def _check_seeds(seeds, flag="--seeds"):
     bad = [s for s in seeds or () if not 0 <= s < 2 ** 31]
     if bad:
-        raise UserError(f"--seeds {bad[0]}: expected a whole number in [0, 2**31)")
+        raise UserError(f"{flag} {bad[0]}: expected a whole number in [0, 2**31)")
 
 
 def _jobs(args):
@@ -659,6 +659,7 @@ def cmd_data_download(args):
 
 
 def cmd_data_make_sin10k(args):
+    _check_seeds([args.seed], "--seed")
     out = datasets.make_sin10k(args.imagenet, datasets.data_root(args.data_root), args.seed)
     names = out.read_text().splitlines()[1:]
     classes = len({n.split("/")[0] for n in names})
@@ -806,6 +807,10 @@ def main(argv=None):
         return args.func(args)
     except UserError as e:
         print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+    except PermissionError as e:  # a folder of another user's, or one made unreadable: the user's to settle
+        print(f"bench: error: {e.filename}: {e.strerror}" if e.filename else f"bench: error: {e}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         if isinstance(e, Terminated):

@@ -464,8 +464,28 @@ def check_values(preset, origin, node=None, where=""):
             rule = (lambda v: v == "mixup_even_cutmix_odd", "mixup_even_cutmix_odd (the one bench.finetune has)")
         if rule and not rule[0](v):
             raise UserError(f"{origin}: {here}: expected {rule[1]}, got {v!r}")
+        if where == "" and k in ("pretrain_data", "finetune") and isinstance(v, dict):
+            _check_map_keys(preset, origin, k)
         if k != "kwargs" and isinstance(v, (dict, list)):
             check_values(preset, origin, v, here)
+
+
+def _check_map_keys(preset, origin, k):
+    """The maps a user adds entries to (`_open`) take only keys something reads: finetune.resolution a stage's
+    resolution, pretrain_data a pretraining set a table's row names; any other key would change nothing."""
+    if k == "finetune":
+        stages = preset["finetune"].get("stages") or {}
+        keys, known, what = preset["finetune"].get("resolution") or {}, stages, "a fine-tuning stage's resolution"
+        k = "finetune.resolution"
+    else:
+        keys, what = preset["pretrain_data"], "a pretraining set a table's row names"
+        known = sorted({r["pretrain_data"] for t in load_tables().values() for r in t.get("rows") or []
+                        if isinstance(r, dict) and r.get("pretrain_data")})
+    for key in keys if isinstance(keys, dict) else ():
+        if key not in known:  # (a resolution typed as text, '224', is not the stage 224)
+            shown = repr(key) if isinstance(key, str) and k == "finetune.resolution" else key
+            raise UserError(f"{origin}: {k}.{shown}: not {what} ({', '.join(map(str, known)) or 'none'}), so it "
+                            f"would change nothing")
 
 
 def _open(where, key):

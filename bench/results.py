@@ -140,6 +140,8 @@ def _not_a_record(rec, name):
     top1 = rec["metrics"].get("top1")
     if top1 is not None and (not isinstance(top1, (int, float)) or isinstance(top1, bool) or not 0 <= top1 <= 1):
         return f"its metrics.top1 is {json.dumps(top1)[:40]}"  # (NaN too: a fraction, never a percentage)
+    if top1 is None and rec["stage"] == "finetune" and rec["status"] == "done":  # a cell without a number
+        return "it is a finished fine-tuning without metrics.top1"
     wall = rec.get("wall_time_s", 0)
     if not 0 <= wall < math.inf:
         return f"its wall_time_s is {json.dumps(wall)}"
@@ -170,12 +172,16 @@ class Store:
 
     @staticmethod
     def _read(path):
-        """A record, or (None, why) when the file is not one."""
+        """A record, or (None, why) when the file is not one. A file that cannot be read now (no permission, a
+        network mount's passing fault) says nothing of its content: a UserError, rather than training a finished
+        job again and setting its record aside as damaged."""
         try:
             rec = json.loads(path.read_text())
         except FileNotFoundError:
             return None, None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except OSError as e:
+            raise UserError(f"cannot read the record {path} ({e.strerror}); it was left as it is") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             return None, f"does not parse ({type(e).__name__}: {e})"
         if not isinstance(rec, dict) or not {"hash", "status"} <= set(rec):
             return None, "is not a record (no hash and status)"
@@ -185,18 +191,21 @@ class Store:
     def get(self, h):
         return self._read(self.path(h))[0]  # a damaged record counts as none: the job runs again
 
-    def records(self):
+    def _files(self):
+        """The record files (glob would take a folder it cannot list for an empty one)."""
         if not self.root.is_dir():
             return []
-        return [rec for p in sorted(self.root.glob("*.json")) if _RECORD_NAME.match(p.name)
-                for rec in [self._read(p)[0]] if rec is not None]
+        try:
+            return sorted(p for p in self.root.iterdir() if _RECORD_NAME.match(p.name))
+        except OSError as e:
+            raise UserError(f"cannot list --results {self.root} ({e.strerror})") from None
+
+    def records(self):
+        return [rec for p in self._files() for rec in [self._read(p)[0]] if rec is not None]
 
     def damaged(self):
-        """(path, why) of every record file that cannot be read: `bench status` lists them."""
-        if not self.root.is_dir():
-            return []
-        return [(p, why) for p in sorted(self.root.glob("*.json")) if _RECORD_NAME.match(p.name)
-                for why in [self._read(p)[1]] if why]
+        """(path, why) of every record file that is not a record: `bench status` lists them."""
+        return [(p, why) for p in self._files() for why in [self._read(p)[1]] if why]
 
     def put(self, record):
         try:
@@ -298,8 +307,8 @@ class Lock:
         self.owner = f"{owner.get('host')}:{owner.get('pid')}"
         if owner.get("host") == socket.gethostname():
             pid = owner.get("pid")
-            if not isinstance(pid, int) or isinstance(pid, bool):
-                return False
+            if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2 ** 31:
+                return False  # (os.kill(0 or -1, 0) asks of a group or of every process: any answers)
             if pid == os.getpid():  # this process: alive if it holds that lock now, else an earlier one's pid
                 return owner.get("token") in _HELD_HERE
             try:

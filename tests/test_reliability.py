@@ -87,6 +87,8 @@ def test_bad_values_on_the_command_line_are_one_line_and_exit_2(tmp_path):
     one_line_exit_2(in_process("run", "--preset", "demo", "--set", "pretrain.epochs=-1", "--results", res),
                     "pretrain.epochs")
     one_line_exit_2(in_process("run", "--preset", "demo", "--seeds", str(2 ** 40), "--results", res), "--seeds")
+    one_line_exit_2(in_process("data", "make-sin10k", "--imagenet", tmp_path, "--data-root", tmp_path, "--seed", "-1"),
+                    "--seed -1: expected a whole number in [0, 2**31)")  # it was written into the list
     one_line_exit_2(in_process("report", "--seeds", "-5", "--results", res), "--seeds -5")
     if not torch.cuda.is_available():  # a flag that cannot act is said, not silently dropped
         packed = in_process("run", "--preset", "demo", "--jobs-per-gpu", "2", "--dry-run", "--results", res)
@@ -106,6 +108,13 @@ def test_bad_values_on_the_command_line_are_one_line_and_exit_2(tmp_path):
                         (f"{kw}.embed_dim=0", "ZeroDivisionError"), (f"{kw}.patch_size=20", "not a whole number of its 20-px patches")):
         for dry in ([], ["--dry-run"]):
             one_line_exit_2(in_process("run", "--preset", "demo", "--set", item, "--results", res, *dry), kw, words)
+    # an entry the open maps take but nothing reads: a typo changed nothing, and exit 0
+    for item, words in (("finetune.resolution.244=32", "finetune.resolution.244: not a fine-tuning stage's "
+                                                       "resolution (224, 448)"),
+                        ("finetune.resolution={'224': 32}", "finetune.resolution.'224': not a fine"),
+                        ("pretrain_data={sin10: flowers102}", "pretrain_data.sin10: not a pretraining set a "
+                                                              "table's row names (sin10k, sin_total_10k)")):
+        one_line_exit_2(in_process("run", "--preset", "demo", "--set", item, "--results", res, "--dry-run"), words)
     crops = "methods.idmm.views.crops=[{count: 2, size: 20, scale: [0.2, 1.0]}]"  # a ViT built for 16 px
     one_line_exit_2(in_process("run", "--preset", "demo", "--set", crops, "--results", res, "--dry-run"),
                     "methods.idmm.views: crops of 20 px, but pretrain.resolution builds deit_tiny_patch16_224 for 16 px")
@@ -147,12 +156,13 @@ _IN_A_TABLE = {"cells": [["comparison", "deit_tiny/idmm", "digits"]]}
     lambda r: {**r, "config": {"stage": "finetune"}},
     # the report's mean took a NaN as no value, a 2.5 as 250%, and an overrides list of numbers crashed it
     lambda r: {**r, "metrics": {"top1": math.nan}}, lambda r: {**r, "metrics": {"top1": 2.5}},
+    lambda r: {**r, "metrics": {"train_loss": 0.5}},  # a finished fine-tuning: it passed as a result without one
     lambda r: {**r, "wall_time_s": math.inf}, lambda r: {**r, "overrides": [1]},
     # a record that fills no cell is read as a stage of a cell's chain (the report's footer): it crashed it
     lambda r: {k: v for k, v in r.items() if k not in ("hardware", "cells")},
     lambda r: {**r, "cells": [], "config": {}},
 ], ids=["cut", "no-config", "metrics-null", "top1-text", "seed-text", "cells-number", "hash-null", "status-odd",
-        "config-without-data", "top1-nan", "top1-percent", "wall-infinite", "overrides-numbers",
+        "config-without-data", "top1-nan", "top1-percent", "top1-missing", "wall-infinite", "overrides-numbers",
         "no-cells-no-hardware", "no-cells-empty-config"])
 def test_damaged_and_foreign_json_files_are_ignored_and_named(tmp_path, damage):
     store = Store(tmp_path)
@@ -417,6 +427,10 @@ def test_a_lock_is_judged_by_who_took_it(tmp_path, monkeypatch):
         lock.release()
     finally:
         sleeper.kill()
+    for pid in (0, -1, 10 ** 20):  # damaged: os.kill(0 or -1) asks a group or every process; 10**20 overflowed
+        lock = _lock_of(tmp_path, host=here, pid=pid)
+        assert lock.acquire()
+        lock.release()
     # this process's own pid, in a lock it does not hold: a process before it that had the same pid
     lock = _lock_of(tmp_path, host=here, pid=os.getpid(), token="earlier")
     assert lock.acquire()
@@ -745,6 +759,41 @@ def test_a_read_only_results_directory_is_named_before_any_work_and_its_results_
     finally:
         subprocess.run(["umount", str(ro)], check=True)
     assert {p.name: p.read_bytes() for p in results.glob("*.json")} == before
+
+
+def _without_root(*args):
+    """`bench ARGS` in a new process that permission bits bind (root, as CI runs, ignores them otherwise)."""
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
+    return subprocess.run([*(drop if os.geteuid() == 0 else []), sys.executable, "-m", "bench", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_records_that_cannot_be_read_are_one_line_and_left_as_they_are(tmp_path):
+    """A record no one may read (another user's, or a network mount's passing fault) said nothing of its content:
+    `bench run` set it aside as damaged and trained the finished job again. A results folder no one may list:
+    status and cancel raised PermissionError, and the report said there were no records."""
+    from test_report import _fill
+
+    res = tmp_path / "r"
+    _fill(Store(res), "comparison", "demo", {"deit_tiny/random": 0.3})
+    (rec,) = res.glob("*.json")
+    before = rec.read_bytes()
+    rec.chmod(0)
+    try:
+        out = _without_root("run", "--table", "comparison", "--preset", "demo", "--methods", "random", "--results", res)
+    finally:
+        rec.chmod(0o644)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert f"cannot read the record {rec} (Permission denied); it was left as it is" in out.stderr
+    assert rec.read_bytes() == before and sorted(p.name for p in res.iterdir()) == [rec.name]
+    res.chmod(0)
+    try:
+        outs = {cmd: _without_root(cmd, "--results", res) for cmd in ("status", "cancel", "report")}
+    finally:
+        res.chmod(0o755)
+    for cmd, out in outs.items():
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Permission denied" in out.stderr, (cmd, out)
+    assert rec.read_bytes() == before
 
 
 @pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"),
