@@ -331,10 +331,10 @@ def _readable_checkpoint(path: Path, model: Method, opt, dev, main: bool, data_s
     """The training checkpoint at `path`, or None: none there, or one that cannot be used (cut short, overwritten,
     not a checkpoint, another model's entries or shapes, another optimiser's parameter groups: loading would
     fail the job on every run; another training set, see _data_signature), which is kept aside and the job starts
-    over. A file that cannot be read now (the
-    file system's error, not its content's: a flaky network mount, no memory) fails the job and stays, so that a
-    long job's progress is not thrown away on a passing fault. Read to the host: a checkpoint loaded straight
-    onto the device would need the device's memory twice. Under several ranks, all resume or all start over."""
+    over. A file that cannot be read now (the file system's error, not its content's: a flaky network mount, no
+    memory) fails the job and stays, so that a long job's progress is not thrown away on a passing fault. Read to
+    the host: a checkpoint loaded straight onto the device would need the device's memory twice. Under several
+    ranks, all resume or all start over."""
     ck = None
     if path.exists():
         try:
