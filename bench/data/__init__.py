@@ -189,7 +189,7 @@ def _image_folder(split_dir: Path):
     files = []
     for c, name in enumerate(classes):
         seen = {os.path.realpath(split_dir / name)}  # a link back up (or twice to one folder): walked once, not forever
-        for top, dirs, names in os.walk(split_dir / name, followlinks=True):
+        for top, dirs, names in os.walk(split_dir / name, onerror=_cannot_list, followlinks=True):
             dirs[:] = [d for d in sorted(dirs) if not d.startswith(".") and os.path.realpath(Path(top) / d) not in seen]
             seen.update(os.path.realpath(Path(top) / d) for d in dirs)
             files += [(Path(top) / f, c) for f in sorted(names)
@@ -199,6 +199,11 @@ def _image_folder(split_dir: Path):
         raise UserError(f"{split_dir / empty[0]} holds no images ({' '.join(sorted(IMAGE_EXTENSIONS))})"
                         + (f", nor do {len(empty) - 1} other class folders" if len(empty) > 1 else ""))
     return [f for f, _ in files], [c for _, c in files], classes, {}
+
+
+def _cannot_list(e: OSError):
+    """os.walk's default passes over a folder it cannot list: a class's images there would be left out unsaid."""
+    raise UserError(f"cannot list {e.filename} ({e.strerror})")
 
 
 def _folder(root, split):
