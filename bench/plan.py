@@ -470,21 +470,20 @@ def check_values(preset, origin, node=None, where=""):
             check_values(preset, origin, v, here)
 
 
-def _check_map_keys(preset, origin, k):
+def _check_map_keys(preset, origin, top):
     """The maps a user adds entries to (`_open`) take only keys something reads: finetune.resolution a stage's
     resolution, pretrain_data a pretraining set a table's row names; any other key would change nothing."""
-    if k == "finetune":
-        stages = preset["finetune"].get("stages") or {}
-        keys, known, what = preset["finetune"].get("resolution") or {}, stages, "a fine-tuning stage's resolution"
-        k = "finetune.resolution"
+    if top == "finetune":
+        name, what = "finetune.resolution", "a fine-tuning stage's resolution"
+        keys, known = preset["finetune"].get("resolution"), list(preset["finetune"].get("stages") or {})
     else:
-        keys, what = preset["pretrain_data"], "a pretraining set a table's row names"
+        name, what, keys = "pretrain_data", "a pretraining set a table's row names", preset["pretrain_data"]
         known = sorted({r["pretrain_data"] for t in load_tables().values() for r in t.get("rows") or []
                         if isinstance(r, dict) and r.get("pretrain_data")})
     for key in keys if isinstance(keys, dict) else ():
-        if key not in known:  # (a resolution typed as text, '224', is not the stage 224)
-            shown = repr(key) if isinstance(key, str) and k == "finetune.resolution" else key
-            raise UserError(f"{origin}: {k}.{shown}: not {what} ({', '.join(map(str, known)) or 'none'}), so it "
+        if key not in known:  # (a resolution typed as text, '224', is not the stage 224: shown quoted)
+            shown = repr(key) if isinstance(key, str) and top == "finetune" else key
+            raise UserError(f"{origin}: {name}.{shown}: not {what} ({', '.join(map(str, known)) or 'none'}), so it "
                             f"would change nothing")
 
 

@@ -291,6 +291,7 @@ class Lock:
 
     HEARTBEAT_S = 60.0
     STALE_S = 600.0
+    TAKEOVER_S = 60.0  # lock.takeover is held for microseconds: one older was left by a process that died in it
 
     def __init__(self, run_dir: Path):
         self.path, self.held, self.owner = Path(run_dir) / "lock", False, None
@@ -354,7 +355,7 @@ class Lock:
         its own, and the second's could then not be put back: two owners."""
         mutex = self.path.with_name("lock.takeover")
         try:
-            if time.time() - mutex.stat().st_mtime > 60:  # its process died between taking and removing it
+            if time.time() - mutex.stat().st_mtime > self.TAKEOVER_S:
                 mutex.unlink(missing_ok=True)
         except FileNotFoundError:
             pass
