@@ -2,6 +2,7 @@ import contextlib
 import io
 import os
 import subprocess
+import sys
 
 import pytest
 import timm
@@ -49,3 +50,10 @@ def in_process(*args, cwd=None):
         os.environ.clear()  # what the command set for its jobs (--compile, --checkpoint-every) ends with it
         os.environ.update(env)
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def without_root(*args):
+    """`bench ARGS` in a new process that permission bits bind (root, as CI runs, ignores them otherwise)."""
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
+    return subprocess.run([*(drop if os.geteuid() == 0 else []), sys.executable, "-m", "bench", *map(str, args)],
+                          capture_output=True, text=True)

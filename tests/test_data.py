@@ -9,7 +9,7 @@ import torch
 import fixtures
 from bench import data as datasets
 from bench.errors import UserError
-from conftest import FAST, in_process
+from conftest import FAST, in_process, without_root
 
 
 @pytest.fixture(scope="module")
@@ -228,14 +228,12 @@ def test_a_class_folder_without_images_is_refused_and_a_hidden_folder_is_no_clas
 def test_a_folder_that_cannot_be_listed_is_named_not_passed_over(tmp_path):
     """os.walk passes over a folder it cannot list (another user's, a network mount's fault): the images below
     it were left out of their class without a word, and a class folder itself was said to hold no images."""
-    from test_reliability import _without_root
-
     fixtures.folder(tmp_path / "mine")
     below = tmp_path / "mine" / "train" / "cat" / "more"
     fixtures.jpeg(below / "cat9.jpg", 1)
     below.chmod(0)
     try:
-        out = _without_root("data", "check", f"folder:{tmp_path / 'mine'}")
+        out = without_root("data", "check", f"folder:{tmp_path / 'mine'}")
     finally:
         below.chmod(0o755)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr

@@ -19,7 +19,7 @@ from bench.data import resident
 from bench import plan as planner
 from bench.errors import UserError
 from bench.results import Lock, Store
-from conftest import FAST, in_process
+from conftest import FAST, in_process, without_root
 from test_engine import _KILLED_RUN
 
 
@@ -761,13 +761,6 @@ def test_a_read_only_results_directory_is_named_before_any_work_and_its_results_
     assert {p.name: p.read_bytes() for p in results.glob("*.json")} == before
 
 
-def _without_root(*args):
-    """`bench ARGS` in a new process that permission bits bind (root, as CI runs, ignores them otherwise)."""
-    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
-    return subprocess.run([*(drop if os.geteuid() == 0 else []), sys.executable, "-m", "bench", *map(str, args)],
-                          capture_output=True, text=True)
-
-
 def test_records_that_cannot_be_read_are_one_line_and_left_as_they_are(tmp_path):
     """A record no one may read (another user's, or a network mount's passing fault) said nothing of its content:
     `bench run` set it aside as damaged and trained the finished job again. A results folder no one may list:
@@ -780,7 +773,7 @@ def test_records_that_cannot_be_read_are_one_line_and_left_as_they_are(tmp_path)
     before = rec.read_bytes()
     rec.chmod(0)
     try:
-        out = _without_root("run", "--table", "comparison", "--preset", "demo", "--methods", "random", "--results", res)
+        out = without_root("run", "--table", "comparison", "--preset", "demo", "--methods", "random", "--results", res)
     finally:
         rec.chmod(0o644)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
@@ -788,7 +781,7 @@ def test_records_that_cannot_be_read_are_one_line_and_left_as_they_are(tmp_path)
     assert rec.read_bytes() == before and sorted(p.name for p in res.iterdir()) == [rec.name]
     res.chmod(0)
     try:
-        outs = {cmd: _without_root(cmd, "--results", res) for cmd in ("status", "cancel", "report")}
+        outs = {cmd: without_root(cmd, "--results", res) for cmd in ("status", "cancel", "report")}
     finally:
         res.chmod(0o755)
     for cmd, out in outs.items():
